@@ -1,0 +1,40 @@
+"""The public entry point: :func:`prefix_attention`."""
+from __future__ import annotations
+
+import torch
+
+from .backends import resolve_backend
+from .inputs import validate_inputs
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids, *,
+                     causal=True, scale=None, q_lens=None, kv_lens=None, kv_starts=None,
+                     window=None, attn_mask=None, backend="auto") -> torch.Tensor:
+    """Attention of each sequence over its task's prefix (read from a block pool) and its own keys.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` queries.
+        k, v: ``[B, Hkv, Skv, D]`` the sequences' own keys and values (``Hq % Hkv == 0``, not repeated).
+        prefix_k, prefix_v: ``[num_blocks, Hkv, block_size, D]`` block pools holding every task's prefix.
+        block_table: ``[T, max_blocks]`` int, the blocks of task t in order.
+        prefix_lens: ``[T]`` int, prefix rows of each task (0 allowed).
+        task_ids: ``[B]`` int, the task of each sequence.
+        causal: own key j visible to query i only if ``j <= kv_lens - q_lens + i``.
+        scale: softmax scale, default ``D ** -0.5``.
+        q_lens, kv_lens, kv_starts: ``[B]`` int; real queries ``i < q_lens``, visible own keys
+            ``kv_starts <= j < kv_lens`` (defaults ``Sq``, ``Skv``, ``0``).
+        window: sliding window over own keys, ``(kv_lens - q_lens + i) - j < window``.
+        attn_mask: bool ``[B, 1|Hq, Sq, Skv]``, True where an own key may be seen.
+        backend: ``"auto"`` (Triton on a GPU, ``torch`` elsewhere), ``"torch"``, ``"triton"`` or
+            ``"reference"``.
+
+    Returns:
+        ``[B, Hq, Sq, D]`` in the dtype of ``q``. Prefix rows are seen by every real query with no
+        causal or padding restriction; padding queries and rows that see nothing are zero.
+    """
+    x = validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids,
+                        causal=causal, scale=scale, q_lens=q_lens, kv_lens=kv_lens,
+                        kv_starts=kv_starts, window=window, attn_mask=attn_mask)
+    if not isinstance(backend, str):
+        raise ValueError(f"prefix_attention: `backend` {backend!r} is invalid; expected a backend name")
+    return resolve_backend(backend, q.device)(x)

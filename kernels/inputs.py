@@ -1,0 +1,228 @@
+"""Validation and normalisation of ``prefix_attention`` arguments.
+
+Every backend receives one :class:`PrefixAttentionInputs`: shapes checked, optional
+per-sequence lengths filled in with their defaults, all index tensors int64 on the
+query's device. Validation happens once, here, at the public boundary; backends may
+assume everything below holds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class PrefixAttentionInputs:
+    """Validated arguments of one ``prefix_attention`` call.
+
+    Shapes: ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Skv,D]``, ``prefix_k, prefix_v
+    [num_blocks,Hkv,block_size,D]``, ``block_table [T,max_blocks]``, ``prefix_lens [T]``,
+    ``task_ids, q_lens, kv_lens, kv_starts [B]`` (int64), ``attn_mask`` bool
+    ``[B,1|Hq,Sq,Skv]`` or None.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prefix_k: torch.Tensor
+    prefix_v: torch.Tensor
+    block_table: torch.Tensor
+    prefix_lens: torch.Tensor
+    task_ids: torch.Tensor
+    q_lens: torch.Tensor
+    kv_lens: torch.Tensor
+    kv_starts: torch.Tensor
+    causal: bool
+    scale: float
+    window: Optional[int]
+    attn_mask: Optional[torch.Tensor]
+    # True when the caller passed the lengths (False: the defaults, nothing is padded).
+    lengths_given: bool
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def q_len(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def kv_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def block_size(self) -> int:
+        return self.prefix_k.shape[2]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.block_table.shape[0]
+
+
+def _fail(name: str, seen, allowed: str) -> None:
+    raise ValueError(f"prefix_attention: `{name}` {seen} is invalid; expected {allowed}")
+
+
+def _check_tensor(name: str, t, rank: int, dtypes, dtype_text: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(name, f"of type {type(t).__name__}", "a torch.Tensor")
+    if t.dim() != rank:
+        _fail(name, f"with shape {tuple(t.shape)} (rank {t.dim()})", f"a rank-{rank} tensor")
+    if t.dtype not in dtypes:
+        _fail(name, f"with dtype {t.dtype}", dtype_text)
+
+
+def _lengths(name: str, t, batch: int, default: int, device) -> torch.Tensor:
+    if t is None:
+        return torch.full((batch,), default, dtype=torch.int64, device=device)
+    if isinstance(t, (list, tuple)):
+        t = torch.tensor(t, dtype=torch.int64, device=device)
+    _check_tensor(name, t, 1, INT_DTYPES, "an int32/int64 tensor of shape [B]")
+    if t.shape[0] != batch:
+        _fail(name, f"with shape {tuple(t.shape)}", f"shape [B] = [{batch}]")
+    if t.device != device:
+        _fail(name, f"on device {t.device}", f"the device of q ({device})")
+    return t.long()
+
+
+def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids, *,
+                    causal=True, scale=None, q_lens=None, kv_lens=None, kv_starts=None,
+                    window=None, attn_mask=None) -> PrefixAttentionInputs:
+    """Check every argument of ``prefix_attention``; raise ``ValueError`` naming the bad one."""
+    float_text = "float16, bfloat16, float32 or float64"
+    _check_tensor("q", q, 4, FLOAT_DTYPES, float_text)
+    B, Hq, Sq, D = q.shape
+    device, dtype = q.device, q.dtype
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        _check_tensor(name, t, 4, FLOAT_DTYPES, float_text)
+        if t.dtype != dtype:
+            _fail(name, f"with dtype {t.dtype}", f"the dtype of q ({dtype})")
+        if t.device != device:
+            _fail(name, f"on device {t.device}", f"the device of q ({device})")
+    if D == 0:
+        _fail("q", f"with shape {tuple(q.shape)}", "a head dimension D > 0")
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D:
+        _fail("k", f"with shape {tuple(k.shape)}", f"[B={B}, Hkv, Skv, D={D}]")
+    if v.shape != k.shape:
+        _fail("v", f"with shape {tuple(v.shape)}", f"the shape of k {tuple(k.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        _fail("k", f"with {Hkv} heads", f"a head count that divides Hq={Hq} (GQA)")
+    num_blocks, _, block_size, _ = prefix_k.shape
+    if prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D:
+        _fail("prefix_k", f"with shape {tuple(prefix_k.shape)}",
+              f"[num_blocks, Hkv={Hkv}, block_size, D={D}]")
+    if block_size == 0:
+        _fail("prefix_k", f"with shape {tuple(prefix_k.shape)}", "block_size > 0")
+    if prefix_v.shape != prefix_k.shape:
+        _fail("prefix_v", f"with shape {tuple(prefix_v.shape)}",
+              f"the shape of prefix_k {tuple(prefix_k.shape)}")
+
+    _check_tensor("block_table", block_table, 2, INT_DTYPES, "an int32/int64 tensor [T, max_blocks]")
+    T, max_blocks = block_table.shape
+    _check_tensor("prefix_lens", prefix_lens, 1, INT_DTYPES, "an int32/int64 tensor [T]")
+    if prefix_lens.shape[0] != T:
+        _fail("prefix_lens", f"with shape {tuple(prefix_lens.shape)}", f"shape [T] = [{T}] (rows of block_table)")
+    _check_tensor("task_ids", task_ids, 1, INT_DTYPES, "an int32/int64 tensor [B]")
+    if task_ids.shape[0] != B:
+        _fail("task_ids", f"with shape {tuple(task_ids.shape)}", f"shape [B] = [{B}]")
+    for name, t in (("block_table", block_table), ("prefix_lens", prefix_lens), ("task_ids", task_ids)):
+        if t.device != device:
+            _fail(name, f"on device {t.device}", f"the device of q ({device})")
+
+    if scale is None:
+        scale = D ** -0.5
+    if isinstance(scale, torch.Tensor):
+        scale = float(scale)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        _fail("scale", repr(scale), "a finite positive number or None")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        _fail("window", repr(window), "a positive int or None")
+
+    lengths_given = not (q_lens is None and kv_lens is None and kv_starts is None)
+    q_lens = _lengths("q_lens", q_lens, B, Sq, device)
+    kv_lens = _lengths("kv_lens", kv_lens, B, Skv, device)
+    kv_starts = _lengths("kv_starts", kv_starts, B, 0, device)
+
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or attn_mask.dim() != 4:
+            seen = (f"with dtype {attn_mask.dtype} and shape {tuple(attn_mask.shape)}"
+                    if isinstance(attn_mask, torch.Tensor) else f"of type {type(attn_mask).__name__}")
+            _fail("attn_mask", seen, f"a bool tensor [B={B}, 1 or Hq={Hq}, Sq={Sq}, Skv={Skv}]")
+        if (attn_mask.shape[0] != B or attn_mask.shape[1] not in (1, Hq)
+                or attn_mask.shape[2] != Sq or attn_mask.shape[3] != Skv):
+            _fail("attn_mask", f"with shape {tuple(attn_mask.shape)}",
+                  f"[B={B}, 1 or Hq={Hq}, Sq={Sq}, Skv={Skv}]")
+        if attn_mask.device != device:
+            _fail("attn_mask", f"on device {attn_mask.device}", f"the device of q ({device})")
+
+    _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts,
+                  num_blocks, block_size, Sq, Skv)
+    return PrefixAttentionInputs(
+        q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, block_table=block_table.long(),
+        prefix_lens=prefix_lens.long(), task_ids=task_ids.long(), q_lens=q_lens, kv_lens=kv_lens,
+        kv_starts=kv_starts, causal=bool(causal), scale=float(scale), window=window,
+        attn_mask=attn_mask, lengths_given=lengths_given)
+
+
+def _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts,
+                  num_blocks, block_size, Sq, Skv) -> None:
+    """Range checks on index tensors, gathered so the device is synchronised only once."""
+    T, max_blocks = block_table.shape
+    plens = prefix_lens.long()
+    tids = task_ids.long()
+    # Blocks a task actually uses must point into the pool; the rest of its row is ignored.
+    used = torch.arange(max_blocks, device=block_table.device)[None, :] * block_size < plens[:, None]
+    bad_block = used & ((block_table < 0) | (block_table >= num_blocks))
+    checks = torch.stack([
+        (tids < 0).any() | (tids >= T).any(),
+        (plens < 0).any() | (plens > max_blocks * block_size).any(),
+        bad_block.any(),
+        (q_lens < 0).any() | (q_lens > Sq).any(),
+        (kv_lens < 0).any() | (kv_lens > Skv).any(),
+        (kv_starts < 0).any() | (kv_starts > kv_lens).any(),
+    ]).tolist() if tids.numel() or T else [False] * 6
+    if checks[0]:
+        _fail("task_ids", f"with values {_span(tids)}", f"task ids in [0, T={T})")
+    if checks[1]:
+        _fail("prefix_lens", f"with values {_span(plens)}",
+              f"lengths in [0, max_blocks*block_size = {max_blocks}*{block_size}]")
+    if checks[2]:
+        t, j = bad_block.nonzero()[0].tolist()
+        _fail("block_table", f"entry [{t},{j}] = {int(block_table[t, j])}",
+              f"block indices in [0, num_blocks={num_blocks}) for every block a prefix uses")
+    if checks[3]:
+        _fail("q_lens", f"with values {_span(q_lens)}", f"lengths in [0, Sq={Sq}]")
+    if checks[4]:
+        _fail("kv_lens", f"with values {_span(kv_lens)}", f"lengths in [0, Skv={Skv}]")
+    if checks[5]:
+        _fail("kv_starts", f"with values {_span(kv_starts)}", "starts in [0, kv_lens[b]] per sequence")
+
+
+def _span(t: torch.Tensor) -> str:
+    if t.numel() == 0:
+        return "[]"
+    return f"in [{int(t.min())}, {int(t.max())}]"

@@ -1,0 +1,43 @@
+"""The visibility rule of the contract, as dense boolean masks (used by the PyTorch backends)."""
+from __future__ import annotations
+
+import torch
+
+from .inputs import PrefixAttentionInputs
+
+
+def query_valid(x: PrefixAttentionInputs) -> torch.Tensor:
+    """``[B, Sq]`` bool: query row i of sequence b is real (``i < q_lens[b]``)."""
+    rows = torch.arange(x.q_len, device=x.q.device)
+    return rows[None, :] < x.q_lens[:, None]
+
+
+def own_key_visibility(x: PrefixAttentionInputs) -> torch.Tensor:
+    """``[B, 1|Hq, Sq, Skv]`` bool: own key j is visible to query i of sequence b.
+
+    ``kv_starts[b] <= j < kv_lens[b]``; with ``causal`` also ``j <= kv_lens - q_lens + i``;
+    with ``window`` also ``(kv_lens - q_lens + i) - j < window``; and the explicit mask.
+    Rows of padding queries (``i >= q_lens[b]``) are all False.
+    """
+    i = torch.arange(x.q_len, device=x.q.device)[None, :, None]      # [1, Sq, 1]
+    j = torch.arange(x.kv_len, device=x.q.device)[None, None, :]     # [1, 1, Skv]
+    starts = x.kv_starts[:, None, None]
+    ends = x.kv_lens[:, None, None]
+    visible = (j >= starts) & (j < ends)                               # [B, 1, Skv]
+    position = (x.kv_lens - x.q_lens)[:, None, None] + i               # absolute position of query i
+    if x.causal:
+        visible = visible & (j <= position)
+    if x.window is not None:
+        visible = visible & (position - j < x.window)
+    visible = visible & query_valid(x)[:, :, None]
+    visible = visible.expand(x.batch, x.q_len, x.kv_len)[:, None]      # [B, 1, Sq, Skv]
+    if x.attn_mask is not None:
+        visible = visible & x.attn_mask
+    return visible
+
+
+def prefix_row_count(x: PrefixAttentionInputs) -> int:
+    """Prefix rows the widest task in this batch uses (a host sync)."""
+    if x.batch == 0:
+        return 0
+    return int(x.prefix_lens[x.task_ids].max())
