@@ -31,6 +31,20 @@ def triton_unavailable_reason(device: torch.device) -> str:
     return f"Triton does not support device type {device.type!r}"
 
 
+def decode_kernels_built() -> bool:
+    return importlib.util.find_spec("kernels.triton_decode") is not None
+
+
+def wants_decode_path(x: PrefixAttentionInputs) -> bool:
+    """Few queries per sequence and no gradient needed: the decode kernels serve it."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x.q, x.k, x.v, x.prefix_k, x.prefix_v))
+    return x.q_len <= 16 and not needs_grad and x.attn_mask is None and decode_kernels_built()
+
+
 def triton_attention(x: PrefixAttentionInputs) -> torch.Tensor:
+    if wants_decode_path(x):
+        from .triton_decode import decode_attention
+        return decode_attention(x)
     from .triton_prefill import prefill_attention
     return prefill_attention(x)
