@@ -1,0 +1,255 @@
+"""The prefix cache: every task's per-layer prefix K/V kept once, in blocks.
+
+Per layer the store holds K and V block pools ``[num_blocks, Hkv, block_size, D]``; a task owns
+a list of blocks (the same block indices in every layer), recorded in one block table. Adding,
+replacing or removing a task touches only that task's blocks; freed blocks are reused, and the
+pools grow (doubling) when they run out. ``layer(i)`` returns exactly the
+``(prefix_k, prefix_v, block_table, prefix_lens)`` that ``kernels.prefix_attention`` takes.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+def _err(name: str, seen, allowed: str) -> ValueError:
+    return ValueError(f"PrefixStore: `{name}` {seen} is invalid; expected {allowed}")
+
+
+class PrefixStore(nn.Module):
+    """Block-paged storage of per-task, per-layer prefix keys and values.
+
+    Args:
+        num_layers, num_kv_heads, head_dim: the model's attention geometry.
+        block_size: prefix rows per block.
+        num_blocks: initial pool capacity (grows on demand).
+        dtype, device: of the pools.
+        trainable: keep the pools as ``nn.Parameter`` so gradients reach stored prefixes.
+            Growing the pool then replaces the parameters: create optimizers after adding tasks.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, block_size: int = 16,
+                 num_blocks: int = 0, dtype: torch.dtype = torch.float32, device=None,
+                 trainable: bool = False):
+        super().__init__()
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise _err(name, repr(value), "a positive int")
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+            raise _err("num_blocks", repr(num_blocks), "an int >= 0")
+        if not dtype.is_floating_point:
+            raise _err("dtype", dtype, "a floating dtype")
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.trainable = trainable
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        self._set_pools(torch.zeros(shape, dtype=dtype, device=device),
+                        torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("block_table", torch.zeros((0, 0), dtype=torch.long, device=device),
+                             persistent=False)
+        self.register_buffer("prefix_lens", torch.zeros((0,), dtype=torch.long, device=device),
+                             persistent=False)
+        self._ids: Dict[str, int] = {}            # task name -> task id (row of the block table)
+        self._names: Dict[int, str] = {}
+        self._lens: Dict[int, int] = {}           # task id -> prefix length
+        self._blocks: Dict[int, List[int]] = {}   # task id -> its blocks, in order
+        self._free_blocks: List[int] = list(range(num_blocks))
+        self._num_slots = 0                       # rows of the block table (ids of removed tasks are reused)
+
+    # ------------------------------------------------------------------ pools
+    def _set_pools(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.trainable:
+            self.k_blocks = nn.Parameter(k)
+            self.v_blocks = nn.Parameter(v)
+        else:
+            for name, t in (("k_blocks", k), ("v_blocks", v)):
+                if name in self._parameters:
+                    del self._parameters[name]
+                self.register_buffer(name, t)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k_blocks.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k_blocks.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_blocks.device
+
+    def reserve(self, num_blocks: int) -> None:
+        """Grow the pools to at least ``num_blocks`` blocks; existing blocks keep their contents."""
+        old = self.num_blocks
+        if num_blocks <= old:
+            return
+        L, _, H, bs, D = self.k_blocks.shape
+        with torch.no_grad():
+            grown = []
+            for pool in (self.k_blocks, self.v_blocks):
+                new = torch.zeros((L, num_blocks, H, bs, D), dtype=pool.dtype, device=pool.device)
+                new[:, :old] = pool
+                grown.append(new)
+        self._set_pools(*grown)
+        self._free_blocks.extend(range(old, num_blocks))
+
+    def _allocate(self, count: int) -> List[int]:
+        if count > len(self._free_blocks):
+            in_use = self.num_blocks - len(self._free_blocks)
+            self.reserve(max(2 * self.num_blocks, in_use + count, 1))
+        self._free_blocks.sort()
+        blocks, self._free_blocks = self._free_blocks[:count], self._free_blocks[count:]
+        return blocks
+
+    # ------------------------------------------------------------------ tasks
+    def _check_prefix(self, k, v) -> Tuple[torch.Tensor, torch.Tensor]:
+        want = f"[L={self.num_layers}, Hkv={self.num_kv_heads}, P, D={self.head_dim}]"
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise _err(name, f"of type {type(t).__name__}", f"a tensor {want}")
+            if not t.dtype.is_floating_point:
+                raise _err(name, f"with dtype {t.dtype}", "a floating dtype")
+            if (t.dim() != 4 or t.shape[0] != self.num_layers or t.shape[1] != self.num_kv_heads
+                    or t.shape[3] != self.head_dim):
+                raise _err(name, f"with shape {tuple(t.shape)}", want)
+        if v.shape != k.shape:
+            raise _err("v", f"with shape {tuple(v.shape)}", f"the shape of k {tuple(k.shape)}")
+        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+            raise _err("k/v", "containing NaN or inf", "finite values")
+        return k, v
+
+    def _write(self, task: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        P = k.shape[2]
+        blocks = self._allocate(-(-P // self.block_size))
+        bs = self.block_size
+        with torch.no_grad():
+            for n, block in enumerate(blocks):
+                rows = slice(n * bs, min((n + 1) * bs, P))
+                width = rows.stop - rows.start
+                for pool, src in ((self.k_blocks, k), (self.v_blocks, v)):
+                    pool[:, block, :, :width] = src[:, :, rows].to(pool.dtype)
+                    pool[:, block, :, width:] = 0
+        self._blocks[task] = blocks
+        self._lens[task] = P
+
+    def _release(self, task: int) -> None:
+        self._free_blocks.extend(self._blocks.pop(task, []))
+        self._lens.pop(task, None)
+
+    def add(self, name: str, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Store a new task's prefix (``k, v [L, Hkv, P, D]``, P may be 0); returns its task id."""
+        if not isinstance(name, str) or not name:
+            raise _err("name", repr(name), "a non-empty str")
+        if name in self._ids:
+            raise _err("name", repr(name), "a name not already stored (use replace() to overwrite)")
+        k, v = self._check_prefix(k, v)
+        free_ids = sorted(set(range(self._num_slots)) - set(self._names))
+        task = free_ids[0] if free_ids else self._num_slots
+        self._num_slots = max(self._num_slots, task + 1)
+        self._write(task, k, v)
+        self._ids[name], self._names[task] = task, name
+        self._rebuild_table()
+        return task
+
+    def replace(self, name: str, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Overwrite a stored task's prefix (its length may change); its task id is kept."""
+        task = self.task_id(name)
+        k, v = self._check_prefix(k, v)
+        self._release(task)
+        self._write(task, k, v)
+        self._rebuild_table()
+        return task
+
+    def remove(self, name: str) -> None:
+        """Forget a task; its blocks return to the free list and its id may be reused."""
+        task = self.task_id(name)
+        self._release(task)
+        del self._ids[name], self._names[task]
+        self._rebuild_table()
+
+    def _rebuild_table(self) -> None:
+        width = max((len(b) for b in self._blocks.values()), default=0)
+        table = torch.full((self._num_slots, width), -1, dtype=torch.long)
+        lens = torch.zeros((self._num_slots,), dtype=torch.long)
+        for task, blocks in self._blocks.items():
+            table[task, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+            lens[task] = self._lens[task]
+        self.block_table = table.to(self.device)
+        self.prefix_lens = lens.to(self.device)
+
+    # ------------------------------------------------------------------ lookup
+    def task_id(self, name: str) -> int:
+        if name not in self._ids:
+            raise _err("name", repr(name), f"one of the stored tasks {sorted(self._ids)}")
+        return self._ids[name]
+
+    def task_ids(self, names: Iterable[str]) -> torch.Tensor:
+        """Task ids of a batch given by task names, as a LongTensor on the store's device."""
+        return torch.tensor([self.task_id(n) for n in names], dtype=torch.long, device=self.device)
+
+    def task_name(self, task: int) -> str:
+        if task not in self._names:
+            raise _err("task", repr(task), f"one of the stored task ids {sorted(self._names)}")
+        return self._names[task]
+
+    @property
+    def names(self) -> List[str]:
+        return [self._names[t] for t in sorted(self._names)]
+
+    def __contains__(self, name) -> bool:
+        return name in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def prefix_len(self, name: str) -> int:
+        return self._lens[self.task_id(name)]
+
+    def get(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A copy of a task's prefix as ``k, v [L, Hkv, P, D]``."""
+        task = self.task_id(name)
+        P, blocks = self._lens[task], self._blocks[task]
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        out = []
+        for pool in (self.k_blocks, self.v_blocks):
+            g = pool[:, idx]                                     # [L, n, Hkv, bs, D]
+            L, n, H, bs, D = g.shape
+            out.append(g.permute(0, 2, 1, 3, 4).reshape(L, H, n * bs, D)[:, :, :P].detach().clone())
+        return out[0], out[1]
+
+    def layer(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(prefix_k, prefix_v, block_table, prefix_lens)`` of layer ``i``, ready for prefix_attention."""
+        if isinstance(i, bool) or not isinstance(i, int) or not -self.num_layers <= i < self.num_layers:
+            raise _err("layer", repr(i), f"an int in [0, {self.num_layers})")
+        return self.k_blocks[i], self.v_blocks[i], self.block_table, self.prefix_lens
+
+    # ------------------------------------------------------------------ accounting
+    def memory_stats(self) -> dict:
+        """Bytes and blocks: allocated pools, blocks in use, free blocks, and each task's share."""
+        per_block = 2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_dim \
+            * self.k_blocks.element_size()
+        used = sum(len(b) for b in self._blocks.values())
+        return {
+            "block_size": self.block_size,
+            "blocks_total": self.num_blocks,
+            "blocks_used": used,
+            "blocks_free": len(self._free_blocks),
+            "bytes_per_block": per_block,
+            "bytes_allocated": per_block * self.num_blocks,
+            "bytes_used": per_block * used,
+            "prefix_rows": sum(self._lens.values()),
+            "tasks": {self._names[t]: {"id": t, "prefix_len": self._lens[t], "blocks": len(b),
+                                       "bytes": per_block * len(b)}
+                      for t, b in sorted(self._blocks.items())},
+        }
+
+    def extra_repr(self) -> str:
+        return (f"layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"block_size={self.block_size}, blocks={self.num_blocks}, tasks={len(self)}, "
+                f"dtype={self.dtype}")
