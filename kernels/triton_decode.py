@@ -1,0 +1,492 @@
+"""Mixed-task decode kernels of the ``triton`` backend: few queries per sequence, many sequences.
+
+``decode_attention(x)`` serves calls with ``Sq <= 16`` and no gradient (the dispatcher in
+``triton_backend.py`` routes them here). Every query sees its task's whole prefix (read in place
+through ``block_table``) and its own keys under the causal / length / window rule of the contract.
+
+Two paths, both exact (checked against ``reference`` in ``tests/test_triton_decode.py``):
+
+``grouped`` (shared-prefix / cascade form; FlashInfer cascade, Hydragen, ChunkAttention)
+    1. *Prefix phase* (``_grouped_prefix_kernel``): the batch is grouped by task on the device
+       (``argsort`` + ``bincount`` + ``cumsum``, no host sync). One program per (tile of a task's
+       stacked queries, kv head, prefix split) stacks ``sequences x GQA heads x Sq`` query rows
+       of one task into a ``BLOCK_M``-row tile and runs a matrix-matrix online softmax over the
+       task's prefix blocks, so each prefix block is loaded once per (task, query tile) instead of
+       once per sequence. Tiles of all tasks are laid out CSR-style in one flat grid axis whose
+       size is a shape-only upper bound (``cdiv(B*G*Sq, BLOCK_M) + min(T, B)``); each program finds
+       its task with a device-side ``searchsorted`` table, surplus programs do nothing.
+    2. *Own phase* (``_sequence_kernel`` with ``INCLUDE_PREFIX=False``): per (sequence, kv head,
+       KV split), the G query heads x Sq queries of the sequence are stacked in one tile and its own
+       cache is scanned (split-K / flash-decoding when the grid would otherwise be small).
+    3. *Merge*: every phase writes a normalised fp32 partial output plus its fp32 log2-sum-exp.
+       When the own phase is not split, the own kernel merges the prefix partials in registers and
+       writes the final output itself (no extra launch); otherwise ``_merge_kernel`` combines all
+       partial states in fp32. Nothing is rounded to fp16/bf16 before the final store.
+
+``per_sequence`` (plain flash-decoding over ``[prefix ; own]``)
+    ``_sequence_kernel`` with ``INCLUDE_PREFIX=True``: each program reads its own sequence's
+    prefix through the block table and then its own cache, in one virtual key range split over
+    KV; a single split writes the output directly, several are merged by ``_merge_kernel``.
+
+Choosing the path: :func:`choose_path`. Grouping pays when tasks have several sequences each:
+the grouped path is taken when the batch has on average at least ``GROUP_MIN_SEQS`` (2)
+sequences per task present in the batch and some prefix can be non-empty. ``B >= 2*T`` decides
+it from shapes alone; otherwise the number of tasks present is counted on the device and read
+back (one small host sync of a single int). Force a path with ``decode_attention(x, path=...)``
+or the environment variable ``SOFTPROMPT_DECODE_PATH=grouped|per_sequence`` (``auto`` default).
+
+Host syncs: none in the kernels' setup apart from the heuristic's one int above (and none when
+the path is forced or ``B >= 2*T``). Grid sizes come from shapes: the prefix bound is
+``max_blocks * block_size``, the own bound is ``Skv``; programs past a sequence's real length do
+no work and write an empty state.
+
+Limitations: float64 inputs are computed by the no-copy ``torch`` backend (no fp64 ``tl.dot``
+path here); ``head_dim`` up to 256; ``attn_mask`` is not supported here (the dispatcher never
+sends it).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .inputs import PrefixAttentionInputs
+
+LOG2E = 1.4426950408889634
+GROUP_MIN_SEQS = 2          # mean sequences per present task from which grouping pays
+MAX_HEAD_DIM = 256
+PATHS = ("auto", "grouped", "per_sequence")
+ENV_PATH = "SOFTPROMPT_DECODE_PATH"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """One key tile of the online softmax. ``k`` is ``[BLOCK_D, BLOCK_N]``, ``v`` ``[BLOCK_N, BLOCK_D]``.
+
+    Scores are in log2 units (``qk_scale`` = scale * log2(e)); rows with nothing visible so far
+    keep ``m = -inf`` and ``l = 0`` without ever producing NaN.
+    """
+    qk = tl.dot(q, k, input_precision=PREC) * qk_scale
+    qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefix_tile(q, PK, PV, BT, bt_row, start, end, h,
+                 s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
+                 block_size, rvalid, offs_d, dmask, m_i, l_i, acc, qk_scale,
+                 BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of the query tile over prefix rows ``[start, end)`` read through the table."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n
+        nmask = n < end
+        blk = tl.load(BT + bt_row + (n // block_size).to(tl.int64) * s_bt1, mask=nmask, other=0)
+        row = (n % block_size).to(tl.int64)
+        k_off = blk * s_pkb + h * s_pkh + row * s_pkn
+        k = tl.load(PK + k_off[None, :] + offs_d[:, None] * s_pkd,
+                    mask=nmask[None, :] & dmask[:, None], other=0.0)
+        v_off = blk * s_pvb + h * s_pvh + row * s_pvn
+        v = tl.load(PV + v_off[:, None] + offs_d[None, :] * s_pvd,
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        visible = rvalid[:, None] & nmask[None, :]
+        m_i, l_i, acc = _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _grouped_prefix_kernel(
+        Q, PK, PV, BT, PLENS, QLENS, ORDER, TSEQ_START, TCOUNT, TTILE_START, TILE_TASK,
+        PO, PL, qk_scale,
+        s_qb, s_qh, s_qs, s_qd,
+        s_pkb, s_pkh, s_pkn, s_pkd,
+        s_pvb, s_pvh, s_pvn, s_pvd,
+        s_bt0, s_bt1,
+        T, Hq, Sq, D, block_size, NS, chunk,
+        G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PREC: tl.constexpr):
+    """Prefix phase of the grouped path: one program per (query tile of a task, kv head, split)."""
+    pid_tile = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+
+    task = tl.load(TILE_TASK + pid_tile)                 # T for surplus programs
+    live = task < T
+    task = tl.minimum(task, T - 1)
+    tile = pid_tile - tl.load(TTILE_START + task)
+    count = tl.where(live, tl.load(TCOUNT + task), 0)
+    seq0 = tl.load(TSEQ_START + task)
+
+    GS = G * Sq
+    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)           # stacked row: (sequence, head, query)
+    rmask = r < count * GS
+    s_local = r // GS
+    g = (r % GS) // Sq
+    i = r % Sq
+    b = tl.load(ORDER + seq0 + s_local, mask=rmask, other=0)
+    qlen = tl.load(QLENS + b, mask=rmask, other=0)
+    rvalid = rmask & (i < qlen)
+    hq = h * G + g
+
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + b[:, None] * s_qb + hq[:, None] * s_qh + i[:, None] * s_qs + offs_d[None, :] * s_qd,
+                mask=rvalid[:, None] & dmask[None, :], other=0.0)
+
+    plen = tl.where(live, tl.load(PLENS + task), 0)
+    start = split * chunk
+    end = tl.minimum(plen, start + chunk)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, end, h,
+                                 s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
+                                 block_size, rvalid, offs_d, dmask, m_i, l_i, acc, qk_scale,
+                                 BLOCK_N, PREC)
+
+    # Normalised fp32 partial + log2-sum-exp; an empty state is (0, -inf).
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    prow = ((b * Hq + hq) * Sq + i) * NS + split
+    tl.store(PL + prow, lse, mask=rmask)
+    tl.store(PO + prow[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _sequence_kernel(
+        Q, K, V, PK, PV, BT, PLENS, TIDS, QLENS, KVLENS, KVSTARTS, PO, PL, OUT, qk_scale,
+        s_qb, s_qh, s_qs, s_qd,
+        s_kb, s_kh, s_ks, s_kd,
+        s_vb, s_vh, s_vs, s_vd,
+        s_pkb, s_pkh, s_pkn, s_pkd,
+        s_pvb, s_pvh, s_pvn, s_pvd,
+        s_bt0, s_bt1,
+        s_ob, s_oh, s_os, s_od,
+        Hq, Sq, D, block_size, window, NS, slot_off, num_pre, chunk,
+        G: tl.constexpr, M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, INCLUDE_PREFIX: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, FINALIZE: tl.constexpr, PREC: tl.constexpr):
+    """Per-sequence program over one KV split of ``[prefix (optional) ; own keys]``.
+
+    Rows stack the G query heads of kv head ``h`` x the Sq queries. With ``FINALIZE`` (a single
+    split) the ``num_pre`` partial states already in ``PO/PL`` (the grouped prefix phase) are
+    merged in registers and the final output is written; otherwise the state goes to slot
+    ``slot_off + split`` of the partial buffers.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    pid1 = tl.program_id(1)
+    h = (pid1 // M_TILES).to(tl.int64)
+    mt = pid1 % M_TILES
+    split = tl.program_id(2)
+
+    GS = G * Sq
+    r = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < GS
+    g = r // Sq
+    i = r % Sq
+    hq = h * G + g
+    qlen = tl.load(QLENS + b)
+    kvlen = tl.load(KVLENS + b)
+    kvstart = tl.load(KVSTARTS + b)
+    rvalid = rmask & (i < qlen)
+    pos = kvlen - qlen + i                               # absolute position of query i
+
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + b * s_qb + hq[:, None] * s_qh + i[:, None] * s_qs + offs_d[None, :] * s_qd,
+                mask=rvalid[:, None] & dmask[None, :], other=0.0)
+
+    lo = kvstart
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, kvlen - qlen - window + 1)   # first key the earliest query can see
+    own_len = tl.maximum(kvlen - lo, 0)
+    if INCLUDE_PREFIX:
+        task = tl.load(TIDS + b)
+        plen = tl.load(PLENS + task)
+    else:
+        task = b * 0
+        plen = kvlen * 0
+    total = plen + own_len
+    start = split * chunk
+    end = tl.minimum(total, start + chunk)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if INCLUDE_PREFIX:
+        m_i, l_i, acc = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, tl.minimum(end, plen), h,
+                                     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
+                                     block_size, rvalid, offs_d, dmask, m_i, l_i, acc, qk_scale,
+                                     BLOCK_N, PREC)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    for n0 in range(tl.maximum(start, plen), end, BLOCK_N):
+        n = n0 + offs_n
+        nmask = n < end
+        j = (n - plen + lo).to(tl.int64)                 # own key index, in [kvstart, kvlen)
+        k = tl.load(k_base + j[None, :] * s_ks + offs_d[:, None] * s_kd,
+                    mask=nmask[None, :] & dmask[:, None], other=0.0)
+        v = tl.load(v_base + j[:, None] * s_vs + offs_d[None, :] * s_vd,
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        visible = rvalid[:, None] & nmask[None, :]
+        if CAUSAL:
+            visible = visible & (j[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (pos[:, None] - j[None, :] < window)
+        m_i, l_i, acc = _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC)
+
+    prow = ((b * Hq + hq) * Sq + i) * NS
+    if FINALIZE:
+        # Merge the prefix-phase partial states (fp32) into this state, then normalise.
+        for s in range(num_pre):
+            lse_s = tl.load(PL + prow + s, mask=rmask, other=float("-inf"))
+            o_s = tl.load(PO + (prow + s)[:, None] * D + offs_d[None, :],
+                          mask=rmask[:, None] & dmask[None, :], other=0.0)
+            m_new = tl.maximum(m_i, lse_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            beta = tl.exp2(lse_s - m_safe)
+            acc = acc * alpha[:, None] + o_s * beta[:, None]
+            l_i = l_i * alpha + beta
+            m_i = m_new
+        keep = rvalid & (l_i > 0)
+        out = tl.where(keep[:, None], acc / tl.where(keep, l_i, 1.0)[:, None], 0.0)
+        tl.store(OUT + b * s_ob + hq[:, None] * s_oh + i[:, None] * s_os + offs_d[None, :] * s_od,
+                 out.to(OUT.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    else:
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        slot = prow + slot_off + split
+        tl.store(PL + slot, lse, mask=rmask)
+        tl.store(PO + slot[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _merge_kernel(PO, PL, QLENS, OUT, s_ob, s_oh, s_os, s_od, Hq, Sq, D, NS,
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Combine the ``NS`` fp32 partial states of one query row; padding rows and empty rows -> 0."""
+    row = tl.program_id(0).to(tl.int64)                  # (b * Hq + hq) * Sq + i
+    i = row % Sq
+    hq = (row // Sq) % Hq
+    b = row // (Sq * Hq)
+    qlen = tl.load(QLENS + b)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < NS
+    dmask = offs_d < D
+    lse = tl.load(PL + row * NS + offs_s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)
+    den = tl.sum(w, 0)
+    o = tl.load(PO + (row * NS + offs_s)[:, None] * D + offs_d[None, :],
+                mask=smask[:, None] & dmask[None, :], other=0.0)
+    num = tl.sum(o * w[:, None], 0)
+    keep = (den > 0) & (i < qlen)
+    out = tl.where(keep, num / tl.where(keep, den, 1.0), 0.0)
+    tl.store(OUT + b * s_ob + hq * s_oh + i * s_os + offs_d * s_od, out.to(OUT.dtype.element_ty),
+             mask=dmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs wanted in a launch: two waves of SMs on a GPU; 1 in the interpreter (no split)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _splits(base_programs: int, length_bound: int, block_n: int, target: int,
+            forced: Optional[int] = None):
+    """``(num_splits, chunk)``: split a key range of at most ``length_bound`` rows over KV so that
+    ``base_programs * num_splits`` reaches ``target`` (flash-decoding). ``chunk`` is a multiple of
+    ``block_n``; each split has at least ``min_chunk`` rows on a GPU so splitting never dominates."""
+    if length_bound <= 0:
+        return 1, block_n
+    max_splits = _cdiv(length_bound, block_n)
+    if forced is not None:
+        ns = max(1, min(int(forced), max_splits))
+    else:
+        ns = max(1, min(max_splits, _cdiv(target, max(base_programs, 1))))
+        ns = min(ns, max(1, length_bound // 256)) if target > 1 else ns
+    chunk = _cdiv(_cdiv(length_bound, ns), block_n) * block_n
+    return _cdiv(length_bound, chunk), chunk
+
+
+def _check_layout(x: PrefixAttentionInputs) -> None:
+    """Checks the kernels rely on, made before any launch (ValueError naming the argument)."""
+    D = x.head_dim
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"prefix_attention: `q` with head dimension {D} is invalid for the Triton "
+                         f"decode kernels; expected D <= {MAX_HEAD_DIM} (use backend='torch')")
+    if x.attn_mask is not None:
+        raise ValueError("prefix_attention: `attn_mask` is not supported by the Triton decode kernels")
+    dev = x.q.device
+    for name in ("q", "k", "v", "prefix_k", "prefix_v", "block_table", "prefix_lens", "task_ids",
+                 "q_lens", "kv_lens", "kv_starts"):
+        t = getattr(x, name)
+        if t.device != dev:
+            raise ValueError(f"prefix_attention: `{name}` on {t.device} is invalid; expected {dev}")
+        if any(s < 0 for s in t.stride()):
+            raise ValueError(f"prefix_attention: `{name}` with strides {t.stride()} is invalid; "
+                             f"expected non-negative strides")
+        # Offsets are computed in int64 inside the kernels; the largest element offset must fit.
+        span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
+        if span >= 2 ** 62:
+            raise ValueError(f"prefix_attention: `{name}` spans {span} elements; too large to address")
+    for name in ("q", "k", "v", "prefix_k", "prefix_v"):
+        t = getattr(x, name)
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"prefix_attention: `{name}` with dtype {t.dtype} is invalid for the "
+                             f"Triton decode kernels; expected float16, bfloat16 or float32")
+
+
+def choose_path(x: PrefixAttentionInputs) -> str:
+    """``"grouped"`` when sharing each task's prefix tile across its sequences pays, else
+    ``"per_sequence"``. Mean sequences per present task >= ``GROUP_MIN_SEQS``; decided from
+    shapes when ``B >= GROUP_MIN_SEQS * T`` (no sync), else one int read back from the device."""
+    B, T = x.batch, x.num_tasks
+    prefix_bound = x.block_table.shape[1] * x.block_size
+    if B < GROUP_MIN_SEQS or prefix_bound == 0:
+        return "per_sequence"
+    if B >= GROUP_MIN_SEQS * T:
+        return "grouped"
+    present = int((torch.bincount(x.task_ids, minlength=T) > 0).sum())   # the one host sync
+    return "grouped" if B >= GROUP_MIN_SEQS * present else "per_sequence"
+
+
+def _resolve_path(x: PrefixAttentionInputs, path: Optional[str]) -> str:
+    path = path or os.environ.get(ENV_PATH, "auto") or "auto"
+    if path not in PATHS:
+        raise ValueError(f"decode_attention: `path` {path!r} is invalid; expected one of {PATHS} "
+                         f"(argument or ${ENV_PATH})")
+    return choose_path(x) if path == "auto" else path
+
+
+def _config(x: PrefixAttentionInputs):
+    D = x.head_dim
+    block_d = max(16, _pow2(D))
+    on_gpu = x.q.device.type == "cuda"
+    block_n = (64 if block_d <= 128 else 32) if on_gpu else 16
+    max_m = 64 if on_gpu else 16
+    return block_d, block_n, max_m
+
+
+def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
+                     num_splits: Optional[int] = None,
+                     prefix_splits: Optional[int] = None) -> torch.Tensor:
+    """Mixed-task decode attention, ``[B, Hq, Sq, D]`` in the dtype of ``q``.
+
+    Args:
+        x: validated inputs (``Sq <= 16`` is where this pays; any ``Sq`` is computed correctly).
+        path: ``"auto"`` (default, :func:`choose_path`), ``"grouped"`` or ``"per_sequence"``;
+            when None, ``$SOFTPROMPT_DECODE_PATH`` decides (default ``auto``).
+        num_splits: force the KV split count of the per-sequence / own phase (tests).
+        prefix_splits: force the split count of the grouped prefix phase (tests).
+    """
+    if x.q.dtype == torch.float64:
+        from .torch_backend import torch_attention      # no fp64 tl.dot path here
+        return torch_attention(x)
+    _check_layout(x)
+    chosen = _resolve_path(x, path)
+    B, Hq, Sq, D = x.q.shape
+    Hkv, G, Skv, T = x.num_kv_heads, x.group_size, x.kv_len, x.num_tasks
+    out = torch.empty((B, Hq, Sq, D), dtype=x.q.dtype, device=x.q.device)
+    if out.numel() == 0:
+        return out
+    dev = x.q.device
+    block_d, block_n, max_m = _config(x)
+    prec = "ieee" if x.q.dtype == torch.float32 else "tf32"
+    qk_scale = x.scale * LOG2E
+    target = _target_programs(dev)
+    num_warps = 4 if block_d <= 64 else 8
+    bt = x.block_table
+    ints = [t.contiguous() for t in (x.prefix_lens, x.task_ids, x.q_lens, x.kv_lens, x.kv_starts)]
+    plens, tids, qlens, kvlens, kvstarts = ints
+    prefix_bound = bt.shape[1] * x.block_size
+    window = x.window if x.window is not None else 0
+
+    # The sequence kernel: own phase (grouped path) or [prefix ; own] (per-sequence path).
+    GS = G * Sq
+    seq_m = min(max_m, max(16, _pow2(GS)))
+    m_tiles = _cdiv(GS, seq_m)
+    include_prefix = chosen == "per_sequence"
+    length_bound = Skv + (prefix_bound if include_prefix else 0)
+    ns_own, chunk_own = _splits(B * Hkv * m_tiles, length_bound, block_n, target, num_splits)
+
+    nsp, chunk_p = 0, block_n
+    tile_m = 16
+    if chosen == "grouped":
+        rows_bound = B * GS                              # stacked rows of the largest possible task
+        tile_m = min(max_m, max(16, _pow2(rows_bound)))
+        tiles_bound = _cdiv(rows_bound, tile_m) + min(T, B)
+        nsp, chunk_p = _splits(tiles_bound * Hkv, prefix_bound, block_n, target, prefix_splits)
+    finalize = ns_own == 1
+    NS = nsp + (0 if finalize else ns_own)
+    if NS > 0:
+        part_o = torch.empty((B, Hq, Sq, NS, D), dtype=torch.float32, device=dev)
+        part_l = torch.empty((B, Hq, Sq, NS), dtype=torch.float32, device=dev)
+    else:                                                # nothing partial: never read
+        part_o = torch.empty(1, dtype=torch.float32, device=dev)
+        part_l = torch.empty(1, dtype=torch.float32, device=dev)
+        NS = 1
+
+    if chosen == "grouped":
+        # Group the batch by task on the device: CSR offsets of sequences and of query tiles.
+        order = torch.argsort(tids, stable=True)
+        counts = torch.bincount(tids, minlength=T)
+        seq_start = torch.cumsum(counts, 0) - counts
+        tiles = (counts * GS + tile_m - 1) // tile_m
+        tile_end = torch.cumsum(tiles, 0)
+        tile_start = tile_end - tiles
+        tile_task = torch.searchsorted(tile_end, torch.arange(tiles_bound, device=dev), right=True)
+        _grouped_prefix_kernel[(tiles_bound, Hkv, nsp)](
+            x.q, x.prefix_k, x.prefix_v, bt, plens, qlens, order, seq_start, counts, tile_start,
+            tile_task, part_o, part_l, qk_scale,
+            *x.q.stride(), *x.prefix_k.stride(), *x.prefix_v.stride(), *bt.stride(),
+            T, Hq, Sq, D, x.block_size, NS, chunk_p,
+            G=G, BLOCK_M=tile_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec, num_warps=num_warps)
+
+    _sequence_kernel[(B, Hkv * m_tiles, ns_own)](
+        x.q, x.k, x.v, x.prefix_k, x.prefix_v, bt, plens, tids, qlens, kvlens, kvstarts,
+        part_o, part_l, out, qk_scale,
+        *x.q.stride(), *x.k.stride(), *x.v.stride(), *x.prefix_k.stride(), *x.prefix_v.stride(),
+        *bt.stride(), *out.stride(),
+        Hq, Sq, D, x.block_size, window, NS, nsp, nsp, chunk_own,
+        G=G, M_TILES=m_tiles, BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        INCLUDE_PREFIX=include_prefix, CAUSAL=x.causal, HAS_WINDOW=x.window is not None,
+        FINALIZE=finalize, PREC=prec, num_warps=num_warps)
+
+    if not finalize:
+        _merge_kernel[(B * Hq * Sq,)](
+            part_o, part_l, qlens, out, *out.stride(), Hq, Sq, D, NS,
+            BLOCK_S=max(2, _pow2(NS)), BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8)
+    return out
