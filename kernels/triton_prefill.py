@@ -1,0 +1,713 @@
+"""Fused Triton prefix attention for training and prefill: forward + backward.
+
+``prefill_attention(x)`` computes, for every sequence ``b`` of task ``t = task_ids[b]``,
+``softmax(scale * q @ [prefix_k_t ; k_b]^T) @ [prefix_v_t ; v_b]`` under the visibility rule of
+``kernels/masks.py`` — without ever copying a prefix into a sequence. Each task's prefix rows are
+read *in place* from the block pools ``prefix_k / prefix_v [num_blocks, Hkv, block_size, D]``
+through ``block_table[t]``.
+
+Kernels (FlashAttention-2 structure, in the spirit of the Triton fused-attention tutorial; written
+for this contract, not copied):
+
+``_fwd_kernel``            one program per (sequence, q head, query tile). Loops over the task's
+                           prefix rows (gathered through the block table, masked by
+                           ``prefix_lens[t]``), then over the own-key tiles that can be visible
+                           (bounds from ``kv_starts``, ``kv_lens``, causal offset and window, so
+                           fully masked tiles are skipped). Online softmax in fp32 with ``exp2``;
+                           writes O (dtype of q) and the row log-sum-exp (fp32, log2 units).
+``_bwd_dq_kernel``         same tiling as the forward: dQ over prefix + own keys. No atomics.
+``_bwd_dkdv_own_kernel``   one program per (sequence, kv head, own-key tile): loops over the GQA
+                           group's q heads and the query tiles that can see the tile; dK, dV
+                           accumulated in fp32 registers, written once. No atomics.
+``_bwd_dkdv_prefix_kernel`` one program per (unit, kv head, prefix-row tile). Deterministic mode:
+                           a unit is a *task*: the batch is grouped by task once per call on the
+                           device (stable argsort of task_ids + counts) and the program loops over
+                           every query tile of every sequence of that task, so a task's prefix
+                           gradient is summed in registers and written once (no atomics, bitwise
+                           reproducible). Atomics mode: a unit is a *sequence* and partial
+                           gradients are ``tl.atomic_add``-ed into an fp32 buffer (more
+                           parallelism when few tasks own long prefixes; summation order varies).
+
+Default: the deterministic path. Without a GPU in this project we could not measure whether the
+atomics path is faster for any shape, so we chose the path whose results are reproducible; set
+``SOFTPROMPT_PREFILL_ATOMICS=1`` or pass ``deterministic=False`` to try the other one.
+``torch.use_deterministic_algorithms(True)`` always forces the deterministic path.
+
+Shared blocks. The deterministic kernel writes a task's prefix gradient straight into the
+gradient pool through that task's block table, which is race-free only if every block index is
+used by at most one (task, position) among the tasks present in the batch. When a block index is
+shared (by two tasks' tables, or twice in one table), the kernel instead writes each task's
+gradient into a scratch buffer in logical ``[task, block slot]`` order and the slots are summed
+into the pool with ``index_add_`` (exact on CPU; on CUDA ``index_add_`` uses atomics, so only
+this rare configuration may lose bitwise reproducibility). This check costs one host sync per
+backward call that needs prefix gradients.
+
+Fallbacks to the ``torch`` backend (autograd there): an explicit ``attn_mask`` and float64 inputs.
+Causal, per-sequence lengths and the sliding window always run in the kernels.
+
+Bounds: every load and store is masked by the tensor extents (``Sq``, ``Skv``, ``D`` padded to a
+power of two) and by the per-sequence lengths; block-table entries are only read for prefix rows
+``< prefix_lens[t]`` (entries past a task's used blocks may be -1). Offsets are int64.
+
+Tuning: ``PrefillConfig`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``). Defaults are
+64 x 64 with 4 warps and 2 stages on CUDA (untuned: no GPU was available when this was written),
+16 x 16 under the Triton CPU interpreter so the tests stay fast.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .inputs import PrefixAttentionInputs
+from .torch_backend import torch_attention
+
+LOG2E = 1.4426950408889634
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile sizes and launch parameters (all compile-time for the kernels)."""
+
+    block_m: int = 64          # query rows per program tile
+    block_n: int = 64          # key rows per inner-loop tile (prefix and own keys)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            val = getattr(self, name)
+            if val < 16 or val & (val - 1):
+                raise ValueError(f"PrefillConfig: `{name}` {val} is invalid; expected a power of two >= 16")
+
+
+GPU_CONFIG = PrefillConfig()
+INTERPRETER_CONFIG = PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+
+
+def _interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def default_config(device: torch.device) -> PrefillConfig:
+    return GPU_CONFIG if device.type == "cuda" else INTERPRETER_CONFIG
+
+
+def atomics_requested() -> bool:
+    return os.environ.get("SOFTPROMPT_PREFILL_ATOMICS", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _prefix_rows(bt_row, stride_btc, start, P, offs_n, PBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Physical (block, row-in-block) of logical prefix rows ``start + offs_n`` of one task.
+
+    Returns ``(blk, within, valid)``; block-table entries are read only for rows ``< P``.
+    """
+    rows = start + offs_n
+    valid = rows < P
+    if PBS % BLOCK_N == 0:
+        # The whole tile lies in one block: one table read, contiguous rows.
+        blk = tl.load(bt_row + (start // PBS) * stride_btc, mask=start < P, other=0)
+        blk = tl.zeros([BLOCK_N], dtype=tl.int64) + blk
+        within = (start % PBS) + offs_n
+    else:
+        blk = tl.load(bt_row + (rows // PBS) * stride_btc, mask=valid, other=0).to(tl.int64)
+        within = rows % PBS
+    return blk, within, valid
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+    """One online-softmax update with scores ``s`` (log2 units, -inf where masked)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows that saw nothing yet stay finite
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, PK, PV, BT, PLENS, TIDS, QLENS, KVLENS, KVSTARTS, O, LSE,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    spkb, spkh, spks, spkd,
+    spvb, spvh, spvs, spvd,
+    sbt0, sbt1,
+    sob, soh, sos, sod,
+    Hq, Sq, D, qk_scale, window,
+    GROUP: tl.constexpr, PBS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    t = tl.load(TIDS + b)
+    q_len = tl.load(QLENS + b).to(tl.int32)
+    kv_len = tl.load(KVLENS + b).to(tl.int32)
+    kv_start = tl.load(KVSTARTS + b).to(tl.int32)
+    P = tl.load(PLENS + t).to(tl.int32)
+    off = kv_len - q_len                      # absolute position of query i is off + i
+
+    m_lo = pid_m * BLOCK_M
+    offs_m = m_lo + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < q_len
+    d_valid = offs_d < D
+    live = m_lo < q_len                       # tile holds at least one real query
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # 1) the task's prefix, read in place through the block table; no causal/padding rule on it.
+    p_end = tl.where(live, P, 0)
+    bt_row = BT + t * sbt0
+    for start in range(0, p_end, BLOCK_N):
+        blk, within, r_valid = _prefix_rows(bt_row, sbt1, start, P, offs_n, PBS, BLOCK_N)
+        kv_mask = r_valid[:, None] & d_valid[None, :]
+        k = tl.load(PK + blk[:, None] * spkb + hk * spkh + within[:, None] * spks + offs_d[None, :] * spkd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(PV + blk[:, None] * spvb + hk * spvh + within[:, None] * spvs + offs_d[None, :] * spvd,
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(m_valid[:, None] & r_valid[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
+
+    # 2) own keys: only tiles that intersect the visible band of this query tile.
+    lo = kv_start
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(hi, off + tl.minimum(m_lo + BLOCK_M, q_len))
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, off + m_lo - window + 1)
+    hi = tl.where(live, hi, 0)
+    lo = tl.minimum(lo, hi)
+    pos = off + offs_m
+    for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        offs_j = start + offs_n
+        j_valid = offs_j < kv_len
+        kv_mask = j_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + b * skb + hk * skh + offs_j[:, None] * sks + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        vis = m_valid[:, None] & (j_valid & (offs_j >= kv_start))[None, :]
+        if CAUSAL:
+            vis = vis & (offs_j[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            vis = vis & (pos[:, None] - offs_j[None, :] < window)
+        s = tl.where(vis, s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
+
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]               # rows that saw nothing: acc = 0 -> zeros
+    # +inf for rows that see nothing, so exp2(s - lse) is 0 in the backward.
+    lse = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
+    row_ok = offs_m < Sq
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_valid[None, :])
+    tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, PK, PV, BT, PLENS, TIDS, QLENS, KVLENS, KVSTARTS, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    spkb, spkh, spks, spkd,
+    spvb, spvh, spvs, spvd,
+    sbt0, sbt1,
+    sdob, sdoh, sdos, sdod,
+    sdqb, sdqh, sdqs, sdqd,
+    Hq, Sq, D, qk_scale, scale, window,
+    GROUP: tl.constexpr, PBS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    t = tl.load(TIDS + b)
+    q_len = tl.load(QLENS + b).to(tl.int32)
+    kv_len = tl.load(KVLENS + b).to(tl.int32)
+    kv_start = tl.load(KVSTARTS + b).to(tl.int32)
+    P = tl.load(PLENS + t).to(tl.int32)
+    off = kv_len - q_len
+
+    m_lo = pid_m * BLOCK_M
+    offs_m = m_lo + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < q_len
+    d_valid = offs_d < D
+    live = m_lo < q_len
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :] * sdod,
+                 mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + pid_bh * Sq + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * Sq + offs_m, mask=m_valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    p_end = tl.where(live, P, 0)
+    bt_row = BT + t * sbt0
+    for start in range(0, p_end, BLOCK_N):
+        blk, within, r_valid = _prefix_rows(bt_row, sbt1, start, P, offs_n, PBS, BLOCK_N)
+        kv_mask = r_valid[:, None] & d_valid[None, :]
+        k = tl.load(PK + blk[:, None] * spkb + hk * spkh + within[:, None] * spks + offs_d[None, :] * spkd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(PV + blk[:, None] * spvb + hk * spvh + within[:, None] * spvs + offs_d[None, :] * spvd,
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(m_valid[:, None] & r_valid[None, :], s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+    lo = kv_start
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(hi, off + tl.minimum(m_lo + BLOCK_M, q_len))
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, off + m_lo - window + 1)
+    hi = tl.where(live, hi, 0)
+    lo = tl.minimum(lo, hi)
+    pos = off + offs_m
+    for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        offs_j = start + offs_n
+        j_valid = offs_j < kv_len
+        kv_mask = j_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + b * skb + hk * skh + offs_j[:, None] * sks + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        vis = m_valid[:, None] & (j_valid & (offs_j >= kv_start))[None, :]
+        if CAUSAL:
+            vis = vis & (offs_j[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            vis = vis & (pos[:, None] - offs_j[None, :] < window)
+        s = tl.where(vis, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+    dq = dq * scale
+    row_ok = offs_m < Sq
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE, DELTA, b, h, q_len, m_start,
+                      sqb, sqh, sqs, sqd, sdob, sdoh, sdos, sdod, Sq,
+                      key_vis, offs_m0, offs_d, d_valid, qk_scale,
+                      OWN: tl.constexpr, pos_off, offs_j, window,
+                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dK, dV of one key tile against one query tile (transposed scores [N, M])."""
+    offs_m = m_start + offs_m0
+    m_valid = offs_m < q_len
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :] * sdod,
+                 mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
+    sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale      # [N, M]
+    vis = key_vis[:, None] & m_valid[None, :]
+    if OWN:
+        pos = pos_off + offs_m
+        if CAUSAL:
+            vis = vis & (offs_j[:, None] <= pos[None, :])
+        if HAS_WINDOW:
+            vis = vis & (pos[None, :] - offs_j[:, None] < window)
+    sT = tl.where(vis, sT, float("-inf"))
+    pT = tl.exp2(sT - lse[None, :])
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_own_kernel(
+    Q, K, V, QLENS, KVLENS, KVSTARTS, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdob, sdoh, sdos, sdod,
+    sdkb, sdkh, sdks, sdkd,
+    sdvb, sdvh, sdvs, sdvd,
+    Hq, Hkv, Sq, Skv, D, qk_scale, scale, window,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    q_len = tl.load(QLENS + b).to(tl.int32)
+    kv_len = tl.load(KVLENS + b).to(tl.int32)
+    kv_start = tl.load(KVSTARTS + b).to(tl.int32)
+    off = kv_len - q_len
+
+    n_lo = pid_n * BLOCK_N
+    offs_j = n_lo + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    j_valid = offs_j < kv_len
+    key_vis = j_valid & (offs_j >= kv_start)
+    kv_mask = j_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_j[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Visible keys of this tile: [j_lo, j_hi); queries that can see any of them: [q_lo, q_hi).
+    j_lo = tl.maximum(n_lo, kv_start)
+    j_hi = tl.minimum(n_lo + BLOCK_N, kv_len)
+    q_lo = 0
+    q_hi = q_len
+    if CAUSAL:
+        q_lo = tl.maximum(j_lo - off, 0)
+    if HAS_WINDOW:
+        q_hi = tl.minimum(q_hi, j_hi - 1 - off + window)
+    q_hi = tl.where(j_lo < j_hi, q_hi, 0)
+    q_lo = tl.minimum(q_lo, tl.maximum(q_hi, 0))
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        row = b * Hq + h
+        for m_start in range((q_lo // BLOCK_M) * BLOCK_M, q_hi, BLOCK_M):
+            dk, dv = _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE + row * Sq, DELTA + row * Sq, b, h, q_len,
+                                       m_start, sqb, sqh, sqs, sqd, sdob, sdoh, sdos, sdod, Sq,
+                                       key_vis, offs_m0, offs_d, d_valid, qk_scale,
+                                       True, off, offs_j, window, CAUSAL, HAS_WINDOW, DOT_PREC)
+    dk = dk * scale
+    st_mask = (offs_j < Skv)[:, None] & d_valid[None, :]
+    tl.store(DK + b * sdkb + hk * sdkh + offs_j[:, None] * sdks + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=st_mask)
+    tl.store(DV + b * sdvb + hk * sdvh + offs_j[:, None] * sdvs + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _bwd_dkdv_prefix_kernel(
+    Q, PK, PV, BT, OUT_BT, PLENS, QLENS, ORDER, UNIT_TASK, UNIT_START, UNIT_COUNT,
+    DO, LSE, DELTA, DPK, DPV,
+    sqb, sqh, sqs, sqd,
+    spkb, spkh, spks, spkd,
+    spvb, spvh, spvs, spvd,
+    sbt0, sbt1, sobt0, sobt1,
+    sdob, sdoh, sdos, sdod,
+    sgkb, sgkh, sgks, sgkd,
+    sgvb, sgvh, sgvs, sgvd,
+    Hq, Hkv, Sq, D, qk_scale, scale,
+    GROUP: tl.constexpr, PBS: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dK/dV of one tile of prefix rows of one task, summed over the sequences of one unit.
+
+    Deterministic mode: unit = task, ``UNIT_COUNT`` its sequence count, ``ORDER[UNIT_START:...]``
+    its sequences; result stored once. Atomics mode: unit = one sequence; result atomically added.
+    """
+    pid_u = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    hk = tl.program_id(2).to(tl.int64)
+    t = tl.load(UNIT_TASK + pid_u)
+    first = tl.load(UNIT_START + pid_u)
+    count = tl.load(UNIT_COUNT + pid_u).to(tl.int32)
+    P = tl.load(PLENS + t).to(tl.int32)
+    n_lo = pid_n * BLOCK_N
+    live = (n_lo < P) & (count > 0)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    blk, within, r_valid = _prefix_rows(BT + t * sbt0, sbt1, n_lo, P, offs_n, PBS, BLOCK_N)
+    kv_mask = r_valid[:, None] & d_valid[None, :]
+    k = tl.load(PK + blk[:, None] * spkb + hk * spkh + within[:, None] * spks + offs_d[None, :] * spkd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(PV + blk[:, None] * spvb + hk * spvh + within[:, None] * spvs + offs_d[None, :] * spvd,
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    n_seq = tl.where(live, count, 0)
+    for si in range(0, n_seq):
+        b = tl.load(ORDER + first + si)
+        q_len = tl.load(QLENS + b).to(tl.int32)
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            row = b * Hq + h
+            for m_start in range(0, q_len, BLOCK_M):
+                dk, dv = _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE + row * Sq, DELTA + row * Sq, b, h, q_len,
+                                           m_start, sqb, sqh, sqs, sqd, sdob, sdoh, sdos, sdod, Sq,
+                                           r_valid, offs_m0, offs_d, d_valid, qk_scale,
+                                           False, 0, offs_n, 0, False, False, DOT_PREC)
+    dk = dk * scale
+    oblk, owithin, _ = _prefix_rows(OUT_BT + t * sobt0, sobt1, n_lo, P, offs_n, PBS, BLOCK_N)
+    # Rows this program owns, or none when the task is absent from the batch (count 0).
+    st_mask = ((n_lo + offs_n) < tl.where(live, P, 0))[:, None] & d_valid[None, :]
+    gk = DPK + oblk[:, None] * sgkb + hk * sgkh + owithin[:, None] * sgks + offs_d[None, :] * sgkd
+    gv = DPV + oblk[:, None] * sgvb + hk * sgvh + owithin[:, None] * sgvs + offs_d[None, :] * sgvd
+    if ATOMIC:
+        tl.atomic_add(gk, dk, mask=st_mask)
+        tl.atomic_add(gv, dv, mask=st_mask)
+    else:
+        tl.store(gk, dk.to(DPK.dtype.element_ty), mask=st_mask)
+        tl.store(gv, dv.to(DPV.dtype.element_ty), mask=st_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+def _strides(t: torch.Tensor):
+    return tuple(t.stride())
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Per-sequence tensors (q, k, v, dO) get a contiguous copy if rows are not unit-stride."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision products (no TF32) so fp32 results match the reference.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _Meta:
+    """Non-tensor arguments of one call, carried from forward to backward."""
+
+    def __init__(self, x: PrefixAttentionInputs, config: PrefillConfig, deterministic: bool):
+        self.causal = x.causal
+        self.scale = x.scale
+        self.window = x.window
+        self.config = config
+        self.deterministic = deterministic
+
+
+def _forward(q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, meta: _Meta):
+    B, Hq, Sq, D = q.shape
+    Hkv = k.shape[1]
+    cfg = meta.config
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    grid = (B * Hq, triton.cdiv(Sq, cfg.block_m))
+    _fwd_kernel[grid](
+        q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(bt),
+        *_strides(out),
+        Hq, Sq, D, meta.scale * LOG2E, meta.window or 0,
+        GROUP=Hq // Hkv, PBS=pk.shape[2], CAUSAL=meta.causal, HAS_WINDOW=meta.window is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D), DOT_PREC=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def _shared_blocks(bt, plens, counts, block_size) -> bool:
+    """True if a block index is used at two (task, slot) places among tasks present in the batch."""
+    T, max_blocks = bt.shape
+    used = (torch.arange(max_blocks, device=bt.device)[None, :] * block_size < plens[:, None]) & (counts > 0)[:, None]
+    ids = bt[used]
+    if ids.numel() < 2:
+        return False
+    return bool(torch.unique(ids).numel() != ids.numel())
+
+
+def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out, lse, meta: _Meta,
+              needs):
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    cfg = meta.config
+    dev = q.device
+    BLOCK_D = _block_d(D)
+    prec = _dot_precision(q.dtype)
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D, DOT_PREC=prec,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    qk_scale = meta.scale * LOG2E
+    window = meta.window or 0
+    has_window = meta.window is not None
+    need_q, need_k, need_v, need_pk, need_pv = needs
+
+    do = _last_dim_contiguous(do)
+    # Delta_i = rowsum(dO_i * O_i) (fp32), the softmax-backward correction term.
+    delta = (do.float() * out.float()).sum(-1).contiguous()
+
+    dq = dk = dv = dpk = dpv = None
+    work = B * Hq * Sq > 0
+    if need_q:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        if work and dq.numel():
+            _bwd_dq_kernel[(B * Hq, triton.cdiv(Sq, cfg.block_m))](
+                q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, do, lse, delta, dq,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(bt),
+                *_strides(do), *_strides(dq),
+                Hq, Sq, D, qk_scale, meta.scale, window,
+                GROUP=G, PBS=pk.shape[2], CAUSAL=meta.causal, HAS_WINDOW=has_window, **common)
+    if need_k or need_v:
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        if dk.numel():
+            if work:
+                _bwd_dkdv_own_kernel[(B * Hkv, triton.cdiv(Skv, cfg.block_n))](
+                    q, k, v, qlens, kvlens, kvstarts, do, lse, delta, dk, dv,
+                    *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+                    Hq, Hkv, Sq, Skv, D, qk_scale, meta.scale, window,
+                    GROUP=G, CAUSAL=meta.causal, HAS_WINDOW=has_window, **common)
+            else:
+                dk.zero_()
+                dv.zero_()
+    if need_pk or need_pv:
+        dpk, dpv = _prefix_grads(q, pk, pv, bt, plens, tids, qlens, do, lse, delta, meta, common)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+            dpk if need_pk else None, dpv if need_pv else None)
+
+
+def _prefix_grads(q, pk, pv, bt, plens, tids, qlens, do, lse, delta, meta: _Meta, common):
+    B, Hq, Sq, D = q.shape
+    num_blocks, Hkv, PBS, _ = pk.shape
+    T, max_blocks = bt.shape
+    dev = q.device
+    rows_tiles = triton.cdiv(max_blocks * PBS, meta.config.block_n)
+    dpk = torch.zeros(pk.shape, dtype=pk.dtype, device=dev)
+    dpv = torch.zeros(pv.shape, dtype=pv.dtype, device=dev)
+    if B == 0 or Sq == 0 or T == 0 or rows_tiles == 0 or dpk.numel() == 0:
+        return dpk, dpv
+
+    def launch(order, unit_task, unit_start, unit_count, out_bt, gk, gv, atomic):
+        _bwd_dkdv_prefix_kernel[(unit_task.shape[0], rows_tiles, Hkv)](
+            q, pk, pv, bt, out_bt, plens, qlens, order, unit_task, unit_start, unit_count,
+            do, lse, delta, gk, gv,
+            *_strides(q), *_strides(pk), *_strides(pv), *_strides(bt), *_strides(out_bt),
+            *_strides(do), *_strides(gk), *_strides(gv),
+            Hq, Hkv, Sq, D, meta.scale * LOG2E, meta.scale,
+            GROUP=Hq // Hkv, PBS=PBS, ATOMIC=atomic, **common)
+
+    if not meta.deterministic:
+        # One unit per sequence; partial sums meet in an fp32 buffer through atomics.
+        seqs = torch.arange(B, device=dev, dtype=torch.int64)
+        gk = torch.zeros(pk.shape, dtype=torch.float32, device=dev)
+        gv = torch.zeros(pv.shape, dtype=torch.float32, device=dev)
+        launch(seqs, tids, seqs, torch.ones_like(seqs), bt, gk, gv, True)
+        return gk.to(pk.dtype), gv.to(pv.dtype)
+
+    # Group the batch by task once, on the device: sequences of task t are
+    # order[starts[t] : starts[t] + counts[t]].
+    order = torch.argsort(tids, stable=True)
+    counts = torch.bincount(tids, minlength=T)
+    starts = torch.cumsum(counts, 0) - counts
+    tasks = torch.arange(T, device=dev, dtype=torch.int64)
+    if not _shared_blocks(bt, plens, counts, PBS):
+        launch(order, tasks, starts, counts, bt, dpk, dpv, False)
+        return dpk, dpv
+    # A block index is shared: per-(task, slot) scratch in logical order, then summed into the pool.
+    ident = torch.arange(T * max_blocks, device=dev, dtype=torch.int64).view(T, max_blocks)
+    gk = torch.zeros((T * max_blocks, Hkv, PBS, D), dtype=torch.float32, device=dev)
+    gv = torch.zeros_like(gk)
+    launch(order, tasks, starts, counts, ident, gk, gv, False)
+    used = ((torch.arange(max_blocks, device=dev)[None, :] * PBS < plens[:, None]) & (counts > 0)[:, None]).reshape(-1)
+    dest = bt.reshape(-1)[used]
+    acc_k = torch.zeros(pk.shape, dtype=torch.float32, device=dev).index_add_(0, dest, gk[used])
+    acc_v = torch.zeros(pv.shape, dtype=torch.float32, device=dev).index_add_(0, dest, gv[used])
+    return acc_k.to(pk.dtype), acc_v.to(pv.dtype)
+
+
+class _PrefillAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, meta):
+        q_c, k_c, v_c = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        out, lse = _forward(q_c, k_c, v_c, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, meta)
+        ctx.save_for_backward(q_c, k_c, v_c, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out, lse)
+        ctx.meta = meta
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out, lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:5])
+        grads = _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out, lse,
+                          ctx.meta, needs)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def kernel_unsupported_reason(x: PrefixAttentionInputs) -> Optional[str]:
+    """Why this call is served by the torch backend instead of the kernels (None: kernels run)."""
+    if x.attn_mask is not None:
+        return "an explicit attn_mask is served by the torch backend"
+    if x.q.dtype not in _KERNEL_DTYPES:
+        return f"dtype {x.q.dtype} is served by the torch backend (kernels: fp16, bf16, fp32)"
+    return None
+
+
+def prefill_attention(x: PrefixAttentionInputs, *, deterministic: Optional[bool] = None,
+                      config: Optional[PrefillConfig] = None) -> torch.Tensor:
+    """Fused prefix attention (forward + autograd backward) on validated inputs.
+
+    Args:
+        x: validated inputs (``kernels.validate_inputs``).
+        deterministic: prefix-gradient reduction without atomics (default True unless
+            ``SOFTPROMPT_PREFILL_ATOMICS=1``; always True under
+            ``torch.use_deterministic_algorithms(True)``).
+        config: tile sizes / launch parameters; default per device (see ``default_config``).
+
+    Returns:
+        ``[B, Hq, Sq, D]`` in the dtype of ``q``.
+    """
+    if kernel_unsupported_reason(x) is not None:
+        return torch_attention(x)
+    dev = x.q.device
+    if dev.type == "cpu" and not _interpreter_enabled():
+        raise ValueError("prefill_attention: tensors on cpu need the Triton interpreter: set "
+                         "TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
+    if deterministic is None:
+        deterministic = not atomics_requested()
+    if torch.are_deterministic_algorithms_enabled():
+        deterministic = True
+    meta = _Meta(x, config or default_config(dev), deterministic)
+    return _PrefillAttention.apply(x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.block_table, x.prefix_lens,
+                                   x.task_ids, x.q_lens, x.kv_lens, x.kv_starts, meta)
+
+
+__all__ = ["prefill_attention", "PrefillConfig", "default_config", "kernel_unsupported_reason",
+           "GPU_CONFIG", "INTERPRETER_CONFIG"]
