@@ -1,0 +1,309 @@
+"""The fused Triton prefill kernels (forward + backward) against the reference backend.
+
+Runs on the CPU through the Triton interpreter (``TRITON_INTERPRET=1``, set below before triton
+is imported), so shapes are tiny. Every case draws fresh random inputs; the seed is printed in
+every assertion message. Reproduce a failure with ``SOFTPROMPT_SEED=<seed>``.
+bf16 is not tested here: the interpreter's ``tl.dot`` on bf16 is wrong on the CPU
+(``benchmarks/gpu_prefill.py`` checks bf16 on a GPU).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import prefix_attention, validate_inputs  # noqa: E402
+from kernels.triton_prefill import PrefillConfig, prefill_attention  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+DIFF = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+def fresh_seed() -> int:
+    pinned = os.environ.get("SOFTPROMPT_SEED")
+    return int(pinned) if pinned else random.SystemRandom().randrange(2**31)
+
+
+def make_problem(seed, *, B=3, T=2, Hq=2, Hkv=1, Sq=7, Skv=7, D=16, block_size=4, prefix_lens=None,
+                 padding="none", causal=True, window=None, dtype=torch.float32, shared_block=False,
+                 dense_layout=False, grad=True):
+    """Random inputs for ``prefix_attention``: ``(args, kwargs)``.
+
+    ``padding``: none | left (``kv_starts``) | right (``q_lens = kv_lens``) | ragged (any lengths).
+    Block tables are shuffled through the pool (with a few unused blocks); ``dense_layout`` uses the
+    training layout ``[T, Hkv, Pmax, D]`` (``block_size = Pmax``, ``block_table[t] = [t]``).
+    """
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    lens = list(prefix_lens) if prefix_lens is not None else [rnd.randint(0, 11) for _ in range(T)]
+    T = len(lens)
+    if dense_layout:
+        block_size = max(lens + [1])
+        table = torch.arange(T, dtype=torch.long)[:, None]
+        num_blocks = T
+    else:
+        per_task = [-(-p // block_size) for p in lens]
+        num_blocks = sum(per_task) + 2
+        order = list(range(num_blocks))
+        rnd.shuffle(order)
+        table = torch.full((T, max(per_task + [1])), -1, dtype=torch.long)
+        at = 0
+        for t, n in enumerate(per_task):
+            table[t, :n] = torch.tensor(order[at:at + n], dtype=torch.long)
+            at += n
+        if shared_block:   # task 1 reuses task 0's first block
+            assert per_task[0] and per_task[1]
+            table[1, 0] = table[0, 0]
+
+    def randn(*shape):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+        return x.requires_grad_(grad)
+
+    q = randn(B, Hq, Sq, D)
+    k = randn(B, Hkv, Skv, D)
+    v = randn(B, Hkv, Skv, D)
+    pk = randn(num_blocks, Hkv, block_size, D)
+    pv = randn(num_blocks, Hkv, block_size, D)
+    tids = [rnd.randrange(T) for _ in range(B)]
+    if B >= T:                       # every task present at least once
+        tids[:T] = range(T)
+        rnd.shuffle(tids)
+    kw = dict(causal=causal, window=window)
+    if padding != "none":
+        q_lens, kv_lens, kv_starts = [], [], []
+        for _ in range(B):
+            real = rnd.randint(0, Skv)
+            if padding == "left":
+                q_lens.append(Sq); kv_lens.append(Skv); kv_starts.append(Skv - real)
+            elif padding == "right":
+                q_lens.append(min(Sq, real)); kv_lens.append(real); kv_starts.append(0)
+            else:
+                q_lens.append(rnd.randint(0, Sq)); kv_lens.append(real); kv_starts.append(rnd.randint(0, real))
+        kw.update(q_lens=torch.tensor(q_lens, device=DEVICE), kv_lens=torch.tensor(kv_lens, device=DEVICE),
+                  kv_starts=torch.tensor(kv_starts, device=DEVICE))
+    args = (q, k, v, pk, pv, table.to(DEVICE), torch.tensor(lens, dtype=torch.long, device=DEVICE),
+            torch.tensor(tids, dtype=torch.long, device=DEVICE))
+    return args, kw
+
+
+def run_with_grads(fn, args, kw, seed):
+    """Output and the five gradients under a random upstream gradient (fresh leaves each call)."""
+    leaves = [a.detach().clone().requires_grad_(a.requires_grad) for a in args[:5]]
+    out = fn(*leaves, *args[5:], **kw)
+    diff = [a for a in leaves if a.requires_grad]
+    if not diff:
+        return out, []
+    gen = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
+    grads = torch.autograd.grad((out * w).sum(), diff, allow_unused=True)
+    return out, [torch.zeros_like(a) if gr is None else gr for a, gr in zip(diff, grads)]
+
+
+def triton_public(*a, **kw):
+    return prefix_attention(*a, backend="triton", **kw)
+
+
+def triton_direct(*a, deterministic=None, config=None, **kw):
+    return prefill_attention(validate_inputs(*a, **kw), deterministic=deterministic, config=config)
+
+
+def reference(*a, **kw):
+    return prefix_attention(*a, backend="reference", **kw)
+
+
+def check(seed, args, kw, fn=triton_public, label=""):
+    dtype = args[0].dtype
+    out, grads = run_with_grads(fn, args, kw, seed)
+    ref, ref_grads = run_with_grads(reference, args, kw, seed)
+    ctx = f"seed={seed} {label} kw={ {k: v for k, v in kw.items() if not torch.is_tensor(v)} }"
+    assert out.dtype == dtype and out.shape == ref.shape, ctx
+    assert torch.isfinite(out).all(), f"non-finite output, {ctx}"
+    torch.testing.assert_close(out, ref, **TOL[dtype], msg=lambda m: f"output: {m}\n{ctx}")
+    names = [n for n, a in zip(DIFF, args[:5]) if a.requires_grad]
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert torch.isfinite(g).all(), f"non-finite d{name}, {ctx}"
+        torch.testing.assert_close(g, rg, **TOL[dtype], msg=lambda m, n=name: f"d{n}: {m}\n{ctx}")
+    return out, grads
+
+
+# --------------------------------------------------------------------------------------------
+# Forward + all five gradients, through the public entry point
+# --------------------------------------------------------------------------------------------
+
+CASES = {
+    # several tasks, prefix 0 and odd lengths, shuffled tables, GQA
+    "tasks_p0_odd_gqa": dict(B=4, T=3, Hq=4, Hkv=2, prefix_lens=[0, 7, 3], block_size=3),
+    "noncausal_mqa": dict(B=3, T=2, Hq=3, Hkv=1, causal=False, prefix_lens=[5, 9], block_size=4),
+    "left_padding": dict(B=4, T=2, Hq=2, Hkv=2, padding="left", block_size=5, Skv=9, Sq=9),
+    "right_padding": dict(B=4, T=3, padding="right", block_size=2, Skv=11, Sq=11),
+    "ragged_noncausal": dict(B=4, T=3, Hq=4, Hkv=2, padding="ragged", causal=False, Sq=6, Skv=13),
+    "short_q_long_cache": dict(B=3, T=2, Sq=3, Skv=19, block_size=5, prefix_lens=[11, 4]),
+    "sq1_long_cache": dict(B=4, T=3, Hq=4, Hkv=1, Sq=1, Skv=17, padding="right"),
+    "window_causal": dict(B=3, T=2, Sq=13, Skv=13, window=4, padding="left"),
+    "window_noncausal": dict(B=2, T=2, Sq=9, Skv=9, window=3, causal=False, block_size=1),
+    "head_dim_24_gqa3": dict(B=2, T=2, Hq=3, Hkv=1, D=24, Sq=11, Skv=11, prefix_lens=[13, 0]),
+    "head_dim_32_odd_skv": dict(B=2, T=1, D=32, Sq=5, Skv=20, prefix_lens=[17], block_size=16),
+    "block_32_long_prefix": dict(B=3, T=2, Sq=18, Skv=18, prefix_lens=[20, 33], block_size=32),
+    "dense_training_layout": dict(B=4, T=3, dense_layout=True, prefix_lens=[6, 1, 9], Sq=9, Skv=9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_reference_fp32(name):
+    seed = fresh_seed()
+    args, kw = make_problem(seed, **CASES[name])
+    check(seed, args, kw, label=name)
+
+
+FP16_CASES = ["tasks_p0_odd_gqa", "ragged_noncausal", "window_causal", "head_dim_24_gqa3"]
+
+
+@pytest.mark.parametrize("name", FP16_CASES)
+def test_matches_reference_fp16(name):
+    seed = fresh_seed()
+    args, kw = make_problem(seed, dtype=torch.float16, **CASES[name])
+    check(seed, args, kw, label=name)
+
+
+def test_random_mix_fp32():
+    """A randomly drawn configuration (all knobs at once), different every run."""
+    seed = fresh_seed()
+    rnd = random.Random(seed)
+    Hkv = rnd.choice([1, 2])
+    Sq = rnd.randint(1, 12)
+    cfg = dict(B=rnd.randint(1, 4), T=rnd.randint(1, 3), Hq=Hkv * rnd.choice([1, 2]), Hkv=Hkv, Sq=Sq,
+               Skv=rnd.randint(Sq, 16), D=rnd.choice([8, 16, 24]), block_size=rnd.choice([1, 2, 3, 4, 7, 16]),
+               padding=rnd.choice(["none", "left", "right", "ragged"]), causal=rnd.random() < 0.7,
+               window=rnd.choice([None, None, 2, 5]))
+    args, kw = make_problem(seed, **cfg)
+    check(seed, args, kw, label=f"random {cfg}")
+
+
+# --------------------------------------------------------------------------------------------
+# The module directly (the dispatcher may route gradient-free short queries to decode kernels)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_direct_forward_no_grad_short_queries(dtype):
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=4, T=3, Hq=4, Hkv=2, Sq=2, Skv=9, padding="ragged", dtype=dtype, grad=False)
+    with torch.no_grad():
+        out = triton_direct(*args, **kw)
+        ref = reference(*args, **kw)
+    torch.testing.assert_close(out, ref, **TOL[dtype], msg=lambda m: f"{m}\nseed={seed}")
+
+
+def test_direct_atomics_path_matches_reference():
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=4, T=2, Hq=4, Hkv=2, Sq=6, Skv=6, block_size=3, padding="ragged")
+    check(seed, args, kw, fn=lambda *a, **k: triton_direct(*a, deterministic=False, **k), label="atomics")
+
+
+def test_direct_deterministic_path_is_bitwise_reproducible():
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=4, T=2, Sq=5, Skv=5, prefix_lens=[6, 9], block_size=2)
+    fn = lambda *a, **k: triton_direct(*a, deterministic=True, **k)  # noqa: E731
+    o1, g1 = run_with_grads(fn, args, kw, seed)
+    o2, g2 = run_with_grads(fn, args, kw, seed)
+    assert torch.equal(o1, o2), f"seed={seed}"
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b), f"seed={seed}"
+
+
+def test_direct_larger_tiles_config():
+    """The GPU tile sizes (64 x 64) also work, with prefix blocks larger and smaller than a tile."""
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=2, T=2, Sq=5, Skv=7, prefix_lens=[70, 3], block_size=5, padding="ragged")
+    cfg = PrefillConfig(block_m=32, block_n=64, num_warps=1, num_stages=1)
+    check(seed, args, kw, fn=lambda *a, **k: triton_direct(*a, config=cfg, **k), label="tiles 32x64")
+
+
+def test_shared_block_between_tasks():
+    """A block index in two tasks' tables: its gradient is the sum over both tasks."""
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=4, T=2, prefix_lens=[6, 5], block_size=3, shared_block=True)
+    check(seed, args, kw, label="shared block")
+    check(seed, args, kw, fn=lambda *a, **k: triton_direct(*a, deterministic=False, **k), label="shared atomics")
+
+
+def test_frozen_prefix_only_qkv_grads():
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=3, T=2, Sq=5, Skv=5)
+    args = (*args[:3], args[3].detach(), args[4].detach(), *args[5:])
+    check(seed, args, kw, label="frozen prefix")
+
+
+def test_non_contiguous_inputs_and_strided_pool():
+    """q/k/v in [B, S, H, D] memory order, a pool with padded rows, a strided block table."""
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=3, T=2, Hq=4, Hkv=2, Sq=6, Skv=8, D=8, prefix_lens=[5, 7], block_size=3,
+                            grad=False)
+    q, k, v, pk, pv, table, lens, tids = args
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)              # stride(-1) == 1, not contiguous
+    k = k.transpose(-1, -2).contiguous().transpose(-1, -2)          # stride(-1) != 1: copied
+    v = v.transpose(1, 2).contiguous().transpose(1, 2)
+    big = torch.randn(pk.shape[0], pk.shape[1], pk.shape[2], 2 * pk.shape[3], device=DEVICE)
+    big[..., :8] = pk
+    pk = big[..., :8]                                                # padded rows, read in place
+    pv = pv.transpose(-1, -2).contiguous().transpose(-1, -2)         # column-major rows, read in place
+    wide = torch.full((table.shape[0], 2 * table.shape[1]), -7, dtype=table.dtype, device=DEVICE)
+    wide[:, ::2] = table
+    table = wide[:, ::2]                                             # non-unit column stride
+    args = tuple(a.requires_grad_(True) for a in (q, k, v, pk, pv)) + (table, lens, tids)
+    check(seed, args, kw, label="non-contiguous")
+
+
+# --------------------------------------------------------------------------------------------
+# Degenerate shapes and rows that see nothing
+# --------------------------------------------------------------------------------------------
+
+def test_rows_that_see_nothing_are_zero_with_zero_grads():
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=3, T=2, Sq=5, Skv=5, prefix_lens=[0, 4])
+    tids = torch.tensor([0, 0, 1], device=DEVICE)
+    kw.update(q_lens=torch.tensor([5, 3, 2], device=DEVICE), kv_lens=torch.tensor([0, 5, 1], device=DEVICE),
+              kv_starts=torch.tensor([0, 5, 1], device=DEVICE))
+    args = (*args[:7], tids)
+    out, grads = check(seed, args, kw, label="empty rows")
+    assert (out[0] == 0).all() and (out[1] == 0).all(), f"seed={seed}"       # task 0: no prefix, no keys
+    assert (out[2, :, 2:] == 0).all(), f"seed={seed}"                        # padding queries
+
+
+def test_no_own_keys_skv_zero():
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=3, T=2, Sq=4, Skv=0, prefix_lens=[3, 0], causal=False)
+    out, _ = check(seed, args, kw, label="Skv=0")
+    check(seed, args, kw, fn=triton_direct, label="Skv=0 direct")
+
+
+def test_empty_batch_and_no_prefix_pool():
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=0, T=2, Sq=4, Skv=4, prefix_lens=[3, 2])
+    out, grads = run_with_grads(triton_direct, args, kw, seed)
+    assert out.shape == (0, 2, 4, 16)
+    assert all(g.abs().sum() == 0 for g in grads)
+    # every prefix empty, pool with zero blocks, table of -1
+    q, k, v = (torch.randn(2, 2, 3, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    pk = torch.zeros(0, 2, 4, 16, device=DEVICE, requires_grad=True)
+    pv = torch.zeros(0, 2, 4, 16, device=DEVICE, requires_grad=True)
+    args = (q, k, v, pk, pv, torch.full((2, 1), -1, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE),
+            torch.tensor([1, 0], device=DEVICE))
+    check(seed, args, dict(causal=True), label="empty pool")
+
+
+def test_explicit_mask_falls_back_and_matches():
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=2, T=2, Sq=4, Skv=6)
+    kw["attn_mask"] = torch.rand(2, 1, 4, 6, generator=torch.Generator().manual_seed(seed)).to(DEVICE) > 0.3
+    check(seed, args, kw, label="attn_mask")
