@@ -127,10 +127,10 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_
     Hkv, Skv = k.shape[1], k.shape[2]
     if k.shape[0] != B or k.shape[3] != D:
         _fail("k", f"with shape {tuple(k.shape)}", f"[B={B}, Hkv, Skv, D={D}]")
-    if v.shape != k.shape:
-        _fail("v", f"with shape {tuple(v.shape)}", f"the shape of k {tuple(k.shape)}")
     if Hkv == 0 or Hq % Hkv != 0:
         _fail("k", f"with {Hkv} heads", f"a head count that divides Hq={Hq} (GQA)")
+    if v.shape != k.shape:
+        _fail("v", f"with shape {tuple(v.shape)}", f"the shape of k {tuple(k.shape)}")
     num_blocks, _, block_size, _ = prefix_k.shape
     if prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D:
         _fail("prefix_k", f"with shape {tuple(prefix_k.shape)}",

@@ -46,8 +46,8 @@ def torch_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     q = (x.q.to(cdt) * x.scale).view(B, Hkv, G, Sq, D)
 
     own_visible = own_key_visibility(x)                                # [B, 1|Hq, Sq, Skv]
-    own_visible = own_visible.view(B, -1 if own_visible.shape[1] == 1 else Hkv,
-                                   1 if own_visible.shape[1] == 1 else G, Sq, Skv)
+    per_head = own_visible.shape[1] != 1
+    own_visible = own_visible.view(B, Hkv if per_head else 1, G if per_head else 1, Sq, Skv)
     own_scores = torch.einsum("bhgsd,bhkd->bhgsk", q, x.k.to(cdt))
     own_scores = own_scores.masked_fill(~own_visible, float("-inf"))
 

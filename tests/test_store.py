@@ -1,0 +1,112 @@
+"""PrefixStore: block bookkeeping, round trips, and layer() feeding prefix_attention."""
+import pytest
+import torch
+
+from kernels import prefix_attention
+from softprompt import PrefixStore
+
+L, H, D = 3, 2, 8
+
+
+def prefix(P, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(L, H, P, D, generator=g), torch.randn(L, H, P, D, generator=g)
+
+
+def dense_attention(q, k, v, pk, pv):
+    """Plain attention over [prefix ; own] (non-causal), for one sequence: q [Hq,S,D]."""
+    G = q.shape[0] // k.shape[0]
+    keys = torch.cat([pk, k], 1).repeat_interleave(G, 0)
+    vals = torch.cat([pv, v], 1).repeat_interleave(G, 0)
+    return torch.softmax(q @ keys.transpose(-1, -2) * D ** -0.5, -1) @ vals
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 5, 16])
+def test_round_trip_and_reuse(block_size):
+    store = PrefixStore(L, H, D, block_size=block_size)
+    a, b, c = prefix(7, 1), prefix(3, 2), prefix(0, 3)
+    assert store.add("a", *a) == 0 and store.add("b", *b) == 1 and store.add("empty", *c) == 2
+    for name, (k, v) in (("a", a), ("b", b), ("empty", c)):
+        gk, gv = store.get(name)
+        assert torch.equal(gk, k) and torch.equal(gv, v)
+    used_before = store.memory_stats()["blocks_used"]
+    store.remove("b")
+    assert "b" not in store and store.names == ["a", "empty"]
+    d = prefix(3, 4)
+    assert store.add("d", *d) == 1, "the id of a removed task is reused"
+    assert store.memory_stats()["blocks_used"] == used_before, "freed blocks are reused"
+    assert torch.equal(store.get("a")[0], a[0]), "other tasks are untouched"
+    store.replace("a", *prefix(12, 5))
+    assert store.prefix_len("a") == 12 and torch.equal(store.get("a")[1], prefix(12, 5)[1])
+    assert torch.equal(store.get("d")[0], d[0])
+
+
+def test_grows_and_accounts_memory():
+    store = PrefixStore(L, H, D, block_size=4, num_blocks=2)
+    for t in range(5):
+        store.add(f"t{t}", *prefix(9, t))
+    stats = store.memory_stats()
+    assert stats["blocks_used"] == 15 and stats["blocks_total"] >= 15
+    assert stats["bytes_used"] == 15 * 2 * L * H * 4 * D * 4
+    assert stats["tasks"]["t3"] == {"id": 3, "prefix_len": 9, "blocks": 3, "bytes": 3 * stats["bytes_per_block"]}
+    for t in range(5):
+        assert torch.equal(store.get(f"t{t}")[0], prefix(9, t)[0])
+
+
+def test_layer_feeds_prefix_attention():
+    store = PrefixStore(L, H, D, block_size=3)
+    tasks = {"x": prefix(5, 1), "y": prefix(0, 2), "z": prefix(8, 3)}
+    for name, (k, v) in tasks.items():
+        store.add(name, k, v)
+    names = ["z", "x", "y", "z"]
+    B, Hq, S = len(names), 4, 6
+    q, k, v = torch.randn(B, Hq, S, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    for layer in range(L):
+        out = prefix_attention(q, k, v, *store.layer(layer), store.task_ids(names), causal=False)
+        for b, name in enumerate(names):
+            pk, pv = tasks[name][0][layer], tasks[name][1][layer]
+            torch.testing.assert_close(out[b], dense_attention(q[b], k[b], v[b], pk, pv))
+
+
+def test_to_dtype_moves_pools_and_keeps_tables():
+    store = PrefixStore(L, H, D, block_size=4)
+    store.add("a", *prefix(6))
+    half = store.to(torch.float16)
+    assert half.k_blocks.dtype == torch.float16 and half.block_table.dtype == torch.long
+    torch.testing.assert_close(half.get("a")[0].float(), prefix(6)[0], atol=1e-2, rtol=1e-2)
+
+
+def test_trainable_store_receives_gradients():
+    store = PrefixStore(L, H, D, block_size=4, trainable=True)
+    store.add("a", *prefix(6))
+    assert isinstance(store.k_blocks, torch.nn.Parameter)
+    q, k, v = torch.randn(2, H, 3, D), torch.randn(2, H, 3, D), torch.randn(2, H, 3, D)
+    pk, pv, table, lens = store.layer(1)
+    prefix_attention(q, k, v, pk, pv, table, lens, store.task_ids(["a", "a"])).sum().backward()
+    assert store.k_blocks.grad[1].abs().sum() > 0 and store.k_blocks.grad[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s: s.add("a", *prefix(2)), "`name`"),
+    (lambda s: s.add("", *prefix(2)), "`name`"),
+    (lambda s: s.add("n", torch.randn(L + 1, H, 2, D), torch.randn(L + 1, H, 2, D)), "`k`"),
+    (lambda s: s.add("n", torch.randn(L, H, 2, D), torch.randn(L, H, 3, D)), "`v`"),
+    (lambda s: s.add("n", torch.full((L, H, 2, D), float("nan")), torch.zeros(L, H, 2, D)), "NaN"),
+    (lambda s: s.remove("missing"), "`name`"),
+    (lambda s: s.replace("missing", *prefix(2)), "`name`"),
+    (lambda s: s.task_ids(["a", "missing"]), "`name`"),
+    (lambda s: s.layer(L), "`layer`"),
+])
+def test_bad_calls_raise_value_error(call, match):
+    store = PrefixStore(L, H, D)
+    store.add("a", *prefix(2))
+    with pytest.raises(ValueError, match=match):
+        call(store)
+    assert store.names == ["a"] and torch.equal(store.get("a")[0], prefix(2)[0]), "store left untouched"
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError, match="`block_size`"):
+        PrefixStore(L, H, D, block_size=0)
+    with pytest.raises(ValueError, match="`num_layers`"):
+        PrefixStore(0, H, D)

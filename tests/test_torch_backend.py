@@ -1,0 +1,141 @@
+"""The no-copy ``torch`` backend against the materialising ``reference`` backend."""
+import pytest
+import torch
+
+from cases import Case, outputs_and_grads
+from kernels import prefix_attention
+
+NAMES = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
+
+
+def assert_matches_reference(case: Case, backend="torch", atol=2e-5, rtol=1e-4):
+    args, kw = case.build()
+    ref = outputs_and_grads(lambda *a, **k: prefix_attention(*a, backend="reference", **k), args, kw, case.seed)
+    got = outputs_and_grads(lambda *a, **k: prefix_attention(*a, backend=backend, **k), args, kw, case.seed)
+    for name, r, g in zip(NAMES, [ref[0], *ref[1]], [got[0], *got[1]]):
+        assert torch.isfinite(g).all(), f"{name} has NaN/inf ({case})"
+        torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m: f"{name} differs for {case}: {m}")
+
+
+CASES = {
+    "mixed_tasks_gqa": dict(B=6, T=4, Hq=6, Hkv=2),
+    "mha": dict(Hq=3, Hkv=3),
+    "mqa": dict(Hq=4, Hkv=1),
+    "prefix_zero_everywhere": dict(prefix_lens=[0, 0, 0]),
+    "prefix_zero_and_odd": dict(prefix_lens=[0, 7, 13], block_size=3),
+    "block_size_1": dict(block_size=1, prefix_lens=[5, 1, 2]),
+    "block_size_16": dict(block_size=16, prefix_lens=[17, 3, 33]),
+    "not_causal": dict(causal=False),
+    "left_padding": dict(padding="left"),
+    "right_padding": dict(padding="right"),
+    "ragged_lengths": dict(padding="ragged", Sq=5, Skv=9),
+    "decode_long_cache": dict(Sq=1, Skv=37, padding="right", B=7, T=4),
+    "chunked_prefill": dict(Sq=4, Skv=19, padding="ragged"),
+    "sliding_window": dict(window=3, Sq=9, Skv=9),
+    "window_left_padding": dict(window=2, padding="left", Sq=8, Skv=8),
+    "explicit_mask": dict(mask=True),
+    "mask_and_causal_padding": dict(mask=True, padding="right", causal=True),
+    "odd_head_dim": dict(D=13),
+    "no_own_keys": dict(Skv=0, causal=False),
+    "single_sequence": dict(B=1, T=5),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_matches_reference_fp32(name, seed):
+    assert_matches_reference(Case(seed=seed, **CASES[name]))
+
+
+@pytest.mark.parametrize("name", ["mixed_tasks_gqa", "left_padding", "decode_long_cache"])
+def test_torch_matches_reference_half(name, seed):
+    # fp16/bf16 are computed in fp32 inside both backends; only the final rounding differs.
+    for dtype in (torch.float16, torch.bfloat16):
+        assert_matches_reference(Case(seed=seed, dtype=dtype, **CASES[name]), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["mixed_tasks_gqa", "ragged_lengths", "sliding_window", "explicit_mask"])
+def test_torch_gradcheck_fp64(name, seed):
+    small = dict(B=3, T=3, D=5, Sq=5, Skv=5, block_size=2, prefix_lens=[3, 0, 5], window=CASES[name].get("window"))
+    case = Case(seed=seed, dtype=torch.float64, **{**CASES[name], **small})
+    args, kw = case.build()
+    fn = lambda *t: prefix_attention(*t, *args[5:], backend="torch", **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args[:5], eps=1e-6, atol=1e-6, fast_mode=True), case
+
+
+def test_padding_rows_are_zero_and_never_nan(seed):
+    case = Case(seed=seed, padding="ragged", prefix_lens=[0, 0, 0], Sq=6, Skv=6)
+    args, kw = case.build()
+    kw["q_lens"] = torch.tensor([6, 0, 3, 6, 2])
+    kw["kv_starts"] = torch.zeros(5, dtype=torch.long)
+    kw["kv_lens"] = torch.tensor([0, 0, 6, 6, 6])      # sequence 0 sees nothing at all
+    for backend in ("reference", "torch"):
+        out, grads = outputs_and_grads(lambda *a, **k: prefix_attention(*a, backend=backend, **k),
+                                       args, kw, seed)
+        assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+        assert (out[0] == 0).all(), "a sequence with no visible key must give zeros"
+        assert (out[1] == 0).all() and (out[2, :, 3:] == 0).all(), "padding queries must give zeros"
+        assert out[2, :, :3].abs().sum() > 0
+
+
+def test_prefix_visible_to_padding_free_rows_only(seed):
+    """With a prefix, a query that sees no own key still attends to the prefix."""
+    case = Case(seed=seed, prefix_lens=[4, 4, 4], requires_grad=False)
+    args, kw = case.build()
+    kw.update(q_lens=torch.full((5,), 7), kv_lens=torch.zeros(5, dtype=torch.long),
+              kv_starts=torch.zeros(5, dtype=torch.long))
+    out = prefix_attention(*args, backend="torch", **kw)
+    ref = prefix_attention(*args, backend="reference", **kw)
+    torch.testing.assert_close(out, ref)
+    assert (out.abs().sum(-1) > 0).all()
+
+
+def literal_attention(q, k, v, pk, pv, table, plens, tids, causal, q_lens, kv_lens, kv_starts, window):
+    """The contract written as loops over sequences, heads and queries: checks the reference itself."""
+    B, Hq, Sq, D = q.shape
+    Hkv, bs = k.shape[1], pk.shape[2]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        t = int(tids[b])
+        P = int(plens[t])
+        rows = [(int(table[t, r // bs]), r % bs) for r in range(P)]
+        for h in range(Hq):
+            hk = h // (Hq // Hkv)
+            keys = [pk[blk, hk, o] for blk, o in rows]
+            vals = [pv[blk, hk, o] for blk, o in rows]
+            for i in range(int(q_lens[b])):
+                pos = int(kv_lens[b]) - int(q_lens[b]) + i
+                ks, vs = list(keys), list(vals)
+                for j in range(int(kv_starts[b]), int(kv_lens[b])):
+                    if causal and j > pos:
+                        continue
+                    if window is not None and pos - j >= window:
+                        continue
+                    ks.append(k[b, hk, j]); vs.append(v[b, hk, j])
+                if not ks:
+                    continue
+                s = torch.stack(ks) @ q[b, h, i] * D ** -0.5
+                out[b, h, i] = torch.softmax(s, 0) @ torch.stack(vs)
+    return out
+
+
+@pytest.mark.parametrize("name", ["mixed_tasks_gqa", "ragged_lengths", "window_left_padding", "decode_long_cache"])
+def test_reference_matches_literal_definition(name, seed):
+    case = Case(seed=seed, dtype=torch.float64, requires_grad=False, **CASES[name])
+    args, kw = case.build()
+    B, Sq, Skv = case.B, case.Sq, case.Skv
+    lens = dict(q_lens=kw.get("q_lens", torch.full((B,), Sq)), kv_lens=kw.get("kv_lens", torch.full((B,), Skv)),
+                kv_starts=kw.get("kv_starts", torch.zeros(B, dtype=torch.long)))
+    want = literal_attention(*args, causal=case.causal, window=case.window, **lens)
+    got = prefix_attention(*args, backend="reference", **kw)
+    torch.testing.assert_close(got, want, msg=lambda m: f"{case}: {m}")
+
+
+def test_prefix_gradient_sums_over_sequences_of_a_task(seed):
+    """Two identical sequences of one task give twice the prefix gradient of one."""
+    case = Case(seed=seed, B=1, T=1, prefix_lens=[6])
+    args, kw = case.build()
+    q, k, v, pk, pv, table, plens, tids = args
+    one = torch.autograd.grad(prefix_attention(q, k, v, pk, pv, table, plens, tids, backend="torch").sum(), pk)[0]
+    two = torch.autograd.grad(prefix_attention(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]), pk, pv,
+                                               table, plens, torch.cat([tids, tids]), backend="torch").sum(), pk)[0]
+    torch.testing.assert_close(two, 2 * one)

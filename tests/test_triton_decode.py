@@ -1,0 +1,245 @@
+"""The Triton decode kernels (``kernels/triton_decode.py``) against the ``reference`` backend.
+
+Runs on the CPU through the Triton interpreter (tiny shapes; fp32 tight, fp16 looser — the
+interpreter's ``tl.dot`` on bf16 is wrong, bf16 is checked by ``benchmarks/gpu_decode.py`` on a
+GPU). Every test draws fresh random inputs; the seed is in each assertion message and
+``SOFTPROMPT_SEED=<seed>`` reproduces a failure.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton / kernels are imported
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kernels import available_backends, prefix_attention, validate_inputs  # noqa: E402
+from kernels import triton_decode  # noqa: E402
+from kernels.triton_decode import choose_path, decode_attention  # noqa: E402
+
+PATHS = ["grouped", "per_sequence"]
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=4e-3, rtol=4e-3)}
+
+
+def new_seed() -> int:
+    pinned = os.environ.get("SOFTPROMPT_SEED")
+    return int(pinned) if pinned else random.SystemRandom().randrange(2 ** 31)
+
+
+def make_problem(seed, *, B=6, T=4, Hq=4, Hkv=2, Sq=1, Skv=23, D=16, block_size=4,
+                 prefix_lens=None, task_ids=None, ragged=True, window=None, causal=True,
+                 dtype=torch.float32, pool_layout="plain"):
+    """``(args, kwargs)`` for ``prefix_attention``: shuffled blocks, uneven lengths, kv_starts > 0."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    lens = prefix_lens if prefix_lens is not None else [rnd.randint(0, 13) for _ in range(T)]
+    per_task = [-(-p // block_size) for p in lens]
+    num_blocks = sum(per_task) + 2
+    perm = list(range(num_blocks))
+    rnd.shuffle(perm)
+    table = torch.full((T, max(per_task + [1]) + 1), -1, dtype=torch.long)   # a spare column
+    at = 0
+    for t, n in enumerate(per_task):
+        table[t, :n] = torch.tensor(perm[at:at + n], dtype=torch.long)
+        at += n
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    q = randn(B, Hq, Sq, D)
+    k = randn(B, Hkv, Skv, D)
+    v = randn(B, Hkv, Skv, D)
+    if pool_layout == "plain":
+        pk = randn(num_blocks, Hkv, block_size, D)
+        pv = randn(num_blocks, Hkv, block_size, D)
+    else:   # token-major pool [num_blocks, block_size, Hkv, D] viewed as [num_blocks, Hkv, bs, D]
+        pk = randn(num_blocks, block_size, Hkv, D).transpose(1, 2)
+        pv = randn(num_blocks, block_size, Hkv, D).transpose(1, 2)
+    if task_ids is None:
+        task_ids = [rnd.randrange(T) for _ in range(B)]
+    kw = dict(causal=causal, window=window)
+    if ragged:
+        kv_lens = [rnd.randint(0, Skv) for _ in range(B)]
+        kv_lens[0] = Skv                                    # one full-length cache
+        q_lens = [rnd.randint(0, min(Sq, kvl)) if kvl else rnd.randint(0, Sq) for kvl in kv_lens]
+        q_lens[0] = Sq
+        kv_starts = [rnd.randint(0, max(0, kvl - q)) for kvl, q in zip(kv_lens, q_lens)]
+        kw.update(q_lens=torch.tensor(q_lens), kv_lens=torch.tensor(kv_lens),
+                  kv_starts=torch.tensor(kv_starts))
+    args = (q, k, v, pk, pv, table, torch.tensor(lens, dtype=torch.long),
+            torch.tensor(task_ids, dtype=torch.long))
+    return args, kw
+
+
+def check(seed, args, kw, **decode_kw):
+    """Decode kernels == reference for the given problem; returns the Triton output."""
+    ref = prefix_attention(*args, backend="reference", **kw)
+    x = validate_inputs(*args, **kw)
+    got = decode_attention(x, **decode_kw)
+    info = f"seed={seed} decode_kw={decode_kw} kw={ {k: v for k, v in kw.items()} }"
+    assert got.dtype == args[0].dtype and got.shape == ref.shape, info
+    assert torch.isfinite(got).all(), f"NaN/inf in output ({info})"
+    torch.testing.assert_close(got, ref, **TOL[args[0].dtype],
+                               msg=lambda m: f"decode differs from reference ({info}): {m}")
+    return got
+
+
+# ---- both paths, the contract's features --------------------------------------------------
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("Sq", [1, 4])
+def test_many_tasks_uneven_groups_gqa(path, Sq):
+    """5 tasks, group sizes 4/0/2/0/1 (+1 more on a random task), one present task with P=0."""
+    seed = new_seed()
+    task_ids = [0, 0, 2, 0, 4, 2, 0, random.Random(seed).randrange(5)]
+    args, kw = make_problem(seed, B=8, T=5, Hq=6, Hkv=2, Sq=Sq, Skv=21, D=16, block_size=4,
+                            prefix_lens=[11, 6, 0, 9, 5], task_ids=task_ids)
+    check(seed, args, kw, path=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_window_and_kv_starts(path):
+    seed = new_seed()
+    args, kw = make_problem(seed, B=5, T=3, Hq=4, Hkv=1, Sq=4, Skv=19, window=5, block_size=3)
+    check(seed, args, kw, path=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_split_kv_and_split_prefix(path):
+    """Forced flash-decoding splits: partial states merged by the fp32 merge kernel."""
+    seed = new_seed()
+    args, kw = make_problem(seed, B=4, T=2, Hq=4, Hkv=2, Sq=2, Skv=40, D=8, block_size=8,
+                            prefix_lens=[37, 20])
+    check(seed, args, kw, path=path, num_splits=3, prefix_splits=2)
+
+
+def test_split_prefix_only_fused_merge():
+    """Grouped path with a split prefix phase and an unsplit own phase: merged inside the own kernel."""
+    seed = new_seed()
+    args, kw = make_problem(seed, B=5, T=2, Hq=2, Hkv=2, Sq=1, Skv=17, D=16, block_size=5,
+                            prefix_lens=[33, 12], task_ids=[0, 1, 0, 0, 1])
+    check(seed, args, kw, path="grouped", num_splits=1, prefix_splits=3)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fp16(path):
+    seed = new_seed()
+    args, kw = make_problem(seed, B=6, T=3, Hq=4, Hkv=2, Sq=4, Skv=29, D=32, window=9,
+                            dtype=torch.float16)
+    check(seed, args, kw, path=path, num_splits=2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_not_causal_odd_head_dim_strided_pool(path):
+    """Non-causal, D=13 (padded to 16 with masks), a token-major pool and a strided q view."""
+    seed = new_seed()
+    args, kw = make_problem(seed, B=4, T=3, Hq=3, Hkv=3, Sq=3, Skv=11, D=13, causal=False,
+                            pool_layout="token_major")
+    q = args[0]
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)   # same values, [B,Sq,Hq,D] memory
+    assert not q_strided.is_contiguous()
+    check(seed, (q_strided, *args[1:]), kw, path=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_prefix_zero_everywhere_and_empty_rows(path):
+    """No prefix rows at all; padding queries and rows that see nothing are exactly zero."""
+    seed = new_seed()
+    args, kw = make_problem(seed, B=4, T=2, Hq=2, Hkv=1, Sq=2, Skv=9, prefix_lens=[0, 0], ragged=False)
+    kw.update(q_lens=torch.tensor([2, 0, 1, 2]), kv_lens=torch.tensor([9, 9, 4, 3]),
+              kv_starts=torch.tensor([0, 0, 4, 3]))          # seq 2, 3: no own key visible
+    got = check(seed, args, kw, path=path)
+    assert (got[1] == 0).all() and (got[2, :, 1] == 0).all() and (got[3] == 0).all(), f"seed={seed}"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_own_keys(path):
+    """Skv = 0: prefix only (and zeros for sequences whose task has no prefix)."""
+    seed = new_seed()
+    args, kw = make_problem(seed, B=3, T=2, Sq=2, Skv=0, prefix_lens=[7, 0], task_ids=[0, 1, 0],
+                            ragged=False, causal=False)
+    got = check(seed, args, kw, path=path)
+    assert (got[1] == 0).all(), f"seed={seed}"
+
+
+def test_empty_batch():
+    seed = new_seed()
+    args, kw = make_problem(seed, B=0, T=2, Sq=1, Skv=5, task_ids=[], ragged=False)
+    for path in PATHS:
+        out = decode_attention(validate_inputs(*args, **kw), path=path)
+        assert out.shape == (0, 4, 1, 16)
+
+
+# ---- the heuristic, the switches, the dispatcher --------------------------------------------
+
+def test_choose_path_heuristic():
+    seed = new_seed()
+    many, kw = make_problem(seed, B=8, T=2, ragged=False)                     # 4 sequences per task
+    assert choose_path(validate_inputs(*many, **kw)) == "grouped"
+    own, kw = make_problem(seed, B=4, T=4, task_ids=[0, 1, 2, 3], ragged=False)   # one each
+    assert choose_path(validate_inputs(*own, **kw)) == "per_sequence"
+    few, kw = make_problem(seed, B=4, T=9, task_ids=[5, 5, 2, 2], ragged=False)   # T > B, 2 present
+    assert choose_path(validate_inputs(*few, **kw)) == "grouped"
+    none, kw = make_problem(seed, B=4, T=2, prefix_lens=[0, 0], ragged=False)    # no prefix storage
+    none = (*none[:5], none[5][:, :0], *none[6:])
+    assert choose_path(validate_inputs(*none, **kw)) == "per_sequence"
+
+
+def test_env_forces_path(monkeypatch):
+    seed = new_seed()
+    args, kw = make_problem(seed, B=3, T=3, task_ids=[0, 1, 2], Sq=1, Skv=7)
+    calls = []
+    real = triton_decode._grouped_prefix_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(triton_decode, "_grouped_prefix_kernel", Spy())
+    monkeypatch.setenv(triton_decode.ENV_PATH, "grouped")
+    check(seed, args, kw)
+    assert len(calls) == 1, "SOFTPROMPT_DECODE_PATH=grouped did not take the grouped path"
+    monkeypatch.setenv(triton_decode.ENV_PATH, "per_sequence")
+    check(seed, args, kw)
+    assert len(calls) == 1, "SOFTPROMPT_DECODE_PATH=per_sequence took the grouped path"
+    monkeypatch.setenv(triton_decode.ENV_PATH, "bogus")
+    with pytest.raises(ValueError, match="path"):
+        decode_attention(validate_inputs(*args, **kw))
+
+
+def test_dispatcher_routes_decode_calls():
+    """``triton_backend.triton_attention`` sends Sq <= 16, no-grad, mask-free calls here."""
+    from kernels import triton_backend
+    seed = new_seed()
+    args, kw = make_problem(seed, B=6, T=2, Hq=4, Hkv=2, Sq=3, Skv=13)
+    assert triton_backend.wants_decode_path(validate_inputs(*args, **kw))
+    with torch.no_grad():
+        got = triton_backend.triton_attention(validate_inputs(*args, **kw))
+    ref = prefix_attention(*args, backend="reference", **kw)
+    torch.testing.assert_close(got, ref, **TOL[torch.float32], msg=lambda m: f"seed={seed}: {m}")
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"),
+                    reason="backend='triton' is not offered yet (kernels/triton_prefill.py missing)")
+def test_public_entry_point_backend_triton():
+    seed = new_seed()
+    args, kw = make_problem(seed, B=7, T=3, Hq=4, Hkv=2, Sq=4, Skv=17, window=6)
+    with torch.no_grad():
+        got = prefix_attention(*args, backend="triton", **kw)
+    ref = prefix_attention(*args, backend="reference", **kw)
+    torch.testing.assert_close(got, ref, **TOL[torch.float32], msg=lambda m: f"seed={seed}: {m}")
+
+
+def test_rejects_unsupported_inputs():
+    seed = new_seed()
+    args, kw = make_problem(seed, B=2, T=1, D=8, Sq=1, Skv=3, ragged=False)
+    x = validate_inputs(*args, **kw)
+    with pytest.raises(ValueError, match="path"):
+        decode_attention(x, path="sideways")
+    big, kw = make_problem(seed, B=1, T=1, Hq=1, Hkv=1, D=260, Sq=1, Skv=2, ragged=False)
+    with pytest.raises(ValueError, match="head dimension"):
+        decode_attention(validate_inputs(*big, **kw))
