@@ -2,5 +2,6 @@
 __version__ = "0.1.0"
 
 from .store import PrefixStore
+from .integration import attach, detach
 
-__all__ = ["PrefixStore", "__version__"]
+__all__ = ["PrefixStore", "attach", "detach", "__version__"]
