@@ -11,3 +11,13 @@ from cases import fresh_seed  # noqa: E402
 @pytest.fixture
 def seed():
     return fresh_seed()
+
+
+def pytest_configure(config):
+    # Without a GPU the Triton kernels run in Triton's interpreter; it is read when kernels are
+    # decorated, so it must be set before any test module imports them.
+    import os
+
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,58 @@
+"""The ``softprompt`` command: ``--version``, ``info`` and ``demo``."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+
+from . import __version__
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info() -> int:
+    import torch
+
+    from kernels import available_backends
+
+    print(f"softprompt   {__version__}")
+    print(f"python       {platform.python_version()} ({platform.machine()})")
+    for dist in ("torch", "triton", "transformers", "numpy", "safetensors"):
+        print(f"{dist:<12} {_version(dist)}")
+    if torch.cuda.is_available():
+        print(f"device       cuda: {torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)")
+    else:
+        print(f"device       cpu ({torch.get_num_threads()} threads); no CUDA device")
+    print(f"backends     cpu: {', '.join(available_backends('cpu'))}")
+    if torch.cuda.is_available():
+        print(f"             cuda: {', '.join(available_backends('cuda'))}")
+    print("             (auto picks triton on a GPU, torch on the CPU; "
+          "the Triton interpreter runs on the CPU with TRITON_INTERPRET=1)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("info", help="versions, device, and which backends can run here")
+    demo = sub.add_parser("demo", help="the main job: a mixed-task prefix attention demonstration on the CPU")
+    demo.add_argument("--quick", action="store_true", help="smaller shapes, a few seconds")
+    opts = parser.parse_args(argv)
+    if opts.command == "info":
+        return info()
+    if opts.command == "demo":
+        from .demo import run_demo
+        return run_demo(quick=opts.quick)
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""The console command: --version, info, and the quick demo."""
+import subprocess
+import sys
+
+from softprompt import __version__
+from softprompt.cli import main
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "softprompt.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"softprompt {__version__}"
+
+
+def test_info_lists_backends(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "torch" in text and "backends" in text and "reference" in text
+
+
+def test_quick_demo_agrees_with_reference(capsys):
+    assert main(["demo", "--quick"]) == 0
+    assert "OK: the no-copy backend matches" in capsys.readouterr().out
