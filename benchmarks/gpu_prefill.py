@@ -228,7 +228,7 @@ def flex_method(tensors, index, shape: Shape):
 # --------------------------------------------------------------------------------------------
 
 def rel_err(a, b) -> float:
-    a, b = a.float(), b.float()
+    a, b = a.detach().float(), b.detach().float()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
 
 
