@@ -341,6 +341,13 @@ def _splits(base_programs: int, length_bound: int, block_n: int, target: int,
     return _cdiv(length_bound, chunk), chunk
 
 
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    """A zero-size tensor (Skv = 0, an empty pool or table) is replaced by a one-element stand-in
+    of the same dtype, so no null pointer reaches a launch; the kernels never read it (their loops
+    are empty) and its strides are taken from the original where they matter."""
+    return t if t.numel() > 0 else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+
 def _check_layout(x: PrefixAttentionInputs) -> None:
     """Checks the kernels rely on, made before any launch (ValueError naming the argument)."""
     D = x.head_dim
@@ -427,11 +434,12 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
     prec = "ieee" if x.q.dtype == torch.float32 else "tf32"
     qk_scale = x.scale * LOG2E
     target = _target_programs(dev)
-    num_warps = 4 if block_d <= 64 else 8
-    bt = x.block_table
+    num_warps = 4 if block_d <= 128 else 8
+    bt = _nonempty(x.block_table)
+    pk, pv = _nonempty(x.prefix_k), _nonempty(x.prefix_v)
     ints = [t.contiguous() for t in (x.prefix_lens, x.task_ids, x.q_lens, x.kv_lens, x.kv_starts)]
     plens, tids, qlens, kvlens, kvstarts = ints
-    prefix_bound = bt.shape[1] * x.block_size
+    prefix_bound = x.block_table.shape[1] * x.block_size
     window = x.window if x.window is not None else 0
 
     # The sequence kernel: own phase (grouped path) or [prefix ; own] (per-sequence path).
@@ -469,17 +477,17 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
         tile_start = tile_end - tiles
         tile_task = torch.searchsorted(tile_end, torch.arange(tiles_bound, device=dev), right=True)
         _grouped_prefix_kernel[(tiles_bound, Hkv, nsp)](
-            x.q, x.prefix_k, x.prefix_v, bt, plens, qlens, order, seq_start, counts, tile_start,
+            x.q, pk, pv, bt, plens, qlens, order, seq_start, counts, tile_start,
             tile_task, part_o, part_l, qk_scale,
-            *x.q.stride(), *x.prefix_k.stride(), *x.prefix_v.stride(), *bt.stride(),
+            *x.q.stride(), *x.prefix_k.stride(), *x.prefix_v.stride(), *x.block_table.stride(),
             T, Hq, Sq, D, x.block_size, NS, chunk_p,
             G=G, BLOCK_M=tile_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec, num_warps=num_warps)
 
     _sequence_kernel[(B, Hkv * m_tiles, ns_own)](
-        x.q, x.k, x.v, x.prefix_k, x.prefix_v, bt, plens, tids, qlens, kvlens, kvstarts,
+        x.q, _nonempty(x.k), _nonempty(x.v), pk, pv, bt, plens, tids, qlens, kvlens, kvstarts,
         part_o, part_l, out, qk_scale,
         *x.q.stride(), *x.k.stride(), *x.v.stride(), *x.prefix_k.stride(), *x.prefix_v.stride(),
-        *bt.stride(), *out.stride(),
+        *x.block_table.stride(), *out.stride(),
         Hq, Sq, D, x.block_size, window, NS, nsp, nsp, chunk_own,
         G=G, M_TILES=m_tiles, BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
         INCLUDE_PREFIX=include_prefix, CAUSAL=x.causal, HAS_WINDOW=x.window is not None,

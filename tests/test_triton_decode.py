@@ -165,6 +165,15 @@ def test_no_own_keys(path):
     assert (got[1] == 0).all(), f"seed={seed}"
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_no_prefix_storage_at_all(path):
+    """A block table with no columns and an empty pool (zero-size tensors reach no launch)."""
+    seed = new_seed()
+    args, kw = make_problem(seed, B=3, T=2, Sq=2, Skv=6, prefix_lens=[0, 0])
+    q, k, v, pk, pv, table, lens, tids = args
+    check(seed, (q, k, v, pk[:0], pv[:0], table[:, :0], lens, tids), kw, path=path)
+
+
 def test_empty_batch():
     seed = new_seed()
     args, kw = make_problem(seed, B=0, T=2, Sq=1, Skv=5, task_ids=[], ragged=False)
