@@ -80,18 +80,29 @@ class PrefillConfig:
 
     block_m: int = 64          # query rows per program tile
     block_n: int = 64          # key rows per inner-loop tile (prefix and own keys)
-    num_warps: int = 4
+    num_warps: Optional[int] = None   # None: 4 for head_dim <= 64, 8 above (fp32 dK/dV tiles)
     num_stages: int = 2
+    # Deterministic prefix backward: split each task's sequences into this many chunks, each a
+    # program writing fp32 partials that are summed in a fixed order afterwards (None: on CUDA
+    # enough chunks for ~2 programs per SM, on the CPU interpreter 1).
+    prefix_splits: Optional[int] = None
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             val = getattr(self, name)
             if val < 16 or val & (val - 1):
                 raise ValueError(f"PrefillConfig: `{name}` {val} is invalid; expected a power of two >= 16")
+        if self.prefix_splits is not None and self.prefix_splits < 1:
+            raise ValueError(f"PrefillConfig: `prefix_splits` {self.prefix_splits} is invalid; expected >= 1 or None")
+
+    def warps(self, block_d: int) -> int:
+        if self.num_warps is not None:
+            return self.num_warps
+        return 8 if block_d >= 128 else 4
 
 
 GPU_CONFIG = PrefillConfig()
-INTERPRETER_CONFIG = PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+INTERPRETER_CONFIG = PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, prefix_splits=1)
 
 
 def _interpreter_enabled() -> bool:
@@ -438,8 +449,10 @@ def _bwd_dkdv_prefix_kernel(
 ):
     """dK/dV of one tile of prefix rows of one task, summed over the sequences of one unit.
 
-    Deterministic mode: unit = task, ``UNIT_COUNT`` its sequence count, ``ORDER[UNIT_START:...]``
-    its sequences; result stored once. Atomics mode: unit = one sequence; result atomically added.
+    A unit is task ``UNIT_TASK[u]`` and its sequences ``ORDER[UNIT_START[u] : + UNIT_COUNT[u]]``.
+    Deterministic mode: a unit is a whole task (or a fixed chunk of its sequences, written to
+    scratch slots and summed afterwards); the result is stored once through row u of OUT_BT.
+    Atomics mode: a unit is one sequence; the result is atomically added.
     """
     pid_u = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -477,7 +490,8 @@ def _bwd_dkdv_prefix_kernel(
                                            r_valid, offs_m0, offs_d, d_valid, qk_scale,
                                            False, 0, offs_n, 0, False, False, DOT_PREC)
     dk = dk * scale
-    oblk, owithin, _ = _prefix_rows(OUT_BT + t * sobt0, sobt1, n_lo, P, offs_n, PBS, BLOCK_N)
+    # Where this unit's rows go: row ``pid_u`` of OUT_BT (the pool table, or scratch slots).
+    oblk, owithin, _ = _prefix_rows(OUT_BT + pid_u * sobt0, sobt1, n_lo, P, offs_n, PBS, BLOCK_N)
     # Rows this program owns, or none when the task is absent from the batch (count 0).
     st_mask = ((n_lo + offs_n) < tl.where(live, P, 0))[:, None] & d_valid[None, :]
     gk = DPK + oblk[:, None] * sgkb + hk * sgkh + owithin[:, None] * sgks + offs_d[None, :] * sgkd
@@ -507,9 +521,10 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: full-precision products (no TF32) so fp32 results match the reference.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_precision(dtype: torch.dtype) -> Optional[str]:
+    # fp32 inputs: full-precision products (no TF32) so fp32 results match the reference;
+    # fp16/bf16: the backend's default (the setting only matters for fp32 operands).
+    return "ieee" if dtype == torch.float32 else None
 
 
 class _Meta:
@@ -539,7 +554,7 @@ def _forward(q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, meta: _M
         Hq, Sq, D, meta.scale * LOG2E, meta.window or 0,
         GROUP=Hq // Hkv, PBS=pk.shape[2], CAUSAL=meta.causal, HAS_WINDOW=meta.window is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D), DOT_PREC=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.warps(_block_d(D)), num_stages=cfg.num_stages,
     )
     return out, lse
 
@@ -564,7 +579,7 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
     BLOCK_D = _block_d(D)
     prec = _dot_precision(q.dtype)
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D, DOT_PREC=prec,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  num_warps=cfg.warps(BLOCK_D), num_stages=cfg.num_stages)
     qk_scale = meta.scale * LOG2E
     window = meta.window or 0
     has_window = meta.window is not None
@@ -604,6 +619,21 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
             dpk if need_pk else None, dpv if need_pv else None)
 
 
+def _prefix_splits(cfg: PrefillConfig, dev: torch.device, B: int, T: int, row_tiles: int, Hkv: int,
+                   slot_bytes: int) -> int:
+    """Chunks per task for the deterministic prefix backward (host arithmetic only, no sync)."""
+    if cfg.prefix_splits is not None:
+        n = cfg.prefix_splits
+    elif dev.type != "cuda":
+        n = 1
+    else:
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        n = -(-2 * sms // max(1, T * row_tiles * Hkv))
+    # Never more chunks than sequences; scratch (T * n slots) capped at ~256 MiB.
+    cap = max(1, (256 << 20) // max(1, T * slot_bytes))
+    return max(1, min(n, B, cap))
+
+
 def _prefix_grads(q, pk, pv, bt, plens, tids, qlens, do, lse, delta, meta: _Meta, common):
     B, Hq, Sq, D = q.shape
     num_blocks, Hkv, PBS, _ = pk.shape
@@ -625,29 +655,54 @@ def _prefix_grads(q, pk, pv, bt, plens, tids, qlens, do, lse, delta, meta: _Meta
             GROUP=Hq // Hkv, PBS=PBS, ATOMIC=atomic, **common)
 
     if not meta.deterministic:
-        # One unit per sequence; partial sums meet in an fp32 buffer through atomics.
+        # One unit per sequence; partial sums meet in an fp32 buffer through atomics. The output
+        # table is the tiny index gather bt[task_ids] (block ids only, never prefix data).
         seqs = torch.arange(B, device=dev, dtype=torch.int64)
         gk = torch.zeros(pk.shape, dtype=torch.float32, device=dev)
         gv = torch.zeros(pv.shape, dtype=torch.float32, device=dev)
-        launch(seqs, tids, seqs, torch.ones_like(seqs), bt, gk, gv, True)
+        launch(seqs, tids, seqs, torch.ones_like(seqs), bt[tids], gk, gv, True)
         return gk.to(pk.dtype), gv.to(pv.dtype)
 
-    # Group the batch by task once, on the device: sequences of task t are
+    # Group the batch by task once, on the device: the sequences of task t are
     # order[starts[t] : starts[t] + counts[t]].
     order = torch.argsort(tids, stable=True)
     counts = torch.bincount(tids, minlength=T)
     starts = torch.cumsum(counts, 0) - counts
     tasks = torch.arange(T, device=dev, dtype=torch.int64)
-    if not _shared_blocks(bt, plens, counts, PBS):
+    slot_bytes = max_blocks * Hkv * PBS * D * 4
+    n_split = _prefix_splits(meta.config, dev, B, T, rows_tiles, Hkv, slot_bytes)
+    shared = _shared_blocks(bt, plens, counts, PBS)
+    if n_split == 1 and not shared:
+        # Each task's gradient summed in registers and stored once, straight into the pool.
         launch(order, tasks, starts, counts, bt, dpk, dpv, False)
         return dpk, dpv
-    # A block index is shared: per-(task, slot) scratch in logical order, then summed into the pool.
-    ident = torch.arange(T * max_blocks, device=dev, dtype=torch.int64).view(T, max_blocks)
-    gk = torch.zeros((T * max_blocks, Hkv, PBS, D), dtype=torch.float32, device=dev)
+
+    # Units = (task, chunk): chunk c of task t holds its sequences [c*per, (c+1)*per). Each unit
+    # writes fp32 partials to its own scratch slots (logical block order); the chunks are then
+    # summed in a fixed order, and the slots moved into the pool through the block table.
+    per = (counts + n_split - 1) // n_split
+    chunk = torch.arange(n_split, device=dev, dtype=torch.int64)
+    unit_start = (starts[:, None] + chunk[None, :] * per[:, None]).reshape(-1)
+    unit_count = torch.minimum((counts[:, None] - chunk[None, :] * per[:, None]).clamp_min(0),
+                               per[:, None]).reshape(-1)
+    unit_task = tasks.repeat_interleave(n_split)
+    U = T * n_split
+    slots = torch.arange(U * max_blocks, device=dev, dtype=torch.int64).view(U, max_blocks)
+    gk = torch.zeros((U * max_blocks, Hkv, PBS, D), dtype=torch.float32, device=dev)
     gv = torch.zeros_like(gk)
-    launch(order, tasks, starts, counts, ident, gk, gv, False)
-    used = ((torch.arange(max_blocks, device=dev)[None, :] * PBS < plens[:, None]) & (counts > 0)[:, None]).reshape(-1)
+    launch(order, unit_task, unit_start, unit_count, slots, gk, gv, False)
+    gk = gk.view(T, n_split, max_blocks, Hkv, PBS, D).sum(1).view(T * max_blocks, Hkv, PBS, D)
+    gv = gv.view(T, n_split, max_blocks, Hkv, PBS, D).sum(1).view(T * max_blocks, Hkv, PBS, D)
+    used = ((torch.arange(max_blocks, device=dev)[None, :] * PBS < plens[:, None])
+            & (counts > 0)[:, None]).reshape(-1)
     dest = bt.reshape(-1)[used]
+    if not shared:
+        # Every used block has exactly one source slot: a plain (deterministic) scatter.
+        dpk[dest] = gk[used].to(pk.dtype)
+        dpv[dest] = gv[used].to(pv.dtype)
+        return dpk, dpv
+    # A block index is used at several (task, slot) places: sum them (index_add_ uses atomics
+    # on CUDA, so only this configuration may not be bitwise reproducible there).
     acc_k = torch.zeros(pk.shape, dtype=torch.float32, device=dev).index_add_(0, dest, gk[used])
     acc_v = torch.zeros(pv.shape, dtype=torch.float32, device=dev).index_add_(0, dest, gv[used])
     return acc_k.to(pk.dtype), acc_v.to(pv.dtype)

@@ -155,6 +155,9 @@ CASES = {
     "head_dim_24_gqa3": dict(B=2, T=2, Hq=3, Hkv=1, D=24, Sq=11, Skv=11, prefix_lens=[13, 0]),
     "head_dim_32_odd_skv": dict(B=2, T=1, D=32, Sq=5, Skv=20, prefix_lens=[17], block_size=16),
     "block_32_long_prefix": dict(B=3, T=2, Sq=18, Skv=18, prefix_lens=[20, 33], block_size=32),
+    # longer than two 16-row tiles: fully masked tiles are skipped (causal, window, left padding)
+    "tile_skipping_window": dict(B=2, T=2, Hq=2, Hkv=1, D=8, Sq=37, Skv=40, window=5, padding="left",
+                                 prefix_lens=[3, 18], block_size=16),
     "dense_training_layout": dict(B=4, T=3, dense_layout=True, prefix_lens=[6, 1, 9], Sq=9, Skv=9),
 }
 
@@ -227,6 +230,20 @@ def test_direct_larger_tiles_config():
     args, kw = make_problem(seed, B=2, T=2, Sq=5, Skv=7, prefix_lens=[70, 3], block_size=5, padding="ragged")
     cfg = PrefillConfig(block_m=32, block_n=64, num_warps=1, num_stages=1)
     check(seed, args, kw, fn=lambda *a, **k: triton_direct(*a, config=cfg, **k), label="tiles 32x64")
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_direct_split_deterministic_prefix_backward(splits):
+    """Each task's sequences split into chunks (fp32 partials summed in a fixed order), as on a GPU."""
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=5, T=2, Hq=2, Hkv=1, Sq=5, Skv=6, block_size=3, padding="ragged",
+                            shared_block=splits == 3, prefix_lens=[5, 4])
+    cfg = PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, prefix_splits=splits)
+    fn = lambda *a, **k: triton_direct(*a, deterministic=True, config=cfg, **k)  # noqa: E731
+    _, g1 = check(seed, args, kw, fn=fn, label=f"splits={splits}")
+    _, g2 = run_with_grads(fn, args, kw, seed)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b), f"not reproducible, seed={seed}"
 
 
 def test_shared_block_between_tasks():
