@@ -82,11 +82,11 @@ def random_prefixes(model, lengths, seed=1, scale=1.0):
             for i, P in enumerate(lengths)}
 
 
-def prefix_cache(k, v):
-    """A DynamicCache holding ``k, v [L, Hkv, P, D]`` as one sequence's prefix (PEFT-style)."""
+def prefix_cache(k, v, batch=1):
+    """A DynamicCache holding ``k, v [L, Hkv, P, D]`` as the prefix of ``batch`` sequences (PEFT-style)."""
     cache = DynamicCache()
     for layer in range(k.shape[0]):
-        cache.update(k[layer][None], v[layer][None], layer)
+        cache.update(k[layer][None].expand(batch, -1, -1, -1), v[layer][None].expand(batch, -1, -1, -1), layer)
     return cache
 
 
