@@ -1,14 +1,19 @@
 """The ``torch`` backend: prefix attention in plain PyTorch without copying a prefix per sequence.
 
-The batch is grouped by task. Each task's prefix is read out of the block pool once per call
-and scored against the queries of all of that task's sequences in one matrix product (GQA
-heads stacked into the rows), so prefix memory does not grow with the batch. Own keys are
-scored per sequence. Both parts share one softmax: every score is exponentiated against the
-joint row maximum, and the two partial sums of ``p`` and ``p @ v`` are added before the single
-normalisation. Autograd provides the backward; a task's prefix gradient sums over its sequences
-through the gather's scatter-add.
+The batch is grouped by task. Each task's prefix is gathered out of the block pool once per call
+and scored against the stacked queries of all of that task's sequences (GQA heads and query rows
+stacked too) in one matrix product, so prefix memory does not grow with the batch. Tasks with
+similar group sizes share one batched product: groups are bucketed by size (powers of two) and
+padded to the bucket's largest, which bounds padding waste at 2x and the number of products at
+log2(B) + 1 — whether every sequence shares one task or has its own. Own keys are scored per
+sequence. Both parts share one softmax: every score is exponentiated against the joint row maximum
+and the partial sums of ``p`` and ``p @ v`` are added before the single normalisation. Autograd
+provides the backward; a task's prefix gradient sums over its sequences through the gather.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
 
 import torch
 
@@ -17,26 +22,58 @@ from .masks import own_key_visibility, query_valid
 from .reference import compute_dtype
 
 
-def task_groups(task_ids: torch.Tensor, prefix_lens: torch.Tensor):
-    """Yield ``(task, rows)`` for every task present in the batch with a non-empty prefix."""
-    if task_ids.numel() == 0:
-        return []
-    order = torch.argsort(task_ids, stable=True)
-    counts = torch.bincount(task_ids, minlength=prefix_lens.shape[0])
-    present = (counts > 0) & (prefix_lens > 0)
-    groups = []
-    for task, rows in zip(range(counts.shape[0]), torch.split(order, counts.tolist())):
-        if present[task]:
-            groups.append((task, rows))
-    return groups
+@dataclass
+class Bucket:
+    """Task groups of similar size, scored in one batched product."""
+    tasks: torch.Tensor      # [Gb] task ids
+    lengths: torch.Tensor    # [Gb] their prefix lengths
+    rows: int                # prefix rows to gather (max length in the bucket)
+    width: int               # sequences per group after padding (max group size in the bucket)
+    seqs: torch.Tensor       # [n] batch rows in this bucket
+    group: torch.Tensor      # [n] index of each row's group within the bucket
+    slot: torch.Tensor       # [n] position of each row within its group
 
 
-def task_prefix(x: PrefixAttentionInputs, pool: torch.Tensor, task: int, length: int) -> torch.Tensor:
-    """One task's prefix rows gathered out of the block pool: ``[Hkv, length, D]``."""
-    blocks = x.block_table[task, : -(-length // x.block_size)]
-    gathered = pool[blocks]                                            # [blocks, Hkv, bs, D]
-    nb, Hkv, bs, D = gathered.shape
-    return gathered.permute(1, 0, 2, 3).reshape(Hkv, nb * bs, D)[:, :length]
+def task_buckets(x: PrefixAttentionInputs) -> List[Bucket]:
+    """Group the batch by task (tasks with an empty prefix are left out) and bucket groups by size."""
+    task_list = x.task_ids.tolist()               # one host sync for all the bookkeeping
+    lengths = x.prefix_lens.tolist()
+    members = {}
+    for b, t in enumerate(task_list):
+        if lengths[t] > 0:
+            members.setdefault(t, []).append(b)
+    by_size = {}
+    for t, seqs in members.items():
+        by_size.setdefault((len(seqs) - 1).bit_length(), []).append(t)
+    buckets = []
+    device = x.q.device
+    for _, tasks in sorted(by_size.items()):
+        seqs, group, slot = [], [], []
+        for g, t in enumerate(tasks):
+            seqs += members[t]
+            group += [g] * len(members[t])
+            slot += range(len(members[t]))
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        buckets.append(Bucket(tasks=as_tensor(tasks), lengths=as_tensor([lengths[t] for t in tasks]),
+                              rows=max(lengths[t] for t in tasks),
+                              width=max(len(members[t]) for t in tasks),
+                              seqs=as_tensor(seqs), group=as_tensor(group), slot=as_tensor(slot)))
+    return buckets
+
+
+def gather_prefixes(x: PrefixAttentionInputs, pool: torch.Tensor, tasks: torch.Tensor, rows: int) -> torch.Tensor:
+    """The prefixes of ``tasks`` read out of the block pool, once each: ``[Gb, Hkv, rows, D]``."""
+    blocks = -(-rows // x.block_size)
+    table = x.block_table[tasks, :blocks].clamp_min(0)      # entries past a task's length may be -1
+    g = pool[table]                                          # [Gb, blocks, Hkv, bs, D]
+    Gb, n, Hkv, bs, D = g.shape
+    return g.permute(0, 2, 1, 3, 4).reshape(Gb, Hkv, n * bs, D)[:, :, :rows]
+
+
+def _to_groups(values: torch.Tensor, bucket: Bucket, fill: float = 0.0) -> torch.Tensor:
+    """Scatter per-sequence ``[n, ...]`` into the padded group layout ``[Gb, width, ...]``."""
+    out = values.new_full((bucket.tasks.shape[0], bucket.width, *values.shape[1:]), fill)
+    return out.index_put((bucket.group, bucket.slot), values)
 
 
 def torch_attention(x: PrefixAttentionInputs) -> torch.Tensor:
@@ -51,32 +88,41 @@ def torch_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     own_scores = torch.einsum("bhgsd,bhkd->bhgsk", q, x.k.to(cdt))
     own_scores = own_scores.masked_fill(~own_visible, float("-inf"))
 
-    qvalid = query_valid(x)                                            # [B, Sq]
-    lengths = x.prefix_lens.tolist()
-    prefix_parts = []
-    for task, rows in task_groups(x.task_ids, x.prefix_lens):
-        pk = task_prefix(x, x.prefix_k, task, lengths[task]).to(cdt)
-        pv = task_prefix(x, x.prefix_v, task, lengths[task]).to(cdt)
-        scores = torch.einsum("bhgsd,hpd->bhgsp", q[rows], pk)         # one product per task
-        scores = scores.masked_fill(~qvalid[rows][:, None, None, :, None], float("-inf"))
-        prefix_parts.append((rows, scores, pv))
+    # Prefix scores, one batched product per bucket: [Gb, Hkv, width*G*Sq, rows].
+    parts = []
+    for bucket in task_buckets(x):
+        Gb, W, P = bucket.tasks.shape[0], bucket.width, bucket.rows
+        pk = gather_prefixes(x, x.prefix_k, bucket.tasks, P).to(cdt)
+        pv = gather_prefixes(x, x.prefix_v, bucket.tasks, P).to(cdt)
+        stacked = _to_groups(q[bucket.seqs], bucket)                   # [Gb, W, Hkv, G, Sq, D]
+        stacked = stacked.permute(0, 2, 1, 3, 4, 5).reshape(Gb, Hkv, W * G * Sq, D)
+        scores = stacked @ pk.transpose(-1, -2)
+        beyond = torch.arange(P, device=q.device)[None, :] >= bucket.lengths[:, None]
+        scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
+        parts.append((bucket, scores, pv))
 
     # Joint row maximum over prefix and own scores. Softmax is shift-invariant, so it is
     # detached; rows that see nothing use 0 so every exponent stays finite.
     with torch.no_grad():
-        row_max = own_scores.amax(-1) if Skv else torch.full(q.shape[:-1], float("-inf"), dtype=cdt,
-                                                             device=q.device)
-        for rows, scores, _ in prefix_parts:
-            row_max[rows] = torch.maximum(row_max[rows], scores.amax(-1))
+        row_max = own_scores.amax(-1) if Skv else q.new_full(q.shape[:-1], float("-inf"))
+        for bucket, scores, _ in parts:
+            Gb, W = bucket.tasks.shape[0], bucket.width
+            m = scores.amax(-1).view(Gb, Hkv, W, G, Sq).transpose(1, 2)[bucket.group, bucket.slot]
+            row_max[bucket.seqs] = torch.maximum(row_max[bucket.seqs], m)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
 
     p_own = torch.exp(own_scores - row_max[..., None])
     denom = p_own.sum(-1)
     acc = torch.einsum("bhgsk,bhkd->bhgsd", p_own, x.v.to(cdt))
-    for rows, scores, pv in prefix_parts:
-        p = torch.exp(scores - row_max[rows][..., None])
-        denom = denom.index_add(0, rows, p.sum(-1))
-        acc = acc.index_add(0, rows, torch.einsum("bhgsp,hpd->bhgsd", p, pv))
+    for bucket, scores, pv in parts:
+        Gb, W = bucket.tasks.shape[0], bucket.width
+        shift = _to_groups(row_max[bucket.seqs], bucket)               # [Gb, W, Hkv, G, Sq]
+        shift = shift.permute(0, 2, 1, 3, 4).reshape(Gb, Hkv, W * G * Sq, 1)
+        p = torch.exp(scores - shift)
+        pick = lambda t: t.view(Gb, Hkv, W, G, Sq, *t.shape[3:]).transpose(1, 2)[bucket.group, bucket.slot]  # noqa: E731
+        denom = denom.index_add(0, bucket.seqs, pick(p.sum(-1, keepdim=True)).squeeze(-1))
+        acc = acc.index_add(0, bucket.seqs, pick(p @ pv))
 
     out = acc / torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]
-    return out.reshape(B, Hq, Sq, D).to(x.q.dtype)
+    out = out.reshape(B, Hq, Sq, D) * query_valid(x)[:, None, :, None]   # padding queries give zeros
+    return out.to(x.q.dtype)

@@ -33,6 +33,7 @@ class Case:
     mask: bool = False
     dtype: torch.dtype = torch.float32
     requires_grad: bool = True
+    tasks: Optional[list] = None          # task of each sequence; random when None
     kwargs: dict = field(default_factory=dict)
 
     def build(self):
@@ -61,7 +62,8 @@ class Case:
         v = randn(B, self.Hkv, self.Skv, self.D)
         pk = randn(num_blocks, self.Hkv, self.block_size, self.D)
         pv = randn(num_blocks, self.Hkv, self.block_size, self.D)
-        task_ids = torch.tensor([rnd.randrange(T) for _ in range(B)], dtype=torch.long)
+        tasks = self.tasks if self.tasks is not None else [rnd.randrange(T) for _ in range(B)]
+        task_ids = torch.tensor(tasks, dtype=torch.long)
         kw = dict(causal=self.causal, window=self.window, **self.kwargs)
         if self.padding != "none":
             q_lens, kv_lens, kv_starts = [], [], []

@@ -38,6 +38,9 @@ CASES = {
     "odd_head_dim": dict(D=13),
     "no_own_keys": dict(Skv=0, causal=False),
     "single_sequence": dict(B=1, T=5),
+    # group sizes 5, 1, 2, 1 and an unused task: several size buckets, one padded
+    "skewed_groups": dict(B=9, T=5, tasks=[0, 2, 0, 1, 0, 3, 0, 2, 0], prefix_lens=[6, 3, 9, 1, 4]),
+    "every_sequence_its_own_task": dict(B=6, T=6, tasks=[5, 4, 3, 2, 1, 0]),
 }
 
 
