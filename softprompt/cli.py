@@ -44,7 +44,13 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, device, and which backends can run here")
     demo = sub.add_parser("demo", help="the main job: a mixed-task prefix attention demonstration on the CPU")
     demo.add_argument("--quick", action="store_true", help="smaller shapes, a few seconds")
+    bench = sub.add_parser("bench", help="benchmarks: kernels | decode | train | all (JSON, Markdown, PNG)",
+                           add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)
+    if opts.command == "bench":
+        from benchmarks.run import main as bench_main
+        return bench_main(opts.args)
     if opts.command == "info":
         return info()
     if opts.command == "demo":

@@ -1,0 +1,86 @@
+"""``softprompt bench kernels|decode|train [--preset cpu|gpu]``: run a benchmark, write JSON, Markdown and PNG.
+
+    python -m benchmarks.run decode            # also: python -m benchmarks.decode
+    softprompt bench kernels --preset gpu
+
+Results go to benchmarks/results/<bench>-<preset>.{json,md,png}, stamped with the device, versions,
+date and git commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .common import RESULTS_DIR, environment
+from .plots import plot_run
+from .presets import METHODS, sweeps
+from .suite import format_rows, run_sweep
+
+BENCHES = {
+    "kernels": "prefill forward (training/prefill shapes)",
+    "decode": "mixed-task decoding, one query per sequence",
+    "train": "forward + backward with per-task prefix gradients",
+}
+
+
+def _markdown(rows, methods) -> str:
+    table_rows, columns = format_rows(rows, methods)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in table_rows]
+    return "\n".join(lines)
+
+
+def run(bench: str, preset: str = None, write: bool = True) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = preset or ("gpu" if device.type == "cuda" else "cpu")
+    if preset == "gpu" and device.type != "cuda":
+        raise SystemExit("the gpu preset needs a CUDA device; use --preset cpu")
+    methods = METHODS[preset]
+    env = environment()
+    print(f"{bench}: {BENCHES[bench]} | preset {preset} | {env['device']} | torch {env['torch']} | "
+          f"commit {env['commit']}")
+    results = {}
+    sections = []
+    for sweep, shapes in sweeps(bench, preset).items():
+        rows = run_sweep(shapes, methods, device, title=f"{bench}: {sweep} sweep")
+        results[sweep] = rows
+        sections.append(f"### {sweep} sweep\n\n{_markdown(rows, methods)}")
+    text = "\n\n".join(sections)
+    print(text)
+    if write:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        stem = RESULTS_DIR / f"{bench}-{preset}"
+        header = (f"# {bench} benchmark ({preset} preset)\n\n{BENCHES[bench]}. "
+                  f"{', '.join(f'{k}: {v}' for k, v in env.items())}.\n"
+                  "Times are medians after warm-up, every method run side by side in one process; "
+                  "speed-up = baseline time / our best time.\n\n")
+        for suffix, content in ((".json", json.dumps({"environment": env, "bench": bench, "preset": preset,
+                                                        "sweeps": results}, indent=2, default=str)),
+                                (".md", header + text + "\n")):
+            tmp = stem.with_suffix(suffix + ".tmp")
+            tmp.write_text(content)
+            os.replace(tmp, stem.with_suffix(suffix))
+        png = plot_run(bench, results, stem.with_suffix(".png"))
+        print(f"\nwritten: {stem}.json, {stem}.md, {png}")
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="softprompt bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bench", choices=[*BENCHES, "all"])
+    parser.add_argument("--preset", choices=["cpu", "gpu"], default=None,
+                        help="default: gpu when CUDA is available, else cpu")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    opts = parser.parse_args(argv)
+    for bench in (BENCHES if opts.bench == "all" else [opts.bench]):
+        run(bench, opts.preset, write=not opts.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

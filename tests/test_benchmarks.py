@@ -1,0 +1,45 @@
+"""The benchmark suite runs end to end on tiny shapes: every method checked against reference, files written."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import run as bench_run
+from benchmarks.baselines import METHODS
+from benchmarks.suite import Shape, build_problem, format_rows, run_sweep
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_baselines_agree_with_reference():
+    for train in (False, True):
+        p = build_problem(Shape(B=5, T=3, P=7, Sq=4, Skv=6, Hq=4, Hkv=2, D=8, block_size=4, train=train),
+                          torch.device("cpu"))
+        ref = METHODS["reference"](p)()
+        for name in ("torch", "sdpa_concat", "flex_packed"):
+            with torch.set_grad_enabled(name != "flex_packed"):     # flex has no CPU backward
+                torch.testing.assert_close(METHODS[name](p)(), ref, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_sweep_reports_ratios_and_memory():
+    shapes = [Shape(B=b, T=2, P=8, Sq=1, Skv=5, Hq=4, Hkv=2, D=8, block_size=4) for b in (2, 4)]
+    rows = run_sweep(shapes, ["torch", "reference", "sdpa_concat", "triton"], torch.device("cpu"))
+    for row in rows:
+        assert row["torch max|diff|"] < 1e-5 and row["sdpa_concat max|diff|"] < 1e-5
+        assert row["speed-up vs reference"] > 0 and row["torch MiB"] > 0
+        assert "triton ms" not in row                      # skipped on the CPU, with a note
+    table, columns = format_rows(rows, ["torch", "reference"])
+    assert "speed-up vs reference" in columns and table[0]["speed-up vs reference"].endswith("x")
+
+
+def test_run_writes_json_markdown_and_plot(tmp_path, monkeypatch):
+    import benchmarks.presets as presets
+    tiny = {"prefix": [Shape(B=2, T=2, P=p, Sq=1, Skv=4, Hq=2, Hkv=1, D=8, block_size=4) for p in (4, 8)],
+            "batch": [Shape(B=b, T=2, P=4, Sq=1, Skv=4, Hq=2, Hkv=1, D=8, block_size=4) for b in (2, 4)]}
+    monkeypatch.setattr(bench_run, "sweeps", lambda bench, preset: tiny)
+    monkeypatch.setattr(bench_run, "RESULTS_DIR", tmp_path)
+    assert presets.sweeps("decode", "cpu")["own task"][0].T == 64
+    bench_run.main(["decode", "--preset", "cpu"])
+    data = json.loads((tmp_path / "decode-cpu.json").read_text())
+    assert data["environment"]["commit"] and len(data["sweeps"]["prefix"]) == 2
+    assert "speed-up vs reference" in (tmp_path / "decode-cpu.md").read_text()
+    assert (tmp_path / "decode-cpu.png").read_bytes()[:4] == b"\x89PNG"
