@@ -50,8 +50,10 @@ def attach(model: nn.Module, backend: Optional[str] = None, block_size: int = 16
     if _SAVED in model.__dict__:
         raise ValueError("softprompt.attach: `model` is already attached; call softprompt.detach(model) first")
     family = family_of(model)
-    if backend is not None and not isinstance(backend, str):
-        raise ValueError(f"softprompt.attach: `backend` {backend!r} is invalid; expected None or a backend name")
+    from kernels import BACKENDS
+    if backend is not None and backend not in ("auto", *BACKENDS):
+        raise ValueError(f"softprompt.attach: `backend` {backend!r} is invalid; expected None (Triton on CUDA, "
+                         f"torch on the CPU) or one of {['auto', *BACKENDS]}")
     modules = self_attention_modules(model, family)
     num_layers, kv_heads, head_dim = geometry(model)
     inv_freq, rotary_dim = rotary_params(model) if family.rope else (None, 0)

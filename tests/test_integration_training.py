@@ -1,0 +1,194 @@
+"""Training-side behaviour of an attached model, windows, store conventions, attach/detach contract."""
+import importlib.util
+import inspect
+
+import pytest
+import torch
+import transformers as tf
+
+import softprompt
+from softprompt.integration import ModelPrefixStore, SUPPORTED_FAMILIES
+from softprompt.integration.attention import ATTN_NAME, _backend
+from test_integration_common import (left_pad, make_model, positions_from_mask, prefix_cache, random_prefixes,
+                                     random_rows, reference_logits)
+
+TASKS = [0, 1, 2, 1]
+
+
+def _attached(family, lengths=(5, 2, 3), trainable=True, **overrides):
+    model = make_model(family, **overrides)
+    prefixes = random_prefixes(model, list(lengths))
+    store = softprompt.attach(model, block_size=4, trainable=trainable)
+    for n, (k, v) in prefixes.items():
+        store.add(n, k, v)
+    return model, store, prefixes
+
+
+def _grads(model, store, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask), labels=labels,
+                task_ids=torch.tensor(TASKS))
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_identical_gradients(family):
+    model, store, _ = _attached(family)
+    model.train()
+    ids, mask = left_pad(random_rows([6, 4, 5, 3]), family)
+    labels = ids.masked_fill(mask == 0, -100)
+    loss0, g0 = _grads(model, store, ids, mask, labels)
+    assert "softprompt_store.k_blocks" in g0 and g0["softprompt_store.k_blocks"].abs().sum() > 0
+    for reentrant in (True, False):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        loss1, g1 = _grads(model, store, ids, mask, labels)
+        model.activation_checkpointing_disable()
+        assert torch.equal(loss0, loss1)
+        assert g1.keys() == g0.keys()
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], atol=1e-7, rtol=0, msg=lambda m: f"{n} reentrant={reentrant}: {m}")
+
+
+def test_trainer_keeps_task_ids_column(tmp_path):
+    if importlib.util.find_spec("accelerate") is None:
+        pytest.skip("Trainer needs accelerate")
+    model, store, prefixes = _attached("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    store.k_blocks.requires_grad_(True)
+    store.v_blocks.requires_grad_(True)
+    rows = random_rows([5, 5, 5, 5])
+    data = [{"input_ids": r, "labels": r, "task_ids": t, "junk": 1} for r, t in zip(rows, TASKS)]
+    seen = []
+
+    def collate(features):
+        seen.append(sorted(features[0]))
+        return {"input_ids": torch.stack([f["input_ids"] for f in features]),
+                "labels": torch.stack([f["labels"] for f in features]),
+                "task_ids": torch.tensor([f["task_ids"] for f in features])}
+
+    before = {n: store.get(n) for n in prefixes}
+    args = tf.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                learning_rate=0.1, report_to=[], save_strategy="no", use_cpu=True,
+                                logging_strategy="no", remove_unused_columns=True, dataloader_num_workers=0)
+    tf.Trainer(model=model, args=args, train_dataset=data, data_collator=collate).train()
+    assert seen and all(keys == ["input_ids", "labels", "task_ids"] for keys in seen)
+    # the tasks in the trained rows moved; their gradients came through task_ids
+    assert any(not torch.allclose(store.get(n)[1], before[n][1]) for n in prefixes)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_sliding_window_own_keys_only(family):
+    """With a window shorter than the sequence, own keys are windowed and the prefix stays visible
+    (the prefix is exempt from the window: a PEFT cache would let the window evict it)."""
+    W = 3
+    model = make_model(family, sliding_window=W)
+    prefixes = random_prefixes(model, [4, 2])
+    names = list(prefixes)
+    rows = random_rows([7, 5])
+    tasks = [0, 1]
+    refs = []
+    with torch.no_grad():
+        for r, t in zip(rows, tasks):
+            k, v = prefixes[names[t]]
+            P, S = k.shape[2], len(r)
+            i = torch.arange(S)[:, None]
+            j = torch.arange(S)[None]
+            own = (j <= i) & (i - j < W)
+            full_own = j <= i
+            def float_mask(o):
+                m = torch.cat([torch.ones(S, P, dtype=torch.bool), o], dim=1)
+                return torch.zeros(1, 1, S, P + S).masked_fill(~m, torch.finfo(torch.float32).min)
+            if family == "gemma2":   # alternating sliding / full layers
+                mask = {"sliding_attention": float_mask(own), "full_attention": float_mask(full_own)}
+            else:
+                mask = float_mask(own)
+            refs.append(model(r[None], attention_mask=mask, cache=prefix_cache(k, v), use_cache=True).logits[0])
+    store = softprompt.attach(model)
+    for n, (k, v) in prefixes.items():
+        store.add(n, k, v)
+    ids, mask = left_pad(rows, family)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                       task_ids=torch.tensor(tasks)).logits
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(logits[b, -len(r):], refs[b], atol=1e-5, rtol=0)
+    if family == "mistral":
+        assert store.calls["lengths"] > 0 and store.calls["mask"] == 0, store.calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2"])
+def test_store_cache_convention_round_trip(family):
+    model, store, prefixes = _attached(family, trainable=False)
+    L, H, D = store.num_layers, store.num_kv_heads, store.head_dim
+    assert (L, H, D) == (2, model.config.num_key_value_heads if hasattr(model.config, "num_key_value_heads")
+                         else 4, 8)
+    assert store.dtype == torch.float32 and list(dict(model.named_modules())).count("softprompt_store") == 1
+    for n, (k, v) in prefixes.items():
+        gk, gv = store.get(n)
+        torch.testing.assert_close(gk, k, atol=1e-6, rtol=0)
+        assert torch.equal(gv, v)
+        stored_k, _ = store.get_stored(n)
+        assert torch.equal(stored_k, k) == (family == "gpt2")     # RoPE keys are held pre-rotated
+    # replace changes the length and keeps the id
+    k2, v2 = torch.randn(L, H, 9, D), torch.randn(L, H, 9, D)
+    tid = store.task_id("task0")
+    assert store.replace("task0", k2, v2) == tid and store.prefix_len("task0") == 9
+    torch.testing.assert_close(store.get("task0")[0], k2, atol=1e-6, rtol=0)
+    # per-module back references: weak, not registered as submodules
+    mods = [m for m in model.modules() if "_softprompt_slot" in m.__dict__]
+    assert len(mods) == L and all(m.__dict__["_softprompt_slot"].store_ref() is store for m in mods)
+    assert sum(1 for _ in store.parameters()) == 0 and sum(isinstance(m, ModelPrefixStore)
+                                                           for m in model.modules()) == 1
+
+
+def test_backend_selection_and_override():
+    model, store, prefixes = _attached("llama", trainable=False)
+    assert store.backend is None
+    assert _backend(store, torch.device("cpu")) == "torch"
+    assert _backend(store, torch.device("cuda")) == "triton"
+    ids, mask = left_pad(random_rows([5, 3, 4, 2]), "llama")
+    kw = dict(attention_mask=mask, position_ids=positions_from_mask(mask), task_ids=torch.tensor(TASKS))
+    with torch.no_grad():
+        default = model(ids, **kw).logits
+    softprompt.detach(model)
+    store2 = softprompt.attach(model, backend="reference")
+    for n, (k, v) in prefixes.items():
+        store2.add(n, k, v)
+    assert _backend(store2, torch.device("cuda")) == "reference"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, **kw).logits, default, atol=1e-6, rtol=0)
+    softprompt.detach(model)
+    with pytest.raises(ValueError, match="backend"):
+        softprompt.attach(model, backend="nope")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_attach_contract_and_errors():
+    model = make_model("llama")
+    sdpa_like = model.config._attn_implementation
+    sig = inspect.signature(model.forward)
+    store = softprompt.attach(model)
+    assert model.config._attn_implementation == ATTN_NAME
+    assert not any(word in ATTN_NAME for word in ("flash", "sdpa", "flex", "paged"))
+    assert "task_ids" in inspect.signature(model.forward).parameters
+    assert "task_ids" not in sig.parameters
+    with pytest.raises(ValueError, match="already attached"):
+        softprompt.attach(model)
+    ids = torch.tensor([random_rows([5])[0].tolist()])
+    with torch.no_grad():   # no task_ids: the plain model
+        plain = model(ids).logits
+    softprompt.detach(model)
+    assert model.config._attn_implementation == sdpa_like and inspect.signature(model.forward) == sig
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not attached"):
+        softprompt.detach(model)
+
+    class Fake(torch.nn.Module):
+        config = tf.FalconConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(ValueError, match="supported families: " + ", ".join(SUPPORTED_FAMILIES)):
+        softprompt.attach(Fake())
+    assert set(SUPPORTED_FAMILIES) == {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt_neox",
+                                       "gpt2", "opt", "bert", "roberta"}
