@@ -154,10 +154,13 @@ CASES = {
     "window_noncausal": dict(B=2, T=2, Sq=9, Skv=9, window=3, causal=False, block_size=1),
     "head_dim_24_gqa3": dict(B=2, T=2, Hq=3, Hkv=1, D=24, Sq=11, Skv=11, prefix_lens=[13, 0]),
     "head_dim_32_odd_skv": dict(B=2, T=1, D=32, Sq=5, Skv=20, prefix_lens=[17], block_size=16),
-    "block_32_long_prefix": dict(B=3, T=2, Sq=18, Skv=18, prefix_lens=[20, 33], block_size=32),
+    # the diagonal key of the second query tile is the first key of a tile (Sq = 16 + 1)
+    "block_32_long_prefix": dict(B=3, T=2, Sq=17, Skv=17, prefix_lens=[20, 33], block_size=32),
     # longer than two 16-row tiles: fully masked tiles are skipped (causal, window, left padding)
     "tile_skipping_window": dict(B=2, T=2, Hq=2, Hkv=1, D=8, Sq=37, Skv=40, window=5, padding="left",
                                  prefix_lens=[3, 18], block_size=16),
+    # query 15 sees key 16: the first query tile must still reach the second key tile
+    "diag_tile_boundary": dict(B=2, T=2, Hq=2, Hkv=1, D=8, Sq=16, Skv=17, prefix_lens=[0, 2]),
     "dense_training_layout": dict(B=4, T=3, dense_layout=True, prefix_lens=[6, 1, 9], Sq=9, Skv=9),
 }
 
@@ -184,9 +187,9 @@ def test_random_mix_fp32():
     seed = fresh_seed()
     rnd = random.Random(seed)
     Hkv = rnd.choice([1, 2])
-    Sq = rnd.randint(1, 12)
+    Sq = rnd.randint(1, 18)
     cfg = dict(B=rnd.randint(1, 4), T=rnd.randint(1, 3), Hq=Hkv * rnd.choice([1, 2]), Hkv=Hkv, Sq=Sq,
-               Skv=rnd.randint(Sq, 16), D=rnd.choice([8, 16, 24]), block_size=rnd.choice([1, 2, 3, 4, 7, 16]),
+               Skv=rnd.randint(Sq, 20), D=rnd.choice([8, 16, 24]), block_size=rnd.choice([1, 2, 3, 4, 7, 16]),
                padding=rnd.choice(["none", "left", "right", "ragged"]), causal=rnd.random() < 0.7,
                window=rnd.choice([None, None, 2, 5]))
     args, kw = make_problem(seed, **cfg)
