@@ -72,10 +72,14 @@ def run(bench: str, preset: str = None, write: bool = True) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="softprompt bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=[*BENCHES, "all"])
+    parser.add_argument("bench", choices=[*BENCHES, "generate", "all"],
+                        help="generate: end-to-end HF generate() (see python -m benchmarks.generate --help)")
     parser.add_argument("--preset", choices=["cpu", "gpu"], default=None,
                         help="default: gpu when CUDA is available, else cpu")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    if argv and argv[0] == "generate" or (argv is None and sys.argv[1:2] == ["generate"]):
+        from .generate import main as generate_main
+        return generate_main(list(argv[1:] if argv else sys.argv[2:]))
     opts = parser.parse_args(argv)
     for bench in (BENCHES if opts.bench == "all" else [opts.bench]):
         run(bench, opts.preset, write=not opts.no_write)

