@@ -21,17 +21,22 @@ for this contract, not copied):
                            accumulated in fp32 registers, written once. No atomics.
 ``_bwd_dkdv_prefix_kernel`` one program per (unit, kv head, prefix-row tile). Deterministic mode:
                            a unit is a *task*: the batch is grouped by task once per call on the
-                           device (stable argsort of task_ids + counts) and the program loops over
-                           every query tile of every sequence of that task, so a task's prefix
-                           gradient is summed in registers and written once (no atomics, bitwise
-                           reproducible). Atomics mode: a unit is a *sequence* and partial
-                           gradients are ``tl.atomic_add``-ed into an fp32 buffer (more
-                           parallelism when few tasks own long prefixes; summation order varies).
+                           device (stable argsort of task_ids + bincount, no host sync) and the
+                           program loops over every query tile of every sequence of that task, so
+                           a task's prefix gradient is summed in fp32 registers and written once
+                           (no atomics, bitwise reproducible). Few tasks x short prefixes give few
+                           programs, so on CUDA each task's sequences are split into
+                           ``prefix_splits`` chunks (auto: ~2 programs per SM); each chunk writes
+                           fp32 partials to its own scratch slots and the chunks are summed in a
+                           fixed order (still no atomics, still reproducible).
+                           Atomics mode: a unit is a *sequence*; partial gradients are
+                           ``tl.atomic_add``-ed into an fp32 pool-shaped buffer (most
+                           parallelism, no scratch; summation order varies run to run).
 
-Default: the deterministic path. Without a GPU in this project we could not measure whether the
-atomics path is faster for any shape, so we chose the path whose results are reproducible; set
-``SOFTPROMPT_PREFILL_ATOMICS=1`` or pass ``deterministic=False`` to try the other one.
-``torch.use_deterministic_algorithms(True)`` always forces the deterministic path.
+Default: the deterministic path. This was written without access to a GPU, so neither path's
+speed has been measured (``benchmarks/gpu_prefill.py`` times both); we chose the path whose
+results are reproducible. Set ``SOFTPROMPT_PREFILL_ATOMICS=1`` or pass ``deterministic=False`` to
+use atomics; ``torch.use_deterministic_algorithms(True)`` always forces the deterministic path.
 
 Shared blocks. The deterministic kernel writes a task's prefix gradient straight into the
 gradient pool through that task's block table, which is race-free only if every block index is
@@ -49,9 +54,11 @@ Bounds: every load and store is masked by the tensor extents (``Sq``, ``Skv``, `
 power of two) and by the per-sequence lengths; block-table entries are only read for prefix rows
 ``< prefix_lens[t]`` (entries past a task's used blocks may be -1). Offsets are int64.
 
-Tuning: ``PrefillConfig`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``). Defaults are
-64 x 64 with 4 warps and 2 stages on CUDA (untuned: no GPU was available when this was written),
-16 x 16 under the Triton CPU interpreter so the tests stay fast.
+Tuning: ``PrefillConfig`` (``block_m``, ``block_n``, ``num_warps``, ``num_stages``,
+``prefix_splits``). Defaults on CUDA: 64 x 64 tiles, 4 warps (8 for head_dim > 64), 2 stages;
+untuned (no GPU was available; all four kernels were compiled for sm_90 offline and use wgmma
+for fp16/bf16, ~255 registers per thread with small spills at head_dim 128). Under the Triton CPU
+interpreter: 16 x 16 tiles so the tests stay fast.
 """
 from __future__ import annotations
 
@@ -125,19 +132,29 @@ def atomics_requested() -> bool:
 def _prefix_rows(bt_row, stride_btc, start, P, offs_n, PBS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Physical (block, row-in-block) of logical prefix rows ``start + offs_n`` of one task.
 
-    Returns ``(blk, within, valid)``; block-table entries are read only for rows ``< P``.
+    Returns ``(blk, within, valid)``; block-table entries are read only for rows ``< P``. When
+    the block size is a multiple of the tile, ``blk`` is a scalar (the tile lies in one block).
     """
     rows = start + offs_n
     valid = rows < P
     if PBS % BLOCK_N == 0:
         # The whole tile lies in one block: one table read, contiguous rows.
-        blk = tl.load(bt_row + (start // PBS) * stride_btc, mask=start < P, other=0)
-        blk = tl.zeros([BLOCK_N], dtype=tl.int64) + blk
+        blk = tl.load(bt_row + (start // PBS) * stride_btc, mask=start < P, other=0).to(tl.int64)
         within = (start % PBS) + offs_n
     else:
         blk = tl.load(bt_row + (rows // PBS) * stride_btc, mask=valid, other=0).to(tl.int64)
         within = rows % PBS
     return blk, within, valid
+
+
+@triton.jit
+def _prefix_tile_ptrs(base, blk, within, hk, sb, sh, ss, sd, offs_d, PBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers ``[BLOCK_N, BLOCK_D]`` to rows ``within`` of blocks ``blk`` (head ``hk``) of a pool."""
+    if PBS % BLOCK_N == 0:
+        # scalar 64-bit block base + 32-bit in-tile offsets (no per-element 64-bit arithmetic)
+        return (base + blk * sb + hk * sh) + (within[:, None] * ss + offs_d[None, :] * sd)
+    else:
+        return (base + hk * sh) + (blk * sb + within * ss)[:, None] + offs_d[None, :] * sd
 
 
 @triton.jit
@@ -198,9 +215,9 @@ def _fwd_kernel(
     for start in range(0, p_end, BLOCK_N):
         blk, within, r_valid = _prefix_rows(bt_row, sbt1, start, P, offs_n, PBS, BLOCK_N)
         kv_mask = r_valid[:, None] & d_valid[None, :]
-        k = tl.load(PK + blk[:, None] * spkb + hk * spkh + within[:, None] * spks + offs_d[None, :] * spkd,
+        k = tl.load(_prefix_tile_ptrs(PK, blk, within, hk, spkb, spkh, spks, spkd, offs_d, PBS, BLOCK_N),
                     mask=kv_mask, other=0.0)
-        v = tl.load(PV + blk[:, None] * spvb + hk * spvh + within[:, None] * spvs + offs_d[None, :] * spvd,
+        v = tl.load(_prefix_tile_ptrs(PV, blk, within, hk, spvb, spvh, spvs, spvd, offs_d, PBS, BLOCK_N),
                     mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s = tl.where(m_valid[:, None] & r_valid[None, :], s, float("-inf"))
@@ -292,9 +309,9 @@ def _bwd_dq_kernel(
     for start in range(0, p_end, BLOCK_N):
         blk, within, r_valid = _prefix_rows(bt_row, sbt1, start, P, offs_n, PBS, BLOCK_N)
         kv_mask = r_valid[:, None] & d_valid[None, :]
-        k = tl.load(PK + blk[:, None] * spkb + hk * spkh + within[:, None] * spks + offs_d[None, :] * spkd,
+        k = tl.load(_prefix_tile_ptrs(PK, blk, within, hk, spkb, spkh, spks, spkd, offs_d, PBS, BLOCK_N),
                     mask=kv_mask, other=0.0)
-        v = tl.load(PV + blk[:, None] * spvb + hk * spvh + within[:, None] * spvs + offs_d[None, :] * spvd,
+        v = tl.load(_prefix_tile_ptrs(PV, blk, within, hk, spvb, spvh, spvs, spvd, offs_d, PBS, BLOCK_N),
                     mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s = tl.where(m_valid[:, None] & r_valid[None, :], s, float("-inf"))
@@ -470,9 +487,9 @@ def _bwd_dkdv_prefix_kernel(
     d_valid = offs_d < D
     blk, within, r_valid = _prefix_rows(BT + t * sbt0, sbt1, n_lo, P, offs_n, PBS, BLOCK_N)
     kv_mask = r_valid[:, None] & d_valid[None, :]
-    k = tl.load(PK + blk[:, None] * spkb + hk * spkh + within[:, None] * spks + offs_d[None, :] * spkd,
+    k = tl.load(_prefix_tile_ptrs(PK, blk, within, hk, spkb, spkh, spks, spkd, offs_d, PBS, BLOCK_N),
                 mask=kv_mask, other=0.0)
-    v = tl.load(PV + blk[:, None] * spvb + hk * spvh + within[:, None] * spvs + offs_d[None, :] * spvd,
+    v = tl.load(_prefix_tile_ptrs(PV, blk, within, hk, spvb, spvh, spvs, spvd, offs_d, PBS, BLOCK_N),
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -494,8 +511,8 @@ def _bwd_dkdv_prefix_kernel(
     oblk, owithin, _ = _prefix_rows(OUT_BT + pid_u * sobt0, sobt1, n_lo, P, offs_n, PBS, BLOCK_N)
     # Rows this program owns, or none when the task is absent from the batch (count 0).
     st_mask = ((n_lo + offs_n) < tl.where(live, P, 0))[:, None] & d_valid[None, :]
-    gk = DPK + oblk[:, None] * sgkb + hk * sgkh + owithin[:, None] * sgks + offs_d[None, :] * sgkd
-    gv = DPV + oblk[:, None] * sgvb + hk * sgvh + owithin[:, None] * sgvs + offs_d[None, :] * sgvd
+    gk = _prefix_tile_ptrs(DPK, oblk, owithin, hk, sgkb, sgkh, sgks, sgkd, offs_d, PBS, BLOCK_N)
+    gv = _prefix_tile_ptrs(DPV, oblk, owithin, hk, sgvb, sgvh, sgvs, sgvd, offs_d, PBS, BLOCK_N)
     if ATOMIC:
         tl.atomic_add(gk, dk, mask=st_mask)
         tl.atomic_add(gv, dv, mask=st_mask)

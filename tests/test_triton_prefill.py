@@ -327,3 +327,14 @@ def test_explicit_mask_falls_back_and_matches():
     args, kw = make_problem(seed, B=2, T=2, Sq=4, Skv=6)
     kw["attn_mask"] = torch.rand(2, 1, 4, 6, generator=torch.Generator().manual_seed(seed)).to(DEVICE) > 0.3
     check(seed, args, kw, label="attn_mask")
+
+
+def test_float64_falls_back_and_matches():
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=2, T=2, Sq=4, Skv=5, dtype=torch.float64)
+    out, grads = run_with_grads(triton_direct, args, kw, seed)
+    ref, ref_grads = run_with_grads(reference, args, kw, seed)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, msg=lambda m: f"{m}\nseed={seed}")
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, msg=lambda m: f"{m}\nseed={seed}")
