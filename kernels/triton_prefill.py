@@ -534,6 +534,12 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _nonnull(t: torch.Tensor) -> torch.Tensor:
+    """A zero-size tensor is passed as a 1-element stand-in (never read: every access is masked),
+    so no kernel argument is a null pointer (older Triton launchers reject those)."""
+    return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
@@ -565,7 +571,7 @@ def _forward(q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, meta: _M
         return out, lse
     grid = (B * Hq, triton.cdiv(Sq, cfg.block_m))
     _fwd_kernel[grid](
-        q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out, lse,
+        q, _nonnull(k), _nonnull(v), _nonnull(pk), _nonnull(pv), _nonnull(bt), plens, tids, qlens, kvlens, kvstarts, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(bt),
         *_strides(out),
         Hq, Sq, D, meta.scale * LOG2E, meta.window or 0,
@@ -612,7 +618,7 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         if work and dq.numel():
             _bwd_dq_kernel[(B * Hq, triton.cdiv(Sq, cfg.block_m))](
-                q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, do, lse, delta, dq,
+                q, _nonnull(k), _nonnull(v), _nonnull(pk), _nonnull(pv), _nonnull(bt), plens, tids, qlens, kvlens, kvstarts, do, lse, delta, dq,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(bt),
                 *_strides(do), *_strides(dq),
                 Hq, Sq, D, qk_scale, meta.scale, window,
