@@ -61,6 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-correctness", action="store_true", help="skip the reference checks")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the script on the CPU through TRITON_INTERPRET=1 with tiny shapes")
+    p.add_argument("--compile-check", action="store_true",
+                   help="no GPU needed: compile the decode kernels ahead of time for sm_90 with the "
+                        "launch configs decode_attention uses for the benchmark shapes, print ptxas' "
+                        "register/spill report, exit 1 on a compile error")
+    p.add_argument("--quick", action="store_true", help="with --compile-check: bf16 and D=128 only")
     args = p.parse_args(argv)
     if not 1 <= args.sq <= 16:
         p.error("--sq must be in 1..16 (the decode path)")
@@ -300,8 +305,106 @@ def table(results, copy_bw, args_ns, device_name):
     return "\n".join(lines) + "\n"
 
 
+def compile_check(args_ns):
+    """Ahead-of-time compile for sm_90 (no GPU): the configs ``decode_attention`` picks on a GPU."""
+    os.environ.pop("TRITON_INTERPRET", None)          # must happen before triton is imported
+    import subprocess
+    import tempfile
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, str(ROOT))
+    from kernels import triton_decode as td
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+    except Exception as e:                            # noqa: BLE001 - report and go on without it
+        ptxas = None
+        print(f"(no ptxas register report: {e})")
+    target = GPUTarget("cuda", 90, 32)
+    ptrs16 = {"Q", "K", "V", "PK", "PV", "OUT"}
+    ptrs32 = {"PO", "PL"}
+    ptrs64 = {"BT", "PLENS", "QLENS", "ORDER", "TSEQ_START", "TCOUNT", "TTILE_START", "TILE_TASK",
+              "TIDS", "KVLENS", "KVSTARTS"}
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    B, Hq, Hkv, Sq, S, bs = args_ns.seqs, args_ns.hq, args_ns.hkv, args_ns.sq, args_ns.own, args_ns.block_size
+    G = Hq // Hkv
+    failures = 0
+    dtypes = [torch.bfloat16] if args_ns.quick else [torch.bfloat16, torch.float16, torch.float32]
+    dims = [args_ns.head_dim] if args_ns.quick else sorted({args_ns.head_dim, 64, 256})
+    for dtype in dtypes:
+        for D in dims:
+            block_d, block_n, max_m, stages = td._config("cuda", dtype, D)
+            prec = "ieee" if dtype == torch.float32 else "tf32"
+            seq_m = min(max_m, max(16, td._pow2(G * Sq)))
+            tile_m = min(max_m, max(16, td._pow2(B * G * Sq)))
+            # Integer arguments as a contiguous launch of the benchmark shapes passes them.
+            ints = dict(s_qb=Hq * Sq * D, s_qh=Sq * D, s_qs=D, s_qd=1, s_kb=Hkv * S * D, s_kh=S * D,
+                        s_ks=D, s_kd=1, s_vb=Hkv * S * D, s_vh=S * D, s_vs=D, s_vd=1,
+                        s_pkb=Hkv * bs * D, s_pkh=bs * D, s_pkn=D, s_pkd=1, s_pvb=Hkv * bs * D,
+                        s_pvh=bs * D, s_pvn=D, s_pvd=1, s_bt0=args_ns.prefix // bs, s_bt1=1,
+                        s_ob=Hq * Sq * D, s_oh=Sq * D, s_os=D, s_od=1, T=args_ns.tasks, Hq=Hq, Sq=Sq,
+                        D=D, block_size=bs, window=0, NS=3, slot_off=2, num_pre=2, chunk=1024)
+            jobs = [
+                ("grouped prefix", td._grouped_prefix_kernel,
+                 dict(G=G, BLOCK_M=tile_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec),
+                 td._grouped_warps(tile_m, block_d)),
+                ("own + fused merge", td._sequence_kernel,
+                 dict(G=G, M_TILES=td._cdiv(G * Sq, seq_m), BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                      INCLUDE_PREFIX=False, CAUSAL=True, HAS_WINDOW=False, FINALIZE=True, PREC=prec),
+                 td._sequence_warps(block_d)),
+                ("per-sequence, window, split", td._sequence_kernel,
+                 dict(G=G, M_TILES=td._cdiv(G * Sq, seq_m), BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                      INCLUDE_PREFIX=True, CAUSAL=True, HAS_WINDOW=True, FINALIZE=False, PREC=prec),
+                 td._sequence_warps(block_d)),
+                ("merge", td._merge_kernel, dict(BLOCK_S=4, BLOCK_D=block_d), td._merge_warps(block_d)),
+            ]
+            for label, fn, consts, warps in jobs:
+                sig, attrs, cst = {}, {}, dict(consts)
+                for i, n in enumerate(fn.arg_names):
+                    if n in consts:
+                        sig[n] = "constexpr"
+                    elif n in ptrs16 or n in ptrs32 or n in ptrs64:
+                        sig[n] = "*" + (names[dtype] if n in ptrs16 else "fp32" if n in ptrs32 else "i64")
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                    elif n == "qk_scale":
+                        sig[n] = "fp32"
+                    elif ints.get(n, 7) == 1:                 # Triton specialises ints equal to 1
+                        sig[n], cst[n] = "constexpr", 1
+                    else:
+                        sig[n] = "i32"
+                        if ints.get(n, 7) % 16 == 0:
+                            attrs[(i,)] = [["tt.divisibility", 16]]
+                what = f"{names[dtype]} D={D} {label}: warps={warps} stages={stages}"
+                try:
+                    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst, attrs=attrs),
+                                       target=target, options=dict(num_warps=warps, num_stages=stages))
+                except Exception as e:                       # noqa: BLE001 - a compile error is the finding
+                    failures += 1
+                    print(f"FAIL {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    continue
+                report = ""
+                if ptxas:
+                    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                        f.write(k.asm["ptx"])
+                    r = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", f.name,
+                                        "-o", os.devnull], capture_output=True, text=True)
+                    os.unlink(f.name)
+                    report = " ; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+                                        if "registers" in line or "spill" in line)
+                print(f"ok   {what}: smem {k.metadata.shared} B | {report}", flush=True)
+    if failures:
+        sys.exit(f"compile-check: {failures} kernel configuration(s) failed to compile")
+    print("compile-check: all decode kernel configurations compile for sm_90")
+
+
 def main(argv=None):
     args_ns = parse_args(argv)
+    if args_ns.compile_check:
+        return compile_check(args_ns)
     if args_ns.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"          # before triton / kernels are imported
     try:

@@ -398,20 +398,32 @@ def _resolve_path(x: PrefixAttentionInputs, path: Optional[str]) -> str:
     return choose_path(x) if path == "auto" else path
 
 
-def _config(x: PrefixAttentionInputs):
-    """``(BLOCK_D, BLOCK_N, max BLOCK_M, num_stages)``.
+def _config(device_type: str, dtype: torch.dtype, head_dim: int):
+    """``(BLOCK_D, BLOCK_N, max BLOCK_M, num_stages)`` for a launch.
 
     GPU choices were checked by compiling for sm_90 (bf16, D=128, benchmark strides) and reading
-    ptxas' register report: 16-bit inputs with BLOCK_N=64 compile without spills (sequence kernel
-    4 warps, 106-164 registers; grouped prefix kernel with a 64-row tile needs 8 warps — 255
-    registers and spills at 4). fp32 uses IEEE dots (FMA), so smaller key tiles and 2 stages."""
-    D = x.head_dim
-    block_d = max(16, _pow2(D))
-    if x.q.device.type != "cuda":                        # interpreter: small tiles, several of them
+    ptxas' register report (``benchmarks/gpu_decode.py --compile-check`` repeats it without a
+    GPU): 16-bit inputs with BLOCK_N=64 compile without spills (sequence kernel 4 warps; grouped
+    prefix kernel with a 64-row tile needs 8 warps — 255 registers and spills at 4). fp32 uses
+    IEEE dots (FMA), so smaller key tiles and 2 stages."""
+    block_d = max(16, _pow2(head_dim))
+    if device_type != "cuda":                            # interpreter: small tiles, several of them
         return block_d, 16, 16, 1
-    if x.q.dtype == torch.float32:
+    if dtype == torch.float32:
         return block_d, (32 if block_d <= 128 else 16), 64, 2
     return block_d, (64 if block_d <= 128 else 32), 64, 3
+
+
+def _grouped_warps(tile_m: int, block_d: int) -> int:
+    return 8 if tile_m * block_d >= 64 * 128 else 4
+
+
+def _sequence_warps(block_d: int) -> int:
+    return 4 if block_d <= 128 else 8
+
+
+def _merge_warps(block_d: int) -> int:
+    return 4 if block_d <= 128 else 8
 
 
 def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
@@ -437,11 +449,10 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
     if out.numel() == 0:
         return out
     dev = x.q.device
-    block_d, block_n, max_m, num_stages = _config(x)
+    block_d, block_n, max_m, num_stages = _config(dev.type, x.q.dtype, D)
     prec = "ieee" if x.q.dtype == torch.float32 else "tf32"
     qk_scale = x.scale * LOG2E
     target = _target_programs(dev)
-    seq_warps = 4 if block_d <= 128 else 8
     bt = _nonempty(x.block_table)
     pk, pv = _nonempty(x.prefix_k), _nonempty(x.prefix_v)
     ints = [t.contiguous() for t in (x.prefix_lens, x.task_ids, x.q_lens, x.kv_lens, x.kv_starts)]
@@ -489,7 +500,7 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
             *x.q.stride(), *x.prefix_k.stride(), *x.prefix_v.stride(), *x.block_table.stride(),
             T, Hq, Sq, D, x.block_size, NS, chunk_p,
             G=G, BLOCK_M=tile_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec,
-            num_warps=8 if tile_m * block_d >= 64 * 128 else 4, num_stages=num_stages)
+            num_warps=_grouped_warps(tile_m, block_d), num_stages=num_stages)
 
     _sequence_kernel[(B, Hkv * m_tiles, ns_own)](
         x.q, _nonempty(x.k), _nonempty(x.v), pk, pv, bt, plens, tids, qlens, kvlens, kvstarts,
@@ -499,10 +510,11 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
         Hq, Sq, D, x.block_size, window, NS, nsp, nsp, chunk_own,
         G=G, M_TILES=m_tiles, BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
         INCLUDE_PREFIX=include_prefix, CAUSAL=x.causal, HAS_WINDOW=x.window is not None,
-        FINALIZE=finalize, PREC=prec, num_warps=seq_warps, num_stages=num_stages)
+        FINALIZE=finalize, PREC=prec, num_warps=_sequence_warps(block_d),
+        num_stages=num_stages)
 
     if not finalize:
         _merge_kernel[(B * Hq * Sq,)](
             part_o, part_l, qlens, out, *out.stride(), Hq, Sq, D, NS,
-            BLOCK_S=max(2, _pow2(NS)), BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8)
+            BLOCK_S=max(2, _pow2(NS)), BLOCK_D=block_d, num_warps=_merge_warps(block_d))
     return out
