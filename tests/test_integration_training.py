@@ -9,7 +9,7 @@ import transformers as tf
 import softprompt
 from softprompt.integration import ModelPrefixStore, SUPPORTED_FAMILIES
 from softprompt.integration.attention import ATTN_NAME, _backend
-from test_integration_common import (left_pad, make_model, positions_from_mask, prefix_cache, random_prefixes,
+from test_integration_common import (config_for, left_pad, make_model, positions_from_mask, prefix_cache, random_prefixes,
                                      random_rows, reference_logits)
 
 TASKS = [0, 1, 2, 1]
@@ -42,6 +42,7 @@ def test_gradient_checkpointing_gives_identical_gradients(family):
     assert "softprompt_store.k_blocks" in g0 and g0["softprompt_store.k_blocks"].abs().sum() > 0
     for reentrant in (True, False):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        assert model.is_gradient_checkpointing
         loss1, g1 = _grads(model, store, ids, mask, labels)
         model.activation_checkpointing_disable()
         assert torch.equal(loss0, loss1)
@@ -166,7 +167,8 @@ def test_backend_selection_and_override():
 
 
 def test_attach_contract_and_errors():
-    model = make_model("llama")
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config_for("llama")).eval()     # default implementation
     sdpa_like = model.config._attn_implementation
     sig = inspect.signature(model.forward)
     store = softprompt.attach(model)
@@ -179,6 +181,10 @@ def test_attach_contract_and_errors():
     ids = torch.tensor([random_rows([5])[0].tolist()])
     with torch.no_grad():   # no task_ids: the plain model
         plain = model(ids).logits
+    store.add("t", torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8))
+    with torch.no_grad():   # the HF cache holds only the sequence's own tokens
+        out = model(ids, task_ids=torch.tensor([0]), use_cache=True)
+    assert out.past_key_values.get_seq_length() == ids.shape[1]
     softprompt.detach(model)
     assert model.config._attn_implementation == sdpa_like and inspect.signature(model.forward) == sig
     with torch.no_grad():
@@ -192,3 +198,56 @@ def test_attach_contract_and_errors():
         softprompt.attach(Fake())
     assert set(SUPPORTED_FAMILIES) == {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt_neox",
                                        "gpt2", "opt", "bert", "roberta"}
+
+
+def test_cross_attention_modules_get_no_prefix():
+    """gpt2 with cross-attention: only the self-attention modules get a back reference; the
+    cross-attention calls run through the same function with an empty prefix."""
+    model = make_model("gpt2", add_cross_attention=True)
+    enc = torch.randn(2, 5, 32)
+    ids, mask = left_pad(random_rows([4, 3]), "gpt2")
+    kw = dict(attention_mask=mask, encoder_hidden_states=enc, position_ids=positions_from_mask(mask),
+              encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]))
+    with torch.no_grad():
+        ref = model(ids, **kw).logits
+    store = softprompt.attach(model)
+    assert sum("_softprompt_slot" in m.__dict__ for m in model.modules()) == 2
+    with torch.no_grad():
+        got = model(ids, **kw).logits
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=0)
+    store.add("t", torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8))
+    with torch.no_grad():
+        with_prefix = model(ids, task_ids=torch.tensor([0, 0]), **kw).logits
+    assert (with_prefix - got).abs().max() > 1e-3
+
+
+def test_sliding_window_generate_consistent_and_bf16_smoke():
+    """Windowed decode (DynamicSlidingWindowLayer evicts own keys; the prefix stays): a mixed batch
+    generates what each row generates alone. bf16: the store follows the model dtype."""
+    model, store, prefixes = _attached("mistral", trainable=False, sliding_window=3)
+    rows = random_rows([6, 3, 5, 4])
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=3)
+    ids, mask = left_pad(rows, "mistral")
+    out = model.generate(ids, attention_mask=mask, task_ids=torch.tensor(TASKS), **gen)[:, ids.shape[1]:]
+    for b, r in enumerate(rows):
+        alone = model.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                               task_ids=torch.tensor([TASKS[b]]), **gen)[0, len(r):]
+        assert out[b].tolist() == alone.tolist()
+
+    model = make_model("llama")
+    prefixes = random_prefixes(model, [4, 2])
+    rows = random_rows([5, 3])
+    with torch.no_grad():
+        refs = [reference_logits(model, r, *prefixes[f"task{t}"]) for r, t in zip(rows, [0, 1])]
+    model = model.to(torch.bfloat16)
+    store = softprompt.attach(model)
+    assert store.dtype == torch.bfloat16
+    for n, (k, v) in prefixes.items():
+        store.add(n, k, v)
+    ids, mask = left_pad(rows, "llama")
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                       task_ids=torch.tensor([0, 1])).logits
+    assert logits.dtype == torch.bfloat16
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(logits[b, -len(r):].float(), refs[b], atol=5e-2, rtol=5e-2)
