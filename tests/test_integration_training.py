@@ -42,7 +42,7 @@ def test_gradient_checkpointing_gives_identical_gradients(family):
     assert "softprompt_store.k_blocks" in g0 and g0["softprompt_store.k_blocks"].abs().sum() > 0
     for reentrant in (True, False):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
-        assert model.is_gradient_checkpointing
+        assert model.is_activation_checkpointing
         loss1, g1 = _grads(model, store, ids, mask, labels)
         model.activation_checkpointing_disable()
         assert torch.equal(loss0, loss1)
