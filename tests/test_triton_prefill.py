@@ -62,7 +62,10 @@ def make_problem(seed, *, B=3, T=2, Hq=2, Hkv=1, Sq=7, Skv=7, D=16, block_size=4
         for t, n in enumerate(per_task):
             table[t, :n] = torch.tensor(order[at:at + n], dtype=torch.long)
             at += n
-        if shared_block:   # task 1 reuses task 0's first block
+        if shared_block == "within":   # task 0 uses its first block twice
+            assert per_task[0] >= 2
+            table[0, 1] = table[0, 0]
+        elif shared_block:             # task 1 reuses task 0's first block
             assert per_task[0] and per_task[1]
             table[1, 0] = table[0, 0]
 
@@ -148,7 +151,8 @@ CASES = {
     "left_padding": dict(B=4, T=2, Hq=2, Hkv=2, padding="left", block_size=5, Skv=9, Sq=9),
     "right_padding": dict(B=4, T=3, padding="right", block_size=2, Skv=11, Sq=11),
     "ragged_noncausal": dict(B=4, T=3, Hq=4, Hkv=2, padding="ragged", causal=False, Sq=6, Skv=13),
-    "short_q_long_cache": dict(B=3, T=2, Sq=3, Skv=19, block_size=5, prefix_lens=[11, 4]),
+    # blocks larger than a 16-row tile but not a multiple of it: tiles straddle blocks
+    "short_q_long_cache": dict(B=3, T=2, Sq=3, Skv=19, block_size=20, prefix_lens=[37, 4]),
     "sq1_long_cache": dict(B=4, T=3, Hq=4, Hkv=1, Sq=1, Skv=17, padding="right"),
     "window_causal": dict(B=3, T=2, Sq=13, Skv=13, window=4, padding="left"),
     "window_noncausal": dict(B=2, T=2, Sq=9, Skv=9, window=3, causal=False, block_size=1),
@@ -255,6 +259,8 @@ def test_shared_block_between_tasks():
     args, kw = make_problem(seed, B=4, T=2, prefix_lens=[6, 5], block_size=3, shared_block=True)
     check(seed, args, kw, label="shared block")
     check(seed, args, kw, fn=lambda *a, **k: triton_direct(*a, deterministic=False, **k), label="shared atomics")
+    args, kw = make_problem(seed, B=3, T=2, prefix_lens=[7, 2], block_size=3, shared_block="within")
+    check(seed, args, kw, label="block twice in one table")
 
 
 def test_frozen_prefix_only_qkv_grads():
