@@ -1,0 +1,479 @@
+"""``SoftPromptModel``: one frozen transformers model serving many soft-prompt tasks at once.
+
+Each task has its own method (prefix tuning, P-tuning v2, prompt tuning, P-tuning v1); one batch
+may mix tasks *and* methods, in training and in inference:
+
+* deep-prompt tasks (prefix tuning, P-tuning v2) reach attention as a per-layer prefix K/V in
+  the model's prefix store. In training (``model.train()`` or gradients enabled) the store's
+  pools are rebuilt for the forward differentiably from the modules' outputs (``index_copy`` of
+  each task's blocks into a non-leaf copy of the pools), so gradients reach the MLP / raw
+  prefix; the prefix memory stays per task, never per sequence. In inference the outputs are
+  written into the store once and reused until a prompt parameter changes.
+* input-level tasks (prompt tuning, P-tuning v1) get their soft tokens (and the template's anchor
+  tokens) spliced into ``inputs_embeds`` row by row, with the attention mask, labels (-100 on
+  added tokens), token types (0) and positions (from the new attention mask) extended; rows of
+  deep tasks get none. Returned logits ``[B, S, V]`` are mapped back to the caller's layout.
+  When the soft tokens form a prefix of a causal decoder's input they are *compiled* for
+  inference: run through the model once, their per-layer K/V stored as the task's prefix, so
+  they then cost what prefix tuning costs (eval mode without gradients, and ``generate``).
+
+Positions always follow the attention mask (``cumsum(mask) - 1``; roberta: its padding_idx rule),
+so a row gives the same result alone or in a padded batch. Only the prompt modules and the heads
+named in ``trainable_heads`` have ``requires_grad``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .integration import attach, detach
+from .integration.attach import attached_store
+from .integration.families import family_of, text_config
+from .methods.base import Geometry, InputPrompt, DeepPrompt, MethodConfig, SoftPrompt
+from .methods.template import is_prefix
+
+NO_PROMPT = "__softprompt_none__"
+
+
+class SoftPromptModel(nn.Module):
+    """Args:
+        model: a transformers model of a supported family (see ``softprompt.integration``).
+        backend, block_size: passed to :func:`softprompt.attach`.
+        trainable_heads: module paths in ``model`` left trainable (e.g. ``["classifier"]``).
+        compile_prompts: compile prefix-shaped input prompts of causal decoders for inference.
+    """
+
+    def __init__(self, model: nn.Module, *, backend: Optional[str] = None, block_size: int = 16,
+                 trainable_heads: Sequence[str] = (), compile_prompts: bool = True):
+        super().__init__()
+        if attached_store(model) is not None:
+            raise ValueError("SoftPromptModel: `model` is already attached to a prefix store; detach it first")
+        family = family_of(model)
+        heads = list(trainable_heads)
+        for head in heads:
+            try:
+                model.get_submodule(head)
+            except AttributeError:
+                raise ValueError(f"SoftPromptModel: `trainable_heads` entry {head!r} is not a module of "
+                                 f"{type(model).__name__}") from None
+        self.geometry = Geometry.of(model)
+        store = attach(model, backend=backend, block_size=block_size, trainable=False)
+        self.model = model
+        self.__dict__["store"] = store            # owned by the model (model.softprompt_store)
+        self.family = family
+        self.causal = not family.bidirectional and not getattr(text_config(model), "is_encoder_decoder", False)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for head in heads:
+            for p in model.get_submodule(head).parameters():
+                p.requires_grad_(True)
+        self.trainable_heads = heads
+        self.compile_prompts = compile_prompts
+        self.prompts = nn.ModuleDict()
+        L, H, D = self.geometry.num_layers, self.geometry.num_kv_heads, self.geometry.head_dim
+        store.add(NO_PROMPT, torch.zeros(L, H, 0, D), torch.zeros(L, H, 0, D))
+        self._stored: Dict[str, object] = {}      # task -> signature of what the store holds for it
+
+    # ------------------------------------------------------------------ tasks
+    @property
+    def tasks(self) -> List[str]:
+        return list(self.prompts.keys())
+
+    def method_of(self, name: str) -> str:
+        return self._module(name).config.method
+
+    def _module(self, name: str) -> SoftPrompt:
+        if name not in self.prompts:
+            raise ValueError(f"SoftPromptModel: task {name!r} is unknown; known tasks: {self.tasks}")
+        return self.prompts[name]
+
+    def _check_name(self, name) -> None:
+        if not isinstance(name, str) or not name or "." in name or name == NO_PROMPT:
+            raise ValueError(f"SoftPromptModel: task name {name!r} is invalid; expected a non-empty str without '.'")
+        if name in self.prompts:
+            raise ValueError(f"SoftPromptModel: task {name!r} already exists; remove_task() it first")
+
+    def add_task(self, name: str, config: MethodConfig) -> SoftPrompt:
+        """Add a task with its method config; returns the task's (trainable) prompt module."""
+        self._check_name(name)
+        if not isinstance(config, MethodConfig):
+            raise ValueError(f"SoftPromptModel.add_task: `config` of type {type(config).__name__} is invalid; "
+                             "expected PrefixTuning, PTuningV2, PromptTuning or PTuningV1")
+        module = config.build(self.geometry, self.model.get_input_embeddings())
+        return self._add_module(name, module)
+
+    def _add_module(self, name: str, module: SoftPrompt) -> SoftPrompt:
+        self._check_name(name)
+        if module.geometry != self.geometry:
+            raise ValueError(f"SoftPromptModel: task {name!r} was built for {module.geometry}, not {self.geometry}")
+        param = next(self.model.parameters())
+        module = module.to(device=param.device)
+        module.train(self.training)
+        L, H, D = self.geometry.num_layers, self.geometry.num_kv_heads, self.geometry.head_dim
+        P = module.num_virtual_tokens if module.kind == "deep" else 0
+        zeros = torch.zeros(L, H, P, D, dtype=self.store.dtype, device=self.store.device)
+        self.store.add(name, zeros, zeros)
+        self.prompts[name] = module
+        self._stored[name] = None
+        return module
+
+    def remove_task(self, name: str) -> None:
+        self._module(name)
+        self.store.remove(name)
+        del self.prompts[name]
+        self._stored.pop(name, None)
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def detach_model(self) -> nn.Module:
+        """Detach the integration from the wrapped model and return it (this object is then unusable)."""
+        detach(self.model)
+        return self.model
+
+    # ------------------------------------------------------------------ prompts -> store
+    @staticmethod
+    def _signature(module: nn.Module):
+        return tuple((p.data_ptr(), p._version) for p in module.parameters())
+
+    def compilable(self, name: str) -> bool:
+        """True when an input-level task's soft tokens form a prefix of a causal decoder's input."""
+        module = self._module(name)
+        return module.kind == "input" and self.causal and is_prefix(module.template)
+
+    @contextlib.contextmanager
+    def _eval_module(self, module):
+        was = module.training
+        module.eval()
+        try:
+            yield
+        finally:
+            module.train(was)
+
+    def _front_embeddings(self, module: InputPrompt, prompt: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the template's segments before the input ``[n, hidden]``."""
+        emb = self.model.get_input_embeddings()
+        parts, vi = [], 0
+        for seg in module.template:
+            if seg[0] == "input":
+                break
+            if seg[0] == "virtual":
+                parts.append(prompt[vi: vi + seg[1]])
+                vi += seg[1]
+            else:
+                ids = torch.tensor(seg[1], dtype=torch.long, device=emb.weight.device)
+                parts.append(emb(ids).to(prompt.dtype))
+        return torch.cat(parts, dim=0)
+
+    @torch.no_grad()
+    def sync(self, names: Optional[Iterable[str]] = None) -> None:
+        """Write the inference form of tasks into the store (deep: prefix K/V; compilable input tasks:
+        compiled K/V) where a prompt parameter changed since the last write."""
+        for name in (self.tasks if names is None else dict.fromkeys(names)):
+            module = self._module(name)
+            if module.kind == "input" and not self.compilable(name):
+                continue
+            sig = self._signature(module)
+            if self._stored.get(name) == sig:
+                continue
+            with self._eval_module(module):
+                if module.kind == "deep":
+                    k, v = module.prefix()
+                else:
+                    k, v = self._compile(module)
+            self.store.replace(name, k.to(self.store.dtype), v.to(self.store.dtype))
+            self._stored[name] = sig
+
+    def _compile(self, module: InputPrompt):
+        """Run the prefix tokens through the model once; their per-layer K/V in cache convention."""
+        dtype = self.model.get_input_embeddings().weight.dtype
+        x = self._front_embeddings(module, module.embeddings().to(dtype))[None]
+        n = x.shape[1]
+        out = self.model(inputs_embeds=x, attention_mask=torch.ones(1, n, dtype=torch.long, device=x.device),
+                         position_ids=self._positions(torch.ones(1, n, dtype=torch.long, device=x.device)),
+                         use_cache=True)
+        cache = out.get("cache", None) if hasattr(out, "get") else None
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "layers"):
+            raise ValueError(f"SoftPromptModel: {type(self.model).__name__} returned no KV cache; cannot compile "
+                             "input prompts (set compile_prompts=False)")
+        k = torch.stack([layer.keys[0] for layer in cache.layers])
+        v = torch.stack([layer.values[0] for layer in cache.layers])
+        if k.shape[2] != n:
+            raise ValueError(f"SoftPromptModel: the model's cache kept {k.shape[2]} of {n} prompt positions "
+                             "(sliding window?); cannot compile (set compile_prompts=False)")
+        return k, v
+
+    @contextlib.contextmanager
+    def _differentiable_pools(self, names: Sequence[str]):
+        """Swap the store's pools for copies holding the deep tasks' current (differentiable) prefixes."""
+        store = self.store
+        if not names:
+            yield
+            return
+        L, H, D, bs = store.num_layers, store.num_kv_heads, store.head_dim, store.block_size
+        blocks, ks, vs = [], [], []
+        for name in names:
+            k, v = self.prompts[name].prefix()
+            P = k.shape[2]
+            if store.prefix_len(name) != P:
+                zeros = torch.zeros(L, H, P, D, dtype=store.dtype, device=store.device)
+                store.replace(name, zeros, zeros)
+                self._stored[name] = None
+            n = -(-P // bs)
+            blocks.append(store.block_table[store.task_id(name), :n])
+            for t, out, rotate in ((k, ks, True), (v, vs, False)):
+                t = t.to(store.dtype)
+                if rotate:
+                    t = store.to_stored(t, P)
+                t = F.pad(t, (0, 0, 0, n * bs - P)).view(L, H, n, bs, D).permute(0, 2, 1, 3, 4)
+                out.append(t)
+        index = torch.cat(blocks).to(store.device)
+        saved = store._buffers["k_blocks"], store._buffers["v_blocks"]
+        store._buffers["k_blocks"] = saved[0].detach().index_copy(1, index, torch.cat(ks, dim=1))
+        store._buffers["v_blocks"] = saved[1].detach().index_copy(1, index, torch.cat(vs, dim=1))
+        try:
+            yield
+        finally:
+            store._buffers["k_blocks"], store._buffers["v_blocks"] = saved
+
+    # ------------------------------------------------------------------ batches
+    def _row_tasks(self, tasks, task_ids, batch: int) -> List[str]:
+        spec = tasks if tasks is not None else task_ids
+        if spec is None:
+            raise ValueError("SoftPromptModel: give `tasks` (a task name or one name per row)")
+        if isinstance(spec, str):
+            spec = [spec] * batch
+        if isinstance(spec, torch.Tensor):
+            spec = spec.tolist()
+        spec = list(spec)
+        names = self.tasks
+        out = []
+        for t in spec:
+            if isinstance(t, int) and not isinstance(t, bool):
+                if not 0 <= t < len(names):
+                    raise ValueError(f"SoftPromptModel: task index {t} is invalid; expected 0..{len(names) - 1} "
+                                     f"(tasks in order: {names})")
+                t = names[t]
+            self._module(t)
+            out.append(t)
+        if len(out) == 1 and batch != 1:
+            out = out * batch
+        if len(out) != batch:
+            raise ValueError(f"SoftPromptModel: `tasks` with {len(out)} entries is invalid for a batch of {batch}; "
+                             "expected one task per row (or a single task name)")
+        return out
+
+    def _positions(self, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.long()
+        if self.family.positions == "padding_idx":
+            pad = getattr(text_config(self.model), "pad_token_id", None) or 0
+            return torch.cumsum(mask, dim=1) * mask + pad
+        return (torch.cumsum(mask, dim=1) - 1).clamp_min(0)
+
+    def _use_compiled(self) -> bool:
+        return self.compile_prompts and not self.training and not torch.is_grad_enabled()
+
+    def forward(self, input_ids=None, attention_mask=None, tasks=None, task_ids=None, labels=None,
+                inputs_embeds=None, token_type_ids=None, position_ids=None, **kwargs):
+        """The wrapped model's forward with a task per row (``tasks``: names, or ``task_ids``: indices
+        into ``self.tasks``). Position ids follow the attention mask unless given (and are always
+        recomputed when soft tokens are spliced into the inputs)."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("SoftPromptModel: give `input_ids` or `inputs_embeds`")
+        B, S = ref.shape[0], ref.shape[1]
+        names = self._row_tasks(tasks, task_ids, B)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=ref.device)
+        compiled = self._use_compiled()
+        if compiled or not (self.training or torch.is_grad_enabled()):
+            self.sync([n for n in names if self.prompts[n].kind == "deep" or (compiled and self.compilable(n))])
+        store_names, inline = [], {}
+        for n in names:
+            module = self.prompts[n]
+            if module.kind == "input" and not (compiled and self.compilable(n)):
+                store_names.append(NO_PROMPT)
+                inline[n] = module
+            else:
+                store_names.append(n)
+        train_path = self.training or torch.is_grad_enabled()
+        deep = [n for n in dict.fromkeys(names) if self.prompts[n].kind == "deep"] if train_path else []
+        if deep and getattr(self.model, "is_gradient_checkpointing", False):
+            raise ValueError("SoftPromptModel: gradient checkpointing is not supported while training deep-prompt "
+                             "tasks (the recomputation would not see the differentiable prefix); disable it")
+        ids = self.store.task_ids(store_names)
+        call = dict(kwargs)
+        layout = None
+        if inline:
+            call.update(self._splice(names, inline, input_ids, inputs_embeds, attention_mask, labels, token_type_ids))
+            layout = call.pop("_layout")
+        else:
+            call.update(attention_mask=attention_mask,
+                        position_ids=position_ids if position_ids is not None else self._positions(attention_mask))
+            if input_ids is not None:
+                call["input_ids"] = input_ids
+            else:
+                call["inputs_embeds"] = inputs_embeds
+            if labels is not None:
+                call["labels"] = labels
+            if token_type_ids is not None:
+                call["token_type_ids"] = token_type_ids
+        with self._differentiable_pools(deep):
+            out = self.model(task_ids=ids, **call)
+        if layout is not None:
+            logits = getattr(out, "logits", None)
+            T = call["attention_mask"].shape[1]
+            if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[1] == T:
+                index = layout[..., None].expand(-1, -1, logits.shape[-1])
+                out["logits"] = logits.gather(1, index)
+        return out
+
+    def _splice(self, names, inline, input_ids, inputs_embeds, attention_mask, labels, token_type_ids) -> dict:
+        emb_layer = self.model.get_input_embeddings()
+        embeds = emb_layer(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S = embeds.shape[:2]
+        real = attention_mask.bool()
+        prompts = {n: m.embeddings().to(embeds.dtype) for n, m in inline.items()}
+        left = bool(((~real[:, 0]) & real.any(1)).any())
+        rows, origins = [], []                 # per row: embeddings, and each position's source (-1 = added)
+        for b, name in enumerate(names):
+            idx = real[b].nonzero().flatten()
+            if idx.numel() and int(idx[-1] - idx[0]) + 1 != idx.numel():
+                raise ValueError(f"SoftPromptModel: `attention_mask` row {b} is not one contiguous run of tokens "
+                                 "(left or right padding only)")
+            module = inline.get(name)
+            if module is None:
+                rows.append(embeds[b, idx])
+                origins.append(idx)
+                continue
+            parts, src, vi = [], [], 0
+            for seg in module.template:
+                if seg[0] == "input":
+                    parts.append(embeds[b, idx])
+                    src.append(idx)
+                elif seg[0] == "virtual":
+                    parts.append(prompts[name][vi: vi + seg[1]])
+                    vi += seg[1]
+                    src.append(torch.full((seg[1],), -1, dtype=torch.long, device=idx.device))
+                else:
+                    tok = torch.tensor(seg[1], dtype=torch.long, device=embeds.device)
+                    parts.append(emb_layer(tok).to(embeds.dtype))
+                    src.append(torch.full((len(seg[1]),), -1, dtype=torch.long, device=idx.device))
+            rows.append(torch.cat(parts))
+            origins.append(torch.cat(src))
+        T = max(r.shape[0] for r in rows)
+        ext = embeds.new_zeros(B, T, embeds.shape[-1])
+        source = torch.full((B, T), -2, dtype=torch.long, device=embeds.device)     # -2 = padding
+        for b, (r, o) in enumerate(zip(rows, origins)):
+            sl = slice(T - r.shape[0], T) if left else slice(0, r.shape[0])
+            ext[b, sl] = r
+            source[b, sl] = o
+        ext_mask = (source != -2).to(attention_mask.dtype)
+        gather = source.clamp_min(0)
+        call = {"inputs_embeds": ext, "attention_mask": ext_mask, "position_ids": self._positions(ext_mask)}
+        if labels is not None:
+            if labels.dim() == 2 and tuple(labels.shape) == (B, S):
+                call["labels"] = labels.gather(1, gather).masked_fill(source < 0, -100)
+            else:                                # sequence-level labels (classification)
+                call["labels"] = labels
+        if token_type_ids is not None:
+            call["token_type_ids"] = token_type_ids.gather(1, gather).masked_fill(source < 0, 0)
+        # where each original position went (padding -> the row's first added/padded slot or 0)
+        layout = torch.zeros(B, S, dtype=torch.long, device=embeds.device)
+        for b in range(B):
+            pos = (source[b] >= 0).nonzero().flatten()
+            layout[b, source[b, pos]] = pos
+        call["_layout"] = layout
+        return call
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, tasks=None, task_ids=None, **kwargs):
+        """``model.generate`` for a batch of mixed tasks. Input-level tasks must be compilable
+        (soft tokens in front of a causal decoder's input)."""
+        if input_ids is None:
+            raise ValueError("SoftPromptModel.generate: give `input_ids`")
+        names = self._row_tasks(tasks, task_ids, input_ids.shape[0])
+        for n in dict.fromkeys(names):
+            if self.prompts[n].kind == "input" and not self.compilable(n):
+                raise ValueError(f"SoftPromptModel.generate: task {n!r} ({self.method_of(n)}) places soft tokens "
+                                 "after the input or the model is not a causal decoder; generation needs them "
+                                 "in front (compiled into a prefix)")
+        self.sync(names)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                   task_ids=self.store.task_ids(names), **kwargs)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, directory) -> None:
+        """Write every task (full training state) and the trainable heads: JSON + safetensors, atomically."""
+        from .methods import checkpoint
+        tensors, tasks = {}, []
+        for name, module in self.prompts.items():
+            for k, v in module.state_dict().items():
+                tensors[f"tasks.{name}.{k}"] = v
+            entry = {"name": name, "method": module.config.method, "config": module.config.to_dict()}
+            if hasattr(module, "structure"):
+                entry["structure"] = module.structure()
+            tasks.append(entry)
+        for head in self.trainable_heads:
+            for k, v in self.model.get_submodule(head).state_dict().items():
+                tensors[f"heads.{head}.{k}"] = v
+        meta = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "geometry": self.geometry.to_dict(),
+                "model_class": type(self.model).__name__, "tasks": tasks, "heads": list(self.trainable_heads)}
+        checkpoint.atomic_save(directory, meta, tensors)
+
+    def load_tasks(self, directory) -> List[str]:
+        """Add the tasks (and head weights) of a checkpoint; validated first, nothing changes on error."""
+        from .methods import checkpoint
+        modules, heads, _ = checkpoint.read_checkpoint(directory, self.model, self.geometry)
+        clash = [n for n, _ in modules if n in self.prompts]
+        if clash:
+            raise ValueError(f"SoftPromptModel.load_tasks: tasks {clash} already exist; remove_task() them first")
+        for name, _ in modules:
+            self._check_name(name)
+        for head, state in heads.items():
+            target = self.model.get_submodule(head)
+            with torch.no_grad():
+                for k, t in target.state_dict().items():
+                    t.copy_(state[k].to(t.dtype))
+        for name, module in modules:
+            self._add_module(name, module)
+        return [n for n, _ in modules]
+
+    @classmethod
+    def load(cls, model: nn.Module, directory, **kwargs) -> "SoftPromptModel":
+        """Wrap ``model`` and load a checkpoint written by :meth:`save`. The checkpoint is validated
+        against ``model`` before the model is touched; ``trainable_heads`` default to the saved ones."""
+        from .methods import checkpoint
+        family_of(model)
+        checkpoint.read_checkpoint(directory, model, Geometry.of(model))       # validate only
+        import json
+        from pathlib import Path
+        meta = json.loads((Path(directory) / checkpoint.CONFIG_NAME).read_text())
+        kwargs.setdefault("trainable_heads", meta.get("heads", []))
+        spm = cls(model, **kwargs)
+        try:
+            spm.load_tasks(directory)
+        except Exception:
+            spm.detach_model()
+            raise
+        return spm
+
+    # ------------------------------------------------------------------ PEFT
+    def load_peft(self, path, task: str, method: Optional[str] = None) -> SoftPrompt:
+        """Add a task from a PEFT prompt-learning adapter folder (see :mod:`softprompt.peft_io`)."""
+        from .peft_io import load_peft
+        return load_peft(self, path, task, method=method)
+
+    def export_peft(self, task: str, path) -> None:
+        """Write a task as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads."""
+        from .peft_io import export_peft
+        export_peft(self, task, path)
