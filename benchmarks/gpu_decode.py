@@ -327,7 +327,7 @@ def compile_check(args_ns):
     target = GPUTarget("cuda", 90, 32)
     ptrs16 = {"Q", "K", "V", "PK", "PV", "OUT"}
     ptrs32 = {"PO", "PL"}
-    ptrs64 = {"BT", "PLENS", "QLENS", "ORDER", "TSEQ_START", "TCOUNT", "TTILE_START", "TILE_TASK",
+    ptrs64 = {"BT", "PLENS", "QLENS", "ORDER", "TSEQ_START", "TCOUNT", "TTILE_END", "SORTED",
               "TIDS", "KVLENS", "KVSTARTS"}
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     B, Hq, Hkv, Sq, S, bs = args_ns.seqs, args_ns.hq, args_ns.hkv, args_ns.sq, args_ns.own, args_ns.block_size
@@ -347,8 +347,12 @@ def compile_check(args_ns):
                         s_pkb=Hkv * bs * D, s_pkh=bs * D, s_pkn=D, s_pkd=1, s_pvb=Hkv * bs * D,
                         s_pvh=bs * D, s_pvn=D, s_pvd=1, s_bt0=args_ns.prefix // bs, s_bt1=1,
                         s_ob=Hq * Sq * D, s_oh=Sq * D, s_os=D, s_od=1, T=args_ns.tasks, Hq=Hq, Sq=Sq,
-                        D=D, block_size=bs, window=0, NS=3, slot_off=2, num_pre=2, chunk=1024)
+                        D=D, block_size=bs, window=0, NS=3, slot_off=2, num_pre=2, chunk=1024,
+                        n_iter_t=args_ns.tasks.bit_length(), B=B, GS=G * Sq, tile_m=tile_m,
+                        n_iter=B.bit_length())
             jobs = [
+                ("group setup", td._group_setup_kernel,
+                 dict(BLOCK_T=min(1024, max(16, td._pow2(args_ns.tasks)))), 4),
                 ("grouped prefix", td._grouped_prefix_kernel,
                  dict(G=G, BLOCK_M=tile_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec),
                  td._grouped_warps(tile_m, block_d)),

@@ -8,13 +8,15 @@ Two paths, both exact (checked against ``reference`` in ``tests/test_triton_deco
 
 ``grouped`` (shared-prefix / cascade form; FlashInfer cascade, Hydragen, ChunkAttention)
     1. *Prefix phase* (``_grouped_prefix_kernel``): the batch is grouped by task on the device
-       (``argsort`` + ``bincount`` + ``cumsum``, no host sync). One program per (tile of a task's
+       with no host sync (one stable ``torch.sort`` of the task ids, then ``_group_setup_kernel``,
+       a single program that binary-searches each task's range and running-sums its query tiles:
+       counts / offsets in one launch instead of bincount + cumsum + ...). One program per (tile of a task's
        stacked queries, kv head, prefix split) stacks ``sequences x GQA heads x Sq`` query rows
        of one task into a ``BLOCK_M``-row tile and runs a matrix-matrix online softmax over the
        task's prefix blocks, so each prefix block is loaded once per (task, query tile) instead of
        once per sequence. Tiles of all tasks are laid out CSR-style in one flat grid axis whose
        size is a shape-only upper bound (``cdiv(B*G*Sq, BLOCK_M) + min(T, B)``); each program finds
-       its task with a device-side ``searchsorted`` table, surplus programs do nothing.
+       its task by a binary search over the tasks' running tile counts; surplus programs do nothing.
     2. *Own phase* (``_sequence_kernel`` with ``INCLUDE_PREFIX=False``): per (sequence, kv head,
        KV split), the G query heads x Sq queries of the sequence are stacked in one tile and its own
        cache is scanned (split-K / flash-decoding when the grid would otherwise be small).
@@ -108,8 +110,47 @@ def _prefix_tile(q, PK, PV, BT, bt_row, start, end, h,
 
 
 @triton.jit
+def _group_setup_kernel(SORTED, TSEQ_START, TCOUNT, TTILE_END, B, T, GS, tile_m, n_iter,
+                        BLOCK_T: tl.constexpr):
+    """One program: CSR grouping of the batch by task from the sorted task ids.
+
+    For every task t: ``TSEQ_START[t]`` (first position of t in the sorted batch, a vectorised
+    binary search), ``TCOUNT[t]`` (its sequences) and ``TTILE_END[t]`` (inclusive running sum of
+    its query tiles ``cdiv(count * G * Sq, tile_m)``). Replaces a dozen small torch launches.
+    """
+    carry = tl.zeros([1], tl.int64)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tmask = t < T
+        lo_a = tl.zeros([BLOCK_T], tl.int32)             # lower_bound(t)
+        hi_a = tl.zeros([BLOCK_T], tl.int32) + B
+        lo_b = tl.zeros([BLOCK_T], tl.int32)             # lower_bound(t + 1)
+        hi_b = tl.zeros([BLOCK_T], tl.int32) + B
+        for _ in range(n_iter):
+            act_a = lo_a < hi_a
+            mid_a = (lo_a + hi_a) // 2
+            val_a = tl.load(SORTED + mid_a, mask=act_a, other=0)
+            go_a = act_a & (val_a < t)
+            hi_a = tl.where(act_a & (val_a >= t), mid_a, hi_a)
+            lo_a = tl.where(go_a, mid_a + 1, lo_a)
+            act_b = lo_b < hi_b
+            mid_b = (lo_b + hi_b) // 2
+            val_b = tl.load(SORTED + mid_b, mask=act_b, other=0)
+            go_b = act_b & (val_b <= t)
+            hi_b = tl.where(act_b & (val_b > t), mid_b, hi_b)
+            lo_b = tl.where(go_b, mid_b + 1, lo_b)
+        count = tl.where(tmask, lo_b - lo_a, 0).to(tl.int64)
+        tiles = (count * GS + tile_m - 1) // tile_m
+        tile_end = carry + tl.cumsum(tiles, 0)
+        carry = carry + tl.sum(tiles, 0)
+        tl.store(TSEQ_START + t, lo_a.to(tl.int64), mask=tmask)
+        tl.store(TCOUNT + t, count, mask=tmask)
+        tl.store(TTILE_END + t, tile_end, mask=tmask)
+
+
+@triton.jit
 def _grouped_prefix_kernel(
-        Q, PK, PV, BT, PLENS, QLENS, ORDER, TSEQ_START, TCOUNT, TTILE_START, TILE_TASK,
+        Q, PK, PV, BT, PLENS, QLENS, ORDER, TSEQ_START, TCOUNT, TTILE_END, n_iter_t,
         PO, PL, qk_scale,
         s_qb, s_qh, s_qs, s_qd,
         s_pkb, s_pkh, s_pkn, s_pkd,
@@ -123,11 +164,21 @@ def _grouped_prefix_kernel(
     h = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
 
-    task = tl.load(TILE_TASK + pid_tile)                 # T for surplus programs
-    live = task < T
-    task = tl.minimum(task, T - 1)
-    tile = pid_tile - tl.load(TTILE_START + task)
+    # This program's task: the first t with TTILE_END[t] > pid_tile (binary search); T when the
+    # program is surplus (the grid is a shape-only upper bound on the number of tiles).
+    lo = pid_tile * 0
+    hi = lo + T
+    for _ in range(n_iter_t):
+        act = lo < hi
+        mid = (lo + hi) // 2
+        val = tl.load(TTILE_END + mid, mask=act, other=0)
+        hi = tl.where(act & (val > pid_tile), mid, hi)
+        lo = tl.where(act & (val <= pid_tile), mid + 1, lo)
+    live = lo < T
+    task = tl.minimum(lo, T - 1)
     count = tl.where(live, tl.load(TCOUNT + task), 0)
+    tile_end = tl.load(TTILE_END + task)
+    tile = pid_tile - (tile_end - (count * (G * Sq) + BLOCK_M - 1) // BLOCK_M)
     seq0 = tl.load(TSEQ_START + task)
 
     GS = G * Sq
@@ -386,7 +437,8 @@ def choose_path(x: PrefixAttentionInputs) -> str:
         return "per_sequence"
     if B >= GROUP_MIN_SEQS * T:
         return "grouped"
-    present = int((torch.bincount(x.task_ids, minlength=T) > 0).sum())   # the one host sync
+    seen = torch.zeros(T, dtype=torch.bool, device=x.task_ids.device).index_fill_(0, x.task_ids, True)
+    present = int(seen.sum())                                            # the one host sync
     return "grouped" if B >= GROUP_MIN_SEQS * present else "per_sequence"
 
 
@@ -486,17 +538,17 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
         NS = 1
 
     if chosen == "grouped":
-        # Group the batch by task on the device: CSR offsets of sequences and of query tiles.
-        order = torch.argsort(tids, stable=True)
-        counts = torch.bincount(tids, minlength=T)
-        seq_start = torch.cumsum(counts, 0) - counts
-        tiles = (counts * GS + tile_m - 1) // tile_m
-        tile_end = torch.cumsum(tiles, 0)
-        tile_start = tile_end - tiles
-        tile_task = torch.searchsorted(tile_end, torch.arange(tiles_bound, device=dev), right=True)
+        # Group the batch by task on the device, no host sync: one stable sort, then one
+        # single-program kernel for the CSR offsets of sequences and query tiles per task.
+        sorted_tids, order = torch.sort(tids, stable=True)
+        meta = torch.empty((3, T), dtype=torch.int64, device=dev)
+        seq_start, counts, tile_end = meta[0], meta[1], meta[2]
+        _group_setup_kernel[(1,)](
+            sorted_tids, seq_start, counts, tile_end, B, T, GS, tile_m, B.bit_length(),
+            BLOCK_T=min(1024, max(16, _pow2(T))), num_warps=4)
         _grouped_prefix_kernel[(tiles_bound, Hkv, nsp)](
-            x.q, pk, pv, bt, plens, qlens, order, seq_start, counts, tile_start,
-            tile_task, part_o, part_l, qk_scale,
+            x.q, pk, pv, bt, plens, qlens, order, seq_start, counts, tile_end,
+            T.bit_length(), part_o, part_l, qk_scale,
             *x.q.stride(), *x.prefix_k.stride(), *x.prefix_v.stride(), *x.block_table.stride(),
             T, Hq, Sq, D, x.block_size, NS, chunk_p,
             G=G, BLOCK_M=tile_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec,

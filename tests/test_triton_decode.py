@@ -100,6 +100,16 @@ def test_many_tasks_uneven_groups_gqa(path, Sq):
     check(seed, args, kw, path=path)
 
 
+def test_grouped_many_tasks_in_table():
+    """T = 1100 table rows (more than one 1024-task chunk of the setup kernel), 4 present."""
+    seed = new_seed()
+    rnd = random.Random(seed)
+    task_ids = [3, 1050, 1050, 1099, 3, rnd.choice([700, 3, 1099])]
+    args, kw = make_problem(seed, B=6, T=1100, Hq=2, Hkv=1, Sq=2, Skv=9, D=8, block_size=8,
+                            task_ids=task_ids)
+    check(seed, args, kw, path="grouped")
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_window_and_kv_starts(path):
     seed = new_seed()
