@@ -5,3 +5,7 @@ from .store import PrefixStore
 from .integration import attach, detach
 
 __all__ = ["PrefixStore", "attach", "detach", "__version__"]
+from .methods import PrefixTuning, PTuningV2, PromptTuning, PTuningV1
+from .model import SoftPromptModel
+
+__all__ += ["SoftPromptModel", "PrefixTuning", "PTuningV2", "PromptTuning", "PTuningV1"]

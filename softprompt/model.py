@@ -276,6 +276,9 @@ class SoftPromptModel(nn.Module):
             return torch.cumsum(mask, dim=1) * mask + pad
         return (torch.cumsum(mask, dim=1) - 1).clamp_min(0)
 
+    def _checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())
+
     def _use_compiled(self) -> bool:
         return self.compile_prompts and not self.training and not torch.is_grad_enabled()
 
@@ -304,7 +307,7 @@ class SoftPromptModel(nn.Module):
                 store_names.append(n)
         train_path = self.training or torch.is_grad_enabled()
         deep = [n for n in dict.fromkeys(names) if self.prompts[n].kind == "deep"] if train_path else []
-        if deep and getattr(self.model, "is_gradient_checkpointing", False):
+        if deep and self._checkpointing():
             raise ValueError("SoftPromptModel: gradient checkpointing is not supported while training deep-prompt "
                              "tasks (the recomputation would not see the differentiable prefix); disable it")
         ids = self.store.task_ids(store_names)
@@ -468,10 +471,11 @@ class SoftPromptModel(nn.Module):
         return spm
 
     # ------------------------------------------------------------------ PEFT
-    def load_peft(self, path, task: str, method: Optional[str] = None) -> SoftPrompt:
-        """Add a task from a PEFT prompt-learning adapter folder (see :mod:`softprompt.peft_io`)."""
+    def load_peft(self, path, task: str, method: Optional[str] = None, heads: bool = True) -> SoftPrompt:
+        """Add a task from a PEFT prompt-learning adapter folder (see :mod:`softprompt.peft_io`);
+        ``heads``: also copy the adapter's classification head weights into the model."""
         from .peft_io import load_peft
-        return load_peft(self, path, task, method=method)
+        return load_peft(self, path, task, method=method, heads=heads)
 
     def export_peft(self, task: str, path) -> None:
         """Write a task as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads."""

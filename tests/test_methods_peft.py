@@ -1,0 +1,163 @@
+"""PEFT interchange: adapters made with PEFT itself (0.21.x) load into SoftPromptModel and reproduce
+PEFT's training-mode forward logits (fp32, 1e-5); exported adapters load in PEFT and reproduce ours.
+
+Prefix tuning on BERT: PEFT 0.21 refuses its forward on transformers 5.x ("Model does not support past
+key values ...": it looks for a ``past_key_values`` argument, now ``cache``), but it creates and saves
+the adapter. There we compare against what PEFT would feed the model: the stock eager model with the
+adapter's prefix in a pre-filled ``DynamicCache`` (PEFT's ``get_prompt`` layout) and a mask of P + S.
+"""
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+peft = pytest.importorskip("peft")
+from peft import (PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType,  # noqa: E402
+                  get_peft_model)
+
+from softprompt import SoftPromptModel  # noqa: E402
+from softprompt.methods import PrefixTuning, PromptTuning, PTuningV1, PTuningV2, flat_to_kv  # noqa: E402
+from test_integration_common import make_model, prefix_cache, random_rows  # noqa: E402
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _bert_cls(seed=0):
+    torch.manual_seed(seed)
+    cfg = tf.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        num_labels=3, max_position_embeddings=128)
+    return tf.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager").eval()
+
+
+def _batch(lengths=(6, 6, 6), seed=3):
+    rows = random_rows(list(lengths), seed=seed)
+    return torch.stack(rows)
+
+
+CAUSAL = {
+    "prefix_mlp": lambda: PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, prefix_projection=True,
+                                             encoder_hidden_size=24),
+    "prefix_raw": lambda: PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3),
+    "prompt": lambda: PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+    "ptuning_mlp": lambda: PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4,
+                                               encoder_hidden_size=16),
+    "ptuning_lstm": lambda: PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4,
+                                                encoder_hidden_size=16, encoder_reparameterization_type="LSTM"),
+}
+EXPECTED_METHOD = {"prefix_mlp": "prefix_tuning", "prefix_raw": "prefix_tuning", "prompt": "prompt_tuning",
+                   "ptuning_mlp": "p_tuning_v1", "ptuning_lstm": "p_tuning_v1"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", list(CAUSAL))
+def test_peft_causal_adapter_reproduces_peft_training_forward(tmp_path, family, kind):
+    if family == "gpt2" and kind not in ("prefix_mlp", "prompt"):
+        pytest.skip("one learned-position family per kind class is enough")
+    torch.manual_seed(11)
+    pm = get_peft_model(make_model(family), CAUSAL[kind]())
+    pm.train()
+    ids = _batch()
+    labels = ids.clone()
+    want = pm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    pm.save_pretrained(tmp_path)
+
+    spm = SoftPromptModel(make_model(family))
+    spm.load_peft(tmp_path, task="t")
+    assert spm.method_of("t") == EXPECTED_METHOD[kind]
+    spm.train()
+    got = spm(ids, tasks="t", labels=labels)
+    S = ids.shape[1]
+    torch.testing.assert_close(got.logits, want.logits[:, -S:], **TOL)
+    torch.testing.assert_close(got.loss, want.loss, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "ptuning_mlp"])
+def test_peft_seq_cls_prompt_adapter_on_bert(tmp_path, kind):
+    torch.manual_seed(5)
+    cfg = (PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4) if kind == "prompt" else
+           PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, encoder_hidden_size=16))
+    pm = get_peft_model(_bert_cls(), cfg)
+    with torch.no_grad():                           # a trained head differs from the base model's
+        pm.base_model.classifier.modules_to_save["default"].weight.mul_(-2.0)
+    pm.train()
+    ids = _batch((7, 7))
+    want = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    pm.save_pretrained(tmp_path)
+    spm = SoftPromptModel(_bert_cls(), trainable_heads=["classifier"])
+    spm.load_peft(tmp_path, task="cls")
+    spm.train()
+    torch.testing.assert_close(spm(ids, tasks="cls").logits, want, **TOL)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_peft_prefix_adapter_on_bert_matches_cache_reference(tmp_path, projection):
+    torch.manual_seed(7)
+    cfg = PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, prefix_projection=projection,
+                             encoder_hidden_size=20)
+    pm = get_peft_model(_bert_cls(), cfg)
+    pm.save_pretrained(tmp_path)                    # PEFT's own forward raises on transformers 5.x here
+    flat = peft.utils.load_peft_weights(str(tmp_path))["prompt_embeddings"]
+    spm = SoftPromptModel(_bert_cls())
+    spm.load_peft(tmp_path, task="v2", heads=False)
+    assert spm.method_of("v2") == "p_tuning_v2"
+    spm.train()
+    ids = _batch((7, 7))
+    got = spm(ids, tasks="v2").logits
+    ref = _bert_cls().train()
+    geometry = spm.geometry
+    k, v = flat_to_kv(flat, geometry)
+    mask = torch.ones(ids.shape[0], 4 + ids.shape[1], dtype=torch.long)
+    want = ref(ids, attention_mask=mask, cache=prefix_cache(k, v, batch=ids.shape[0]), use_cache=True).logits
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("config", [PrefixTuning(5, projection_dim=12), PTuningV2(3), PromptTuning(4),
+                                    PTuningV1(num_virtual_tokens=3, encoder="lstm", hidden_size=8)],
+                         ids=["prefix", "v2", "prompt", "ptuning"])
+def test_exported_adapter_loads_in_peft(tmp_path, family, config):
+    if family == "gpt2" and config.method in ("p_tuning_v2", "p_tuning_v1"):
+        pytest.skip("covered on llama")
+    torch.manual_seed(2)
+    spm = SoftPromptModel(make_model(family))
+    spm.add_task("t", config)
+    with torch.no_grad():
+        for p in spm.prompts["t"].parameters():
+            p.mul_(0.5)
+    spm.export_peft("t", tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    pm = PeftModel.from_pretrained(make_model(family), str(tmp_path))
+    assert pm.peft_config["default"].peft_type.value == saved["peft_type"]
+    pm.train()
+    ids = _batch()
+    spm.train()
+    got = spm(ids, tasks="t").logits
+    if config.kind == "deep":
+        # PEFT's prefix-tuning generate path is broken on transformers 5.x, its training forward is not;
+        # in inference_mode it reads the saved prefix directly
+        want = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    else:
+        want = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1]:]
+    torch.testing.assert_close(got, want, **TOL)
+    # and back: the exported adapter loads here again
+    spm.load_peft(tmp_path, task="again")
+    torch.testing.assert_close(spm(ids, tasks="again").logits, got, **TOL)
+
+
+def test_load_peft_errors_leave_model_untouched(tmp_path):
+    torch.manual_seed(0)
+    pm = get_peft_model(make_model("llama"), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
+    pm.save_pretrained(tmp_path)
+    spm = SoftPromptModel(make_model("llama", num_hidden_layers=3))
+    with pytest.raises(ValueError, match="num_layers"):
+        spm.load_peft(tmp_path, task="t")
+    assert spm.tasks == []
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    spm2 = SoftPromptModel(make_model("llama"))
+    with pytest.raises(ValueError, match="safetensors"):
+        spm2.load_peft(tmp_path, task="t")
+    assert spm2.tasks == [] and "t" not in spm2.store
+    with pytest.raises(ValueError, match="adapter_config.json is missing"):
+        spm2.load_peft(tmp_path / "nowhere", task="t")
