@@ -251,3 +251,25 @@ def test_sliding_window_generate_consistent_and_bf16_smoke():
     assert logits.dtype == torch.bfloat16
     for b, r in enumerate(rows):
         torch.testing.assert_close(logits[b, -len(r):].float(), refs[b], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_deepcopy_of_attached_model_is_independent(family):
+    import copy
+    model, store, prefixes = _attached(family, trainable=False)
+    twin = copy.deepcopy(model)
+    twin_store = softprompt.integration.attached_store(twin)
+    assert twin_store is not store and twin_store.names == store.names
+    assert all(m.__dict__["_softprompt_slot"].store_ref() is twin_store
+               for m in twin.modules() if "_softprompt_slot" in m.__dict__)
+    ids, mask = left_pad(random_rows([5, 3, 4, 2]), family)
+    kw = dict(attention_mask=mask, position_ids=positions_from_mask(mask), task_ids=torch.tensor(TASKS))
+    with torch.no_grad():
+        a, b = model(ids, **kw).logits, twin(ids, **kw).logits
+        assert torch.equal(a, b)
+        twin_store.replace("task1", *(t * 3 for t in prefixes["task1"]))
+        assert torch.equal(model(ids, **kw).logits, a)           # the original is untouched
+        assert not torch.equal(twin(ids, **kw).logits, a)
+    softprompt.detach(twin)
+    assert twin.config._attn_implementation == "eager" and "task_ids" not in inspect.signature(twin.forward).parameters
+    assert "task_ids" in inspect.signature(model.forward).parameters

@@ -12,6 +12,7 @@ shifts ``position_ids`` by each row's prefix length. ``detach`` undoes all of it
 from __future__ import annotations
 
 import inspect
+import types
 from typing import Optional
 
 import torch
@@ -24,7 +25,6 @@ from .store import ModelPrefixStore
 
 STORE_NAME = "softprompt_store"
 _SAVED = "_softprompt_saved"
-_MISSING = object()
 
 
 def attached_store(model: nn.Module) -> Optional[ModelPrefixStore]:
@@ -63,7 +63,8 @@ def attach(model: nn.Module, backend: Optional[str] = None, block_size: int = 16
                              dtype=param.dtype, device=param.device, trainable=trainable)
 
     register()
-    saved = {"attn": model.config._attn_implementation, "forward": model.__dict__.get("forward", _MISSING)}
+    saved = {"attn": model.config._attn_implementation, "had_forward": "forward" in model.__dict__,
+             "forward": model.__dict__.get("forward")}
     model.set_attn_implementation(ATTN_NAME)
     if model.config._attn_implementation != ATTN_NAME:
         model.set_attn_implementation(saved["attn"])
@@ -85,7 +86,7 @@ def detach(model: nn.Module) -> Optional[ModelPrefixStore]:
         raise ValueError("softprompt.detach: `model` is not attached (softprompt.attach was not called on it)")
     for module in saved["modules"]:
         module.__dict__.pop(SLOT, None)
-    if saved["forward"] is _MISSING:
+    if not saved["had_forward"]:
         model.__dict__.pop("forward", None)
     else:
         model.__dict__["forward"] = saved["forward"]
@@ -101,49 +102,73 @@ def _past_length(bound: dict) -> int:
     return 0
 
 
+class _TaskIdsForward:
+    """``model.forward`` with a ``task_ids`` keyword in its signature (and learned-position offsets).
+
+    A callable object rather than a closure so that ``copy.deepcopy(model)`` gives a copy whose
+    forward calls the copy (with the copy's store), not the original.
+    """
+
+    def __init__(self, model: nn.Module, store: ModelPrefixStore, original):
+        self.model, self.store, self.original = model, store, original
+        sig = inspect.signature(original)
+        if "task_ids" in sig.parameters:
+            raise ValueError(f"softprompt.attach: {type(model).__name__}.forward already has a `task_ids` argument")
+        params = list(sig.parameters.values())
+        task_param = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+        var_kw = [i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD]
+        params.insert(var_kw[0] if var_kw else len(params), task_param)
+        self._sig = sig
+        self.__signature__ = sig.replace(parameters=params)
+        self.__name__ = "forward"
+        self.__qualname__ = f"{type(model).__name__}.forward"
+        self.__doc__ = (original.__doc__ or "") + (
+            "\n\n        task_ids (`torch.LongTensor [B]` or list of task names, *optional*): added by "
+            "softprompt.attach: the task (prefix) of each sequence.")
+        self.family = family_of(model)
+        self.padding_idx = getattr(text_config(model), "pad_token_id", None)
+
+    def __deepcopy__(self, memo):
+        import copy
+        model = copy.deepcopy(self.model, memo)
+        original = self.original
+        if getattr(original, "__self__", None) is self.model:
+            original = types.MethodType(original.__func__, model)
+        else:
+            original = copy.deepcopy(original, memo)
+        twin = object.__new__(_TaskIdsForward)          # the model copy is still being built: no checks
+        twin.__dict__.update(self.__dict__)
+        twin.model, twin.store, twin.original = model, copy.deepcopy(self.store, memo), original
+        return twin
+
+    def __call__(self, *args, task_ids=None, **kwargs):
+        if task_ids is not None and not self.family.rope:
+            args, kwargs, task_ids = self._offset_positions(args, kwargs, task_ids)
+        return self.original(*args, task_ids=task_ids, **kwargs)
+
+    def _offset_positions(self, args, kwargs, task_ids):
+        sig = self._sig
+        bound = sig.bind_partial(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        for p in sig.parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(p.name, {}))
+        ref = arguments.get("input_ids")
+        if ref is None:
+            ref = arguments.get("inputs_embeds")
+        if ref is None:
+            return args, kwargs, task_ids
+        ids = self.store.resolve_task_ids(task_ids, batch=ref.shape[0], device=ref.device)
+        position_ids = offset_position_ids(
+            self.family.positions, self.store.prefix_offsets(ids), input_ids=arguments.get("input_ids"),
+            inputs_embeds=arguments.get("inputs_embeds"), attention_mask=arguments.get("attention_mask"),
+            position_ids=arguments.get("position_ids"), past_length=_past_length(arguments),
+            padding_idx=self.padding_idx)
+        bound.arguments.pop("position_ids", None)
+        kwargs = dict(bound.kwargs)
+        kwargs["position_ids"] = position_ids
+        return bound.args, kwargs, ids
+
+
 def _forward_with_task_ids(model: nn.Module, store: ModelPrefixStore):
-    """``model.forward`` with a ``task_ids`` keyword in its signature (and learned-position offsets)."""
-    original = model.forward                      # bound method (or a previous instance override)
-    sig = inspect.signature(original)
-    params = list(sig.parameters.values())
-    if "task_ids" in sig.parameters:
-        raise ValueError(f"softprompt.attach: {type(model).__name__}.forward already has a `task_ids` argument")
-    task_param = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-    var_kw = [i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD]
-    params.insert(var_kw[0] if var_kw else len(params), task_param)
-    new_sig = sig.replace(parameters=params)
-    family = family_of(model)
-    padding_idx = getattr(text_config(model), "pad_token_id", None)
-
-    def forward(*args, task_ids=None, **kwargs):
-        if task_ids is not None:
-            if not family.rope:
-                bound = sig.bind_partial(*args, **kwargs)
-                arguments = dict(bound.arguments)
-                for p in sig.parameters.values():
-                    if p.kind is inspect.Parameter.VAR_KEYWORD:
-                        arguments.update(arguments.pop(p.name, {}))
-                ref = arguments.get("input_ids")
-                if ref is None:
-                    ref = arguments.get("inputs_embeds")
-                if ref is not None:
-                    ids = store.resolve_task_ids(task_ids, batch=ref.shape[0], device=ref.device)
-                    position_ids = offset_position_ids(
-                        family.positions, store.prefix_offsets(ids), input_ids=arguments.get("input_ids"),
-                        inputs_embeds=arguments.get("inputs_embeds"),
-                        attention_mask=arguments.get("attention_mask"),
-                        position_ids=arguments.get("position_ids"), past_length=_past_length(arguments),
-                        padding_idx=padding_idx)
-                    bound.arguments.pop("position_ids", None)
-                    args, kwargs = bound.args, dict(bound.kwargs)
-                    kwargs["position_ids"] = position_ids
-                    task_ids = ids
-        return original(*args, task_ids=task_ids, **kwargs)
-
-    forward.__signature__ = new_sig
-    forward.__name__ = "forward"
-    forward.__qualname__ = f"{type(model).__name__}.forward"
-    forward.__doc__ = (original.__doc__ or "") + (
-        "\n\n        task_ids (`torch.LongTensor [B]` or list of task names, *optional*): added by "
-        "softprompt.attach: the task (prefix) of each sequence.")
-    return forward
+    return _TaskIdsForward(model, store, model.forward)

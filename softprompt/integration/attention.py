@@ -42,7 +42,10 @@ class Slot:
         self.layer = layer
 
     def __deepcopy__(self, memo):
-        return self            # a copied model is re-attached explicitly, never silently shared
+        # copy.deepcopy(model): the copy's modules point at the copy's store (same memo)
+        import copy
+        store = self.store_ref()
+        return Slot(copy.deepcopy(store, memo), self.layer) if store is not None else self
 
     def __repr__(self):
         return f"Slot(layer={self.layer})"
