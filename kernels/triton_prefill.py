@@ -184,7 +184,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)   # heaviest (last, causal) tiles first
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
@@ -262,6 +262,22 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdob, sdoh, sdos, sdod, Hq, Sq, D,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``Delta = rowsum(O * dO)`` in fp32 (the softmax-backward correction), without fp32 copies."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    mask = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :] * sdod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, PK, PV, BT, PLENS, TIDS, QLENS, KVLENS, KVSTARTS, DO, LSE, DELTA, DQ,
     sqb, sqh, sqs, sqd,
@@ -277,7 +293,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)   # heaviest (last, causal) tiles first
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
@@ -610,7 +626,11 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
 
     do = _last_dim_contiguous(do)
     # Delta_i = rowsum(dO_i * O_i) (fp32), the softmax-backward correction term.
-    delta = (do.float() * out.float()).sum(-1).contiguous()
+    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
+    if delta.numel():
+        _bwd_preprocess_kernel[(B * Hq, triton.cdiv(Sq, cfg.block_m))](
+            out, do, delta, *_strides(out), *_strides(do), Hq, Sq, D,
+            BLOCK_M=cfg.block_m, BLOCK_D=BLOCK_D, num_warps=cfg.warps(BLOCK_D), num_stages=1)
 
     dq = dk = dv = dpk = dpv = None
     work = B * Hq * Sq > 0
