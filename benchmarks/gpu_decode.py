@@ -222,20 +222,31 @@ def run_case(torch, F, device, bench, copy_bw, name, args_ns, T):
     x = validate_inputs(*args, **kw)
     K, V = materialise(torch, args)
     Sq = args_ns.sq
+    G = args_ns.hq // args_ns.hkv
     # Causal decode with full lengths: query i sees the P prefix rows and own keys j <= S - Sq + i.
-    if Sq == 1:
-        sdpa = lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True)   # noqa: E731
-    else:
-        L = K.shape[2]
-        mask = (torch.arange(L, device=device)[None, :]
-                <= (L - Sq + torch.arange(Sq, device=device))[:, None])
-        sdpa = lambda: F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)  # noqa: E731
+    L = K.shape[2]
+    mask = None if Sq == 1 else (torch.arange(L, device=device)[None, :]
+                                 <= (L - Sq + torch.arange(Sq, device=device))[:, None])
+    gqa_note = "enable_gqa"
+    try:
+        F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
+
+        def sdpa_on(K_, V_):
+            return F.scaled_dot_product_attention(q, K_, V_, attn_mask=mask, enable_gqa=True)
+    except (RuntimeError, TypeError) as e:          # older torch / unsupported backend combination
+        gqa_note = f"heads repeated ({type(e).__name__} with enable_gqa)"
+        K, V = K.repeat_interleave(G, 1), V.repeat_interleave(G, 1)
+
+        def sdpa_on(K_, V_):
+            if K_.shape[1] != q.shape[1]:
+                K_, V_ = K_.repeat_interleave(G, 1), V_.repeat_interleave(G, 1)
+            return F.scaled_dot_product_attention(q, K_, V_, attn_mask=mask)
+
+    def sdpa():
+        return sdpa_on(K, V)
 
     def gather_sdpa():
-        K2, V2 = materialise(torch, args)
-        if Sq == 1:
-            return F.scaled_dot_product_attention(q, K2, V2, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, K2, V2, attn_mask=mask, enable_gqa=True)
+        return sdpa_on(*materialise(torch, args))
 
     chosen = choose_path(x)
     out = decode_attention(x)
@@ -255,10 +266,11 @@ def run_case(torch, F, device, bench, copy_bw, name, args_ns, T):
             "gather+sdpa": bench(gather_sdpa),
         }
     t["floor"] = ub / copy_bw
-    naive_bytes = 2 * K.numel() * K.element_size() + 2 * q.numel() * q.element_size()
+    naive_bytes = 2 * K.numel() // (G if K.shape[1] == q.shape[1] else 1) * K.element_size() \
+        + 2 * q.numel() * q.element_size()
     del K, V
     return dict(name=name, T=T, path=chosen, times=t, unique_bytes=ub, naive_bytes=naive_bytes,
-                max_err=err)
+                max_err=err, gqa_note=gqa_note)
 
 
 def fmt_us(s):
@@ -301,7 +313,8 @@ def table(results, copy_bw, args_ns, device_name):
                  "gather+SDPA times it too. api: through prefix_attention(backend='triton') incl. validation.")
     for r in results:
         lines.append(f"- {r['name']}: unique {r['unique_bytes'] / 1e6:,.1f} MB, materialised "
-                     f"{r['naive_bytes'] / 1e6:,.1f} MB, max |decode - SDPA| = {r['max_err']:.2e}")
+                     f"{r['naive_bytes'] / 1e6:,.1f} MB, max |decode - SDPA| = {r['max_err']:.2e}, "
+                     f"SDPA GQA: {r['gqa_note']}")
     return "\n".join(lines) + "\n"
 
 
