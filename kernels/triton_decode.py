@@ -42,9 +42,15 @@ the path is forced or ``B >= 2*T``). Grid sizes come from shapes: the prefix bou
 ``max_blocks * block_size``, the own bound is ``Skv``; programs past a sequence's real length do
 no work and write an empty state.
 
+Launches per call: grouped = ``torch.sort`` + setup + prefix + own (+ merge when the own phase
+is split); per_sequence = one kernel (+ merge when split).
+
 Limitations: float64 inputs are computed by the no-copy ``torch`` backend (no fp64 ``tl.dot``
 path here); ``head_dim`` up to 256; ``attn_mask`` is not supported here (the dispatcher never
-sends it).
+sends it). Status: correctness is tested on the CPU interpreter (fp32/fp16) and every GPU launch
+configuration compiles for sm_90 without spills for 16-bit inputs
+(``benchmarks/gpu_decode.py --compile-check``); speed on a GPU has not been measured yet
+(``benchmarks/gpu_decode.py``).
 """
 from __future__ import annotations
 
