@@ -25,6 +25,8 @@ plus two smaller ones. ``--quick`` runs only the smallest case.
 
 Usage: ``python benchmarks/gpu_prefill.py [--cases main,small,long_prefix] [--quick] [--no-flex]``.
 Needs CUDA; exits with a clear message (status 2) without one. ``--help`` works anywhere.
+``--compile-only 90`` needs no GPU: it compiles every kernel variant for sm_90 (or any SM) with
+Triton's bundled toolchain, which catches what the CPU interpreter cannot.
 """
 from __future__ import annotations
 
@@ -74,6 +76,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"), help="where the table goes")
+    ap.add_argument("--compile-only", type=int, metavar="SM", default=None,
+                    help="no GPU needed: compile every kernel variant for CUDA compute capability SM "
+                         "(e.g. 90 or 80) with Triton's bundled toolchain and report shared memory / MMA use")
     return ap.parse_args(argv)
 
 
@@ -296,6 +301,90 @@ def check_correctness(dtype_names, lines, shape: Shape = CHECK_SHAPE, device="cu
 
 
 # --------------------------------------------------------------------------------------------
+# Offline compile check (no GPU): catches what the CPU interpreter cannot (typing, layouts, smem)
+# --------------------------------------------------------------------------------------------
+
+def compile_check(sm: int) -> int:
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "triton" in sys.modules:
+        print("gpu_prefill --compile-only: run without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    os.environ["TRITON_INTERPRET"] = "0"
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import kernels.triton_prefill as tp
+    from kernels import validate_inputs
+
+    names = ["_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dq_kernel", "_bwd_dkdv_own_kernel",
+             "_bwd_dkdv_prefix_kernel"]
+    originals = {n: getattr(tp, n) for n in names}
+    captured = []
+
+    class Capture:                       # stands in for a kernel: records the launch arguments
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: captured.append((self.fn, a, kw))
+
+    ptr_types = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
+                 torch.int64: "*i64", torch.int32: "*i32"}
+
+    def compile_one(fn, args, kw, target):
+        opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+        vals = dict(zip(fn.arg_names, args))
+        vals.update(kw)
+        sig, consts = {}, {}
+        for i, n in enumerate(fn.arg_names):
+            v = vals[n]
+            if fn.params[i].is_constexpr:
+                sig[n], consts[n] = "constexpr", v
+            elif isinstance(v, torch.Tensor):
+                sig[n] = ptr_types[v.dtype]
+            elif isinstance(v, bool):
+                sig[n] = "i1"
+            elif isinstance(v, int):
+                sig[n] = "i32" if -2**31 <= v < 2**31 else "i64"
+            else:
+                sig[n] = "fp32"
+        return triton.compile(ASTSource(fn, sig, consts), target=target, options=opts)
+
+    target = GPUTarget("cuda", sm, 32)
+    failures = 0
+    variants = [(torch.bfloat16, 128, 16, None, True, True), (torch.float16, 64, 128, 7, True, False),
+                (torch.float32, 24, 5, None, False, True), (torch.bfloat16, 128, 64, 1, True, True)]
+    try:
+        for n in names:
+            setattr(tp, n, Capture(originals[n]))
+        for dtype, D, bs, window, causal, det in variants:
+            tensors, index = build(Shape("c", B=4, T=2, P=9, S=9, Hq=8, Hkv=2, D=D), dtype, bs, device="cpu")
+            x = validate_inputs(*tensors, *index, causal=causal, window=window)
+            meta = tp._Meta(x, tp.PrefillConfig(prefix_splits=2 if det else None), det)
+            captured.clear()
+            out, lse = tp._forward(x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.block_table, x.prefix_lens,
+                                   x.task_ids, x.q_lens, x.kv_lens, x.kv_starts, meta)
+            tp._backward(torch.randn_like(x.q), x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.block_table,
+                         x.prefix_lens, x.task_ids, x.q_lens, x.kv_lens, x.kv_starts, out, lse, meta, (True,) * 5)
+            for fn, a, kw in captured:
+                label = f"sm_{sm} {str(dtype)[6:]:8} D={D:<3} block={bs:<3} window={window} det={det} {fn.__name__}"
+                try:
+                    k = compile_one(fn, a, dict(kw), target)
+                    ptx = k.asm.get("ptx", "")
+                    mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "none")
+                    print(f"{label}: ok, shared {k.metadata.shared} B, warps {k.metadata.num_warps}, mma {mma}")
+                except Exception as exc:
+                    failures += 1
+                    print(f"{label}: FAILED {type(exc).__name__}: {str(exc)[:500]}")
+    finally:
+        for n in names:
+            setattr(tp, n, originals[n])
+    print("compile check:", "all kernels compiled" if not failures else f"{failures} failures")
+    return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------------------------
 # Benchmark
 # --------------------------------------------------------------------------------------------
 
@@ -369,6 +458,8 @@ def bench_shape(shape: Shape, dtype, args, rows):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compile_only is not None:
+        return compile_check(args.compile_only)
     try:
         import torch
     except ImportError:
