@@ -144,14 +144,23 @@ def test_fp16(path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_not_causal_odd_head_dim_strided_pool(path):
-    """Non-causal, D=13 (padded to 16 with masks), a token-major pool and a strided q view."""
+    """Non-causal, D=13 (padded to 16 with masks), a token-major pool and strided q/k/v views."""
     seed = new_seed()
     args, kw = make_problem(seed, B=4, T=3, Hq=3, Hkv=3, Sq=3, Skv=11, D=13, causal=False,
                             pool_layout="token_major")
-    q = args[0]
-    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)   # same values, [B,Sq,Hq,D] memory
-    assert not q_strided.is_contiguous()
-    check(seed, (q_strided, *args[1:]), kw, path=path)
+    q, k, v = args[:3]
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]  # [B,S,H,D] memory
+    assert not any(t.is_contiguous() for t in strided)
+    check(seed, (*strided, *args[3:]), kw, path=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sq16_rows_span_several_tiles(path):
+    """Sq = 16 with G = 2: 32 stacked rows per sequence, more than one 16-row tile (interpreter)."""
+    seed = new_seed()
+    args, kw = make_problem(seed, B=3, T=2, Hq=2, Hkv=1, Sq=16, Skv=20, D=8, block_size=4,
+                            task_ids=[1, 0, 1], window=7)
+    check(seed, args, kw, path=path)
 
 
 @pytest.mark.parametrize("path", PATHS)
