@@ -273,3 +273,36 @@ def test_deepcopy_of_attached_model_is_independent(family):
     softprompt.detach(twin)
     assert twin.config._attn_implementation == "eager" and "task_ids" not in inspect.signature(twin.forward).parameters
     assert "task_ids" in inspect.signature(model.forward).parameters
+
+
+def test_user_4d_masks_and_attention_dropout():
+    """A 4D float mask passed by the caller (returned as is by transformers) is converted: 0/-inf
+    masks go to the kernel, a real additive bias to the dense path. Attention dropout in training
+    takes the dense path too."""
+    model, store, prefixes = _attached("llama", trainable=False)
+    rows = random_rows([5, 3, 4, 2])
+    ids, mask = left_pad(rows, "llama")
+    kw = dict(position_ids=positions_from_mask(mask), task_ids=torch.tensor(TASKS))
+    S = ids.shape[1]
+    visible = torch.tril(torch.ones(S, S, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    float_mask = torch.zeros(len(rows), 1, S, S).masked_fill(~visible, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        base = model(ids, attention_mask=mask, **kw).logits
+        calls = dict(store.calls)
+        four_d = model(ids, attention_mask=float_mask, **kw).logits
+        assert store.calls["dense"] == calls["dense"]
+        # -1e4 is a finite additive bias (not "blocked"): the dense path, same result
+        biased = model(ids, attention_mask=torch.zeros_like(float_mask).masked_fill(~visible, -1e4), **kw).logits
+        assert store.calls["dense"] > calls["dense"]
+    real = mask.bool()
+    torch.testing.assert_close(four_d[real], base[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(biased[real], base[real], atol=1e-5, rtol=0)
+
+    model, store, _ = _attached("gpt2", trainable=True, attn_pdrop=0.5)
+    model.train()
+    ids, mask = left_pad(rows, "gpt2")
+    torch.manual_seed(0)
+    out = model(ids, attention_mask=mask, labels=ids, task_ids=torch.tensor(TASKS))
+    out.loss.backward()
+    assert store.calls["dense"] > 0 and torch.isfinite(out.loss)
+    assert store.k_blocks.grad is not None and store.k_blocks.grad.abs().sum() > 0

@@ -1,8 +1,39 @@
 """Drop-in transformers integration: ``attach(model)`` routes attention through the prefix kernels.
 
+Usage::
+
+    store = softprompt.attach(model)                 # backend=None: Triton on CUDA, torch on the CPU
+    store.add("sentiment", k, v)                     # k, v [L, Hkv, P, D] in cache convention
+    ids = store.task_ids(["sentiment", "ner"])       # or pass task names to model(...)
+    model(input_ids, attention_mask=am, task_ids=ids)
+    model.generate(input_ids, attention_mask=am, task_ids=ids)   # a tensor: beams repeat it
+    softprompt.detach(model)
+
 Modules: ``families`` (supported families and their facts), ``positions`` (RoPE rotation and
-learned-position offsets), ``store`` (``ModelPrefixStore``: cache-convention add/get),
+learned-position offsets), ``store`` (``ModelPrefixStore``: cache-convention add/get/prefix_grad),
 ``attention`` (the registered attention and mask functions), ``attach`` (attach/detach).
+
+Semantics: a prefix behaves exactly like PEFT's prefix pre-filled in a KV cache (real tokens at
+positions P..P+S-1), with these deliberate differences: the prefix is exempt from sliding
+windows (a PEFT cache prefix would be evicted by a sliding-window cache), from cache cropping
+and beam reordering (it is not in the HF cache at all), and from gradient checkpointing's
+``cache=None`` (it keeps working). Explicit ``position_ids`` are own-token positions: learned
+absolute families get ``+P`` added (as PEFT does), RoPE families use them as they are.
+
+Limitations:
+* Families outside ``SUPPORTED_FAMILIES`` raise ``ValueError``; rope schedules with
+  length-dependent frequencies (``dynamic``, ``longrope``) are refused (a fixed pre-rotation
+  would be inexact).
+* Soft-capping (gemma2), attention dropout in training and additive non-binary float masks run
+  on the integration's dense PyTorch path (materialises ``[prefix ; own]`` per sequence), not on
+  the kernels. Right-padded causal batches go to the kernel as a bool ``attn_mask``.
+* ``generate()`` needs ``task_ids`` as a tensor (names are only resolved by ``forward``), so that
+  beam search / ``num_return_sequences`` can repeat it.
+* ``torch.compile``: reducing the mask to lengths is data-dependent (graph breaks).
+* The store is a submodule (``model.softprompt_store``): it is in ``state_dict()``; strip it
+  (or detach) before ``save_pretrained`` if the base checkpoint must stay clean.
+* ``PrefixStore`` with ``trainable=True`` trains the stored (pre-rotated) keys; ``prefix_grad``
+  reports gradients in cache convention.
 """
 from .attach import attach, attached_store, detach
 from .attention import ATTN_NAME
