@@ -1,0 +1,432 @@
+"""``Engine``: continuous-batching multi-task generation over a model attached to prefix attention.
+
+    engine = softprompt.Engine(model, tokenizer)          # attaches the model if needed
+    engine.store.add("sentiment", k, v)                    # or tasks added before
+    results = engine.generate(["Hello", "Bonjour"], tasks=["sentiment", None],
+                              sampling=SamplingParams(max_new_tokens=32))
+    for event in engine.stream(prompts, tasks): ...        # tokens as they are made
+
+Each step the scheduler picks the sequences to feed (decoders one token each, prefills of
+newly admitted requests within a token budget); the engine runs the HF model forward once for the
+prefills (grouped by length so that left-padding waste stays small) and once for the decoders,
+with a :class:`~softprompt.engine.kv_cache.StepCache` as the cache: the own-token KV lives in
+the engine's paged pool, each task's prefix is read in place from the model's prefix store by the
+registered attention function (``torch`` backend on the CPU, Triton — its decode kernels for the
+decoders — on a GPU). Requests join and leave the batch between steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence as Seq, Union
+
+import torch
+
+from ..integration import attach
+from ..integration.attach import attached_store
+from . import sampling as S
+from .kv_cache import PagedKVCache
+from .requests import Prompt, Request, RequestError, Result, SamplingParams, StreamEvent, new_request_id
+from .scheduler import Scheduler, Sequence, StepPlan
+
+NO_PROMPT_TASK = "__softprompt_engine_no_prompt__"
+
+
+def _max_positions(config) -> Optional[int]:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class Engine:
+    """Serve many soft-prompt tasks in one continuously batched generation loop.
+
+    Args:
+        model: a transformers causal LM; attached with ``softprompt.attach`` if it is not yet.
+        tokenizer: needed for text prompts, stop strings and text in results (optional otherwise).
+        max_batch_size: most sequences in the running batch.
+        max_num_batched_tokens: token budget of one step (decode tokens + prefill tokens).
+        page_size: own-token rows per KV page.
+        num_pages: initial KV pool size in pages (grows by doubling up to ``max_pages``).
+        max_pages: cap of the KV pool (None = grow as needed); at the cap, sequences are preempted.
+        max_model_len: most positions a sequence may use, prefix included (default: the config's).
+        eos_token_id: int or list overriding the model's / tokenizer's EOS ids.
+        chunked_prefill: split prompts longer than the remaining token budget over steps.
+        prefill_padding: extra padded tokens allowed per prefill forward (fraction of real tokens)
+            before the prefills are split into another forward.
+    """
+
+    def __init__(self, model, tokenizer=None, *, max_batch_size: int = 64, max_num_batched_tokens: int = 2048,
+                 page_size: int = 16, num_pages: Optional[int] = None, max_pages: Optional[int] = None,
+                 max_model_len: Optional[int] = None, eos_token_id=None, chunked_prefill: bool = True,
+                 prefill_padding: float = 0.25):
+        self.model = model
+        self.tokenizer = tokenizer
+        store = attached_store(model)
+        self._attached_here = store is None
+        self.store = store if store is not None else attach(model)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if num_pages is None:
+            num_pages = max(16, max_batch_size * 4)
+        self.kv = PagedKVCache(self.store.num_layers, self.store.num_kv_heads, self.store.head_dim,
+                               page_size=page_size, num_pages=num_pages, max_pages=max_pages,
+                               dtype=self.dtype, device=self.device)
+        self.scheduler = Scheduler(self.kv, max_batch_size=max_batch_size,
+                                   max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill)
+        self.max_model_len = max_model_len or _max_positions(model.config)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.eos_token_ids = self._eos_ids(eos_token_id)
+        self.prefill_padding = prefill_padding
+        self.pad_token_id = 0
+        self._seqs: Dict[str, Sequence] = {}
+        self._results: Dict[str, Result] = {}
+        self._arrivals = 0
+        self._events: List[StreamEvent] = []
+        self._max_stop = 0
+        self.reset_stats()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _eos_ids(self, override) -> tuple:
+        if override is not None:
+            ids = [override] if isinstance(override, int) else list(override)
+        else:
+            ids = []
+            gen = getattr(self.model, "generation_config", None)
+            value = getattr(gen, "eos_token_id", None) if gen is not None else None
+            if value is None:
+                value = getattr(self.model.config, "eos_token_id", None)
+            if value is not None:
+                ids += [value] if isinstance(value, int) else list(value)
+            tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+            if isinstance(tok_eos, int):
+                ids.append(tok_eos)
+        return tuple(sorted(set(int(i) for i in ids)))
+
+    def reset_stats(self) -> None:
+        self._stats = {"steps": 0, "forwards": 0, "prefill_tokens": 0, "padded_prefill_tokens": 0,
+                       "generated_tokens": 0, "decode_rows": 0, "decode_steps": 0, "running_sum": 0,
+                       "busy_seconds": 0.0, "forward_seconds": 0.0, "sample_seconds": 0.0,
+                       "finished": 0, "errors": 0, "preemptions": 0}
+        self.kv.peak_pages_used = self.kv.pages_used
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: Prompt, task: Optional[str] = None, sampling: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Queue one request; returns its id. A bad request finishes at once with its error."""
+        rid = request_id if request_id is not None else new_request_id()
+        if rid in self._seqs or rid in self._results:
+            raise ValueError(f"Engine: `request_id` {rid!r} is invalid; expected an id not already in use")
+        index = self._arrivals
+        self._arrivals += 1
+        now = time.perf_counter()
+        try:
+            params = dataclasses.replace(sampling) if sampling is not None else SamplingParams()
+            if not isinstance(params, SamplingParams):
+                raise RequestError(f"`sampling` of type {type(sampling).__name__} is invalid; expected SamplingParams")
+            params.validate()
+            prefix_len = self._check_task(task)
+            ids = self._tokenize(prompt)
+            max_total = (self.max_model_len - prefix_len) if self.max_model_len else 1 << 62
+            if len(ids) >= max_total:
+                raise RequestError(
+                    f"prompt of {len(ids)} tokens is too long: with the task's prefix of {prefix_len} it needs "
+                    f"{len(ids) + prefix_len + 1} positions to generate one token; the model allows "
+                    f"{self.max_model_len}")
+            if params.stop and self.tokenizer is None:
+                raise RequestError("`stop` strings need a tokenizer; pass one to Engine(model, tokenizer)")
+        except (RequestError, ValueError, TypeError) as exc:
+            self._results[rid] = Result(request_id=rid, task=task if isinstance(task, str) else None,
+                                        prompt_token_ids=[], token_ids=[], text=None, finish_reason="error",
+                                        error=f"request {rid!r}: {exc}", arrival_time=now, finish_time=now)
+            self._events.append(StreamEvent(rid, index, None, "", True, "error", self._results[rid].error))
+            self._stats["errors"] += 1
+            return rid
+        seq = Sequence(request_id=rid, index=index, task=task, prompt_ids=ids, sampling=params,
+                       prefix_len=prefix_len, max_total=max_total, arrival_time=now,
+                       generator=S.make_generator(params, self.device))
+        self._max_stop = max(self._max_stop, max((len(s) for s in params.stop), default=0))
+        self._seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def _check_task(self, task) -> int:
+        if task is None:
+            return 0
+        if not isinstance(task, str) or task == NO_PROMPT_TASK:
+            raise RequestError(f"`task` {task!r} is invalid; expected None or a task name")
+        if task not in self.store:
+            raise RequestError(f"unknown task {task!r}; the prefix store holds "
+                               f"{[n for n in self.store.names if n != NO_PROMPT_TASK]}")
+        return self.store.prefix_len(task)
+
+    def _tokenize(self, prompt) -> List[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("a text prompt needs a tokenizer; pass one to Engine(model, tokenizer) "
+                                   "or give token ids")
+            if not prompt:
+                raise RequestError("`prompt` '' is invalid; expected a non-empty prompt")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+                raise RequestError(f"`prompt` tensor with shape {tuple(prompt.shape)} and dtype {prompt.dtype} "
+                                   "is invalid; expected a 1D int tensor of token ids")
+            ids = prompt.tolist()
+        elif isinstance(prompt, (list, tuple)):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise RequestError("`prompt` list is invalid; expected token ids (ints)")
+            ids = list(prompt)
+        else:
+            raise RequestError(f"`prompt` of type {type(prompt).__name__} is invalid; expected text or token ids")
+        if not ids:
+            raise RequestError("`prompt` is empty; expected at least one token")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"`prompt` token ids {bad[:5]} are out of range; expected ids in "
+                               f"[0, {self.vocab_size})")
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is not None and not seq.finished:
+            self._finish(seq, "aborted")
+
+    # ------------------------------------------------------------------ stepping
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> List[StreamEvent]:
+        """Run one step (prefill of admitted requests, decode of running ones); returns its events."""
+        start = time.perf_counter()
+        plan = self.scheduler.schedule()
+        self._stats["steps"] += 1
+        self._stats["preemptions"] += len(plan.preempted)
+        if plan:
+            self._stats["running_sum"] += len(self.scheduler.running)
+        with torch.inference_mode():
+            if plan.prefill:
+                for group in self._prefill_groups(plan.prefill):
+                    self._run(group, prefill=True)
+            if plan.decode:
+                self._stats["decode_steps"] += 1
+                self._stats["decode_rows"] += len(plan.decode)
+                self._run([(s, 1) for s in plan.decode], prefill=False)
+        self._stats["busy_seconds"] += time.perf_counter() - start
+        events, self._events = self._events, []
+        return events
+
+    def _prefill_groups(self, rows):
+        rows = sorted(rows, key=lambda r: -r[1])
+        groups, current, real = [], [], 0
+        for seq, n in rows:
+            if current and current[0][1] * (len(current) + 1) > (1 + self.prefill_padding) * (real + n):
+                groups.append(current)
+                current, real = [], 0
+            current.append((seq, n))
+            real += n
+        if current:
+            groups.append(current)
+        return groups
+
+    def _task_ids(self, seqs) -> Optional[torch.Tensor]:
+        if all(s.task is None for s in seqs):
+            return None
+        if any(s.task is None for s in seqs) and NO_PROMPT_TASK not in self.store:
+            L, H, D = self.store.num_layers, self.store.num_kv_heads, self.store.head_dim
+            empty = torch.zeros(L, H, 0, D, dtype=self.store.dtype, device=self.store.device)
+            self.store.add(NO_PROMPT_TASK, empty, empty)
+        return self.store.task_ids([s.task if s.task is not None else NO_PROMPT_TASK for s in seqs]).to(self.device)
+
+    def _run(self, rows, *, prefill: bool) -> None:
+        gone = [s for s, _ in rows if s.task is not None and s.task not in self.store]
+        for s in gone:
+            self._finish(s, "error", error=f"request {s.request_id!r}: task {s.task!r} was removed from the store")
+        rows = [(s, n) for s, n in rows if s not in gone]
+        if not rows:
+            return
+        seqs = [s for s, _ in rows]
+        news = [n for _, n in rows]
+        cache = self.kv.step_cache(seqs, [s.num_computed for s in seqs], news)
+        B, Sq = len(seqs), cache.Sq
+        ids = torch.full((B, Sq), self.pad_token_id, dtype=torch.long)
+        for b, (s, n) in enumerate(rows):
+            ids[b, Sq - n:] = torch.tensor(s.tokens[s.num_computed: s.num_computed + n], dtype=torch.long)
+        t0 = time.perf_counter()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=cache.attention_mask,
+                         position_ids=cache.position_ids, cache=cache, use_cache=True,
+                         task_ids=self._task_ids(seqs), logits_to_keep=1)
+        self._stats["forward_seconds"] += time.perf_counter() - t0
+        self._stats["forwards"] += 1
+        if prefill:
+            self._stats["prefill_tokens"] += sum(news)
+            self._stats["padded_prefill_tokens"] += B * Sq - sum(news)
+        logits = out.logits[:, -1]
+        for s, n in rows:
+            s.num_computed += n
+        ready = [b for b, s in enumerate(seqs) if s.num_computed == s.num_tokens]
+        if not ready:
+            return
+        t1 = time.perf_counter()
+        picked = [seqs[b] for b in ready]
+        suppress = [self._suppressed(s) for s in picked]
+        tokens = S.choose_tokens(logits[ready], [s.sampling for s in picked], [s.generator for s in picked],
+                                 suppress)
+        self._stats["sample_seconds"] += time.perf_counter() - t1
+        for s, tok in zip(picked, tokens):
+            self._append(s, tok)
+
+    def _suppressed(self, seq: Sequence):
+        if len(seq.output_ids) >= seq.sampling.min_new_tokens:
+            return ()
+        return tuple(set(self.eos_token_ids) | set(seq.sampling.stop_token_ids))
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        now = time.perf_counter()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.output_ids.append(token)
+        self._stats["generated_tokens"] += 1
+        p = seq.sampling
+        reason = None
+        if token in p.stop_token_ids:
+            reason = "stop"
+        elif not p.ignore_eos and token in self.eos_token_ids:
+            reason = "eos"
+        cut = None
+        if self.tokenizer is not None:
+            old_len = len(seq.text)
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            if p.stop and reason is None:
+                longest = max(len(s) for s in p.stop)
+                at = S.find_stop(seq.text, p.stop, old_len - longest + 1)
+                if at >= 0:
+                    reason, cut = "stop", at
+        if cut is not None:
+            seq.text = seq.text[:cut]
+        if reason is None and (len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= seq.max_total):
+            reason = "length"
+        self._events.append(self._event(seq, token, final=reason is not None))
+        if reason is not None:
+            self._finish(seq, reason, emit=False)
+
+    def _event(self, seq: Sequence, token, final: bool, error=None) -> StreamEvent:
+        text = ""
+        if self.tokenizer is not None:
+            upto = len(seq.text)
+            if not final:
+                upto -= max(0, self._max_stop_of(seq) - 1)       # hold back a possible stop-string start
+                while upto > seq.emitted_text and seq.text[upto - 1] == "\ufffd":
+                    upto -= 1                                   # an incomplete multi-byte character
+            if upto > seq.emitted_text:
+                text = seq.text[seq.emitted_text: upto]
+                seq.emitted_text = upto
+        return StreamEvent(seq.request_id, seq.index, token, text, final, seq.finish_reason, error)
+
+    @staticmethod
+    def _max_stop_of(seq: Sequence) -> int:
+        return max((len(s) for s in seq.sampling.stop), default=0)
+
+    def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None, emit: bool = True) -> None:
+        seq.finish_reason = reason
+        seq.error = error
+        seq.finish_time = time.perf_counter()
+        self.scheduler.release(seq)              # pages go back to the free list now
+        self._stats["finished"] += 1
+        if error is not None:
+            self._stats["errors"] += 1
+        if emit:
+            self._events.append(self._event(seq, None, final=True, error=error))
+        elif self._events and self._events[-1].request_id == seq.request_id:
+            self._events[-1].finish_reason = reason
+        self._seqs.pop(seq.request_id, None)
+        self._results[seq.request_id] = Result(
+            request_id=seq.request_id, task=seq.task, prompt_token_ids=list(seq.prompt_ids),
+            token_ids=list(seq.output_ids), text=seq.text if self.tokenizer is not None else None,
+            finish_reason=reason, error=error, arrival_time=seq.arrival_time,
+            first_token_time=seq.first_token_time, finish_time=seq.finish_time)
+
+    # ------------------------------------------------------------------ batch front ends
+    def _requests(self, prompts, tasks, sampling) -> List[str]:
+        if isinstance(prompts, (str, torch.Tensor)) or (isinstance(prompts, (list, tuple)) and prompts
+                                                         and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        n = len(prompts)
+        if tasks is None or isinstance(tasks, str):
+            tasks = [tasks] * n
+        tasks = list(tasks)
+        if len(tasks) != n:
+            raise ValueError(f"Engine: `tasks` with {len(tasks)} entries is invalid for {n} prompts; expected one "
+                             "task (or None) per prompt, or a single task for all")
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling] * n
+        sampling = list(sampling)
+        if len(sampling) != n:
+            raise ValueError(f"Engine: `sampling` with {len(sampling)} entries is invalid for {n} prompts; "
+                             "expected one SamplingParams, or one per prompt")
+        return [self.add_request(p, t, s) for p, t, s in zip(prompts, tasks, sampling)]
+
+    def take_result(self, request_id: str) -> Optional[Result]:
+        """The result of a finished request (removed from the engine), or None while it runs."""
+        return self._results.pop(request_id, None)
+
+    def generate(self, prompts, tasks=None, sampling=None) -> List[Result]:
+        """Generate for every prompt (text or ids) with its task (name or None); results in order."""
+        ids = self._requests(prompts, tasks, sampling)
+        while any(i not in self._results for i in ids):
+            self.step()
+        return [self._results.pop(i) for i in ids]
+
+    def stream(self, prompts, tasks=None, sampling=None) -> Iterator[StreamEvent]:
+        """Yield :class:`StreamEvent` s (request id, token, text delta, finished) as tokens are made.
+        ``event.index`` is the prompt's position in this call; final results: :meth:`take_result`."""
+        ids = self._requests(prompts, tasks, sampling)
+        mine = set(ids)
+        index = {rid: i for i, rid in enumerate(ids)}
+        pending = set(ids)
+        while pending:
+            events = self.step() if self.scheduler.has_work() or not self._events else self._drain()
+            for e in events:
+                if e.request_id in mine:
+                    if e.finished:
+                        pending.discard(e.request_id)
+                    yield dataclasses.replace(e, index=index[e.request_id])
+            if not self.scheduler.has_work() and not self._events:
+                for rid in list(pending):                       # finished without a final event
+                    pending.discard(rid)
+
+    def _drain(self) -> List[StreamEvent]:
+        events, self._events = self._events, []
+        return events
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        """Tokens/s, batch occupancy and memory since the last :meth:`reset_stats`."""
+        st = dict(self._stats)
+        busy = st["busy_seconds"] or float("nan")
+        st["generated_tokens_per_s"] = st["generated_tokens"] / busy
+        st["prefill_tokens_per_s"] = st["prefill_tokens"] / busy
+        st["mean_decode_batch"] = st["decode_rows"] / st["decode_steps"] if st["decode_steps"] else 0.0
+        st["batch_occupancy"] = st["mean_decode_batch"] / self.scheduler.max_batch_size
+        st["running"] = len(self.scheduler.running)
+        st["waiting"] = len(self.scheduler.waiting)
+        st["kv_cache"] = self.kv.stats()
+        st["prefix_store_bytes"] = self.store.memory_stats()["bytes_used"]
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        st["peak_rss_bytes"] = rss * (1 if sys.platform == "darwin" else 1024)
+        if self.device.type == "cuda":
+            st["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return st
+
+    def close(self) -> None:
+        """Drop the engine's bookkeeping (and the hidden no-prompt task it may have added)."""
+        for seq in list(self._seqs.values()):
+            self._finish(seq, "aborted")
+        if NO_PROMPT_TASK in self.store:
+            self.store.remove(NO_PROMPT_TASK)
