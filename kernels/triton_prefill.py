@@ -230,7 +230,7 @@ def _fwd_kernel(
         hi = tl.minimum(hi, off + tl.minimum(m_lo + BLOCK_M, q_len))
     if HAS_WINDOW:
         lo = tl.maximum(lo, off + m_lo - window + 1)
-    hi = tl.where(live, hi, 0)
+    hi = tl.maximum(tl.where(live, hi, 0), 0)    # >= 0: no negative key tiles, whatever `//` rounds to
     lo = tl.minimum(lo, hi)
     pos = off + offs_m
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
@@ -342,7 +342,7 @@ def _bwd_dq_kernel(
         hi = tl.minimum(hi, off + tl.minimum(m_lo + BLOCK_M, q_len))
     if HAS_WINDOW:
         lo = tl.maximum(lo, off + m_lo - window + 1)
-    hi = tl.where(live, hi, 0)
+    hi = tl.maximum(tl.where(live, hi, 0), 0)    # >= 0: no negative key tiles, whatever `//` rounds to
     lo = tl.minimum(lo, hi)
     pos = off + offs_m
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
