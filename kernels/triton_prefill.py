@@ -761,6 +761,7 @@ class _PrefillAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out, lse = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:5])

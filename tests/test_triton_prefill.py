@@ -371,3 +371,30 @@ def test_no_out_of_bounds_reads(layout):
     check(seed, args, kw, label=f"NaN-guarded {layout}")
     check(seed, args, kw, fn=lambda *a, **k: triton_direct(*a, deterministic=False, **k),
           label=f"NaN-guarded {layout} atomics")
+
+
+def test_unused_pool_rows_are_never_read():
+    """Pool rows no task uses (past prefix_lens[t] in a last block, unused blocks) hold NaN."""
+    seed = fresh_seed()
+    args, kw = make_problem(seed, B=3, T=3, Hq=2, Hkv=1, Sq=6, Skv=6, prefix_lens=[5, 0, 3], block_size=4,
+                            padding="ragged")
+    table, lens = args[5], args[6]
+    pool_rows = torch.zeros(args[3].shape[0], args[3].shape[2], dtype=torch.bool, device=DEVICE)
+    for t in range(table.shape[0]):
+        for r in range(int(lens[t])):
+            pool_rows[table[t, r // 4], r % 4] = True
+    poisoned = []
+    for a in args[3:5]:
+        p = a.detach().clone()
+        p.permute(0, 2, 1, 3)[~pool_rows] = float("nan")
+        poisoned.append(p.requires_grad_(True))
+    triton_args = (*args[:3], *poisoned, *args[5:])
+    for deterministic in (True, False):
+        fn = lambda *a, **k: triton_direct(*a, deterministic=deterministic, **k)  # noqa: E731
+        out, grads = run_with_grads(fn, triton_args, kw, seed)
+        ref, ref_grads = run_with_grads(reference, args, kw, seed)
+        ctx = f"seed={seed} deterministic={deterministic}"
+        torch.testing.assert_close(out, ref, **TOL[torch.float32], msg=lambda m: f"{m}\n{ctx}")
+        for g, rg in zip(grads, ref_grads):
+            assert torch.isfinite(g).all(), ctx
+            torch.testing.assert_close(g, rg, **TOL[torch.float32], msg=lambda m: f"{m}\n{ctx}")
