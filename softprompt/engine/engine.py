@@ -112,7 +112,7 @@ class Engine:
         self._stats = {"steps": 0, "forwards": 0, "prefill_tokens": 0, "padded_prefill_tokens": 0,
                        "generated_tokens": 0, "decode_rows": 0, "decode_steps": 0, "running_sum": 0,
                        "busy_seconds": 0.0, "forward_seconds": 0.0, "sample_seconds": 0.0,
-                       "finished": 0, "errors": 0, "preemptions": 0}
+                       "finished": 0, "errors": 0, "preemptions": 0, "max_step_tokens": 0}
         self.kv.peak_pages_used = self.kv.pages_used
 
     # ------------------------------------------------------------------ requests
@@ -209,6 +209,7 @@ class Engine:
         self._stats["preemptions"] += len(plan.preempted)
         if plan:
             self._stats["running_sum"] += len(self.scheduler.running)
+            self._stats["max_step_tokens"] = max(self._stats["max_step_tokens"], plan.num_tokens)
         with torch.inference_mode():
             if plan.prefill:
                 for group in self._prefill_groups(plan.prefill):
