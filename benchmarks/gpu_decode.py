@@ -196,15 +196,16 @@ def correctness(torch, device, smoke):
                                          ragged=True, window=window, prefix_lens=rnd_lens)
                 ref = prefix_attention(*args, backend="reference", **kw).float()
                 x = validate_inputs(*args, **kw)
-                for path in ("grouped", "per_sequence"):
+                for path, overlap in (("grouped", False), ("grouped", True), ("per_sequence", False)):
                     for splits in (None, 3):
-                        got = decode_attention(x, path=path, num_splits=splits, prefix_splits=splits)
+                        got = decode_attention(x, path=path, num_splits=splits, prefix_splits=splits,
+                                               overlap=overlap)
                         err = (got.float() - ref).abs().max().item()
                         ok = torch.isfinite(got).all().item() and err <= tol[dtype] * (1 + ref.abs().max().item())
                         checked += 1
                         if not ok:
                             sys.exit(f"FAIL correctness: shape={shape} dtype={dtype} window={window} "
-                                     f"path={path} splits={splits}: max abs err {err:.3g}")
+                                     f"path={path} overlap={overlap} splits={splits}: max abs err {err:.3g}")
     print(f"correctness: {checked} decode runs match backend='reference'")
 
 
@@ -260,6 +261,7 @@ def run_case(torch, F, device, bench, copy_bw, name, args_ns, T):
         t = {
             "decode": bench(lambda: decode_attention(x)),
             "grouped": bench(lambda: decode_attention(x, path="grouped")),
+            "overlap": bench(lambda: decode_attention(x, path="grouped", overlap=True)),
             "per_sequence": bench(lambda: decode_attention(x, path="per_sequence")),
             "api": bench(lambda: prefix_attention(*args, backend="triton", **kw)),
             "sdpa_materialised": bench(sdpa),
@@ -288,9 +290,10 @@ def table(results, copy_bw, args_ns, device_name):
                     if args_ns.cpu_smoke else "medians of triton.testing.do_bench (L2 flushed). ")
                  + f"Measured copy bandwidth: {copy_bw / 1e9:,.0f} GB/s.")
     lines.append("")
-    lines.append("| case | path (auto) | decode µs | grouped µs | per-seq µs | api µs | SDPA materialised µs | "
-                 "gather+SDPA µs | floor µs | unique GB/s | % of copy BW | speed-up vs SDPA | target | met |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    lines.append("| case | path (auto) | decode µs | grouped µs | grouped+overlap µs | per-seq µs | api µs | "
+                 "SDPA materialised µs | gather+SDPA µs | floor µs | unique GB/s | % of copy BW | "
+                 "speed-up vs SDPA | target | met |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in results:
         t = r["times"]
         gbs = r["unique_bytes"] / t["decode"]
@@ -304,13 +307,16 @@ def table(results, copy_bw, args_ns, device_name):
             met = speed >= 0.8
         lines.append(
             f"| {r['name']} (T={r['T']}) | {r['path']} | {fmt_us(t['decode'])} | {fmt_us(t['grouped'])} | "
+            f"{fmt_us(t['overlap'])} | "
             f"{fmt_us(t['per_sequence'])} | {fmt_us(t['api'])} | {fmt_us(t['sdpa_materialised'])} | "
             f"{fmt_us(t['gather+sdpa'])} | {fmt_us(t['floor'])} | {gbs / 1e9:,.0f} | {100 * frac:.0f}% | "
             f"{speed:.2f}x | {target} | {'yes' if met else 'NO'} |")
     lines.append("")
     lines.append("unique bytes: each task's prefix K/V once + every sequence's own K/V + q + output. "
                  "SDPA materialised: the per-sequence [prefix ; own] copy is made before timing; "
-                 "gather+SDPA times it too. api: through prefix_attention(backend='triton') incl. validation.")
+                 "gather+SDPA times it too. api: through prefix_attention(backend='triton') incl. validation. "
+                 "grouped+overlap: experimental side-stream prefix phase (decode_attention(overlap=True)); "
+                 "decode/%/speed-up columns use the default (auto) call.")
     for r in results:
         lines.append(f"- {r['name']}: unique {r['unique_bytes'] / 1e6:,.1f} MB, materialised "
                      f"{r['naive_bytes'] / 1e6:,.1f} MB, max |decode - SDPA| = {r['max_err']:.2e}, "

@@ -54,6 +54,7 @@ configuration compiles for sm_90 without spills for 16-bit inputs
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -68,6 +69,7 @@ GROUP_MIN_SEQS = 2          # mean sequences per present task from which groupin
 MAX_HEAD_DIM = 256
 PATHS = ("auto", "grouped", "per_sequence")
 ENV_PATH = "SOFTPROMPT_DECODE_PATH"
+ENV_OVERLAP = "SOFTPROMPT_DECODE_OVERLAP"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,9 +486,20 @@ def _merge_warps(block_d: int) -> int:
     return 4 if block_d <= 128 else 8
 
 
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
 def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
                      num_splits: Optional[int] = None,
-                     prefix_splits: Optional[int] = None) -> torch.Tensor:
+                     prefix_splits: Optional[int] = None,
+                     overlap: Optional[bool] = None) -> torch.Tensor:
     """Mixed-task decode attention, ``[B, Hq, Sq, D]`` in the dtype of ``q``.
 
     Args:
@@ -495,6 +508,11 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
             when None, ``$SOFTPROMPT_DECODE_PATH`` decides (default ``auto``).
         num_splits: force the KV split count of the per-sequence / own phase (tests).
         prefix_splits: force the split count of the grouped prefix phase (tests).
+        overlap: EXPERIMENTAL, CUDA only, grouped path only, off by default (also
+            ``SOFTPROMPT_DECODE_OVERLAP=1``): run the grouping and prefix phase on a side stream
+            concurrently with the own phase, then merge with ``_merge_kernel``. Not yet measured
+            on a GPU; ``benchmarks/gpu_decode.py`` times it and checks it against the reference.
+            On the CPU the same kernels run in order (the tests check that data flow).
     """
     if x.q.dtype == torch.float64:
         from .torch_backend import torch_attention      # no fp64 tl.dot path here
@@ -533,7 +551,13 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
         tile_m = min(max_m, max(16, _pow2(rows_bound)))
         tiles_bound = _cdiv(rows_bound, tile_m) + min(T, B)
         nsp, chunk_p = _splits(tiles_bound * Hkv, prefix_bound, block_n, target, prefix_splits)
-    finalize = ns_own == 1
+    if overlap is None:
+        overlap = os.environ.get(ENV_OVERLAP, "0") not in ("", "0")
+    # overlap: the own phase never merges the prefix slots itself (the merge kernel does, after
+    # the join); the side stream exists on CUDA only, elsewhere the same kernels run in order.
+    overlap = bool(overlap) and chosen == "grouped"
+    use_overlap = overlap and dev.type == "cuda"
+    finalize = ns_own == 1 and not overlap
     NS = nsp + (0 if finalize else ns_own)
     if NS > 0:
         part_o = torch.empty((B, Hq, Sq, NS, D), dtype=torch.float32, device=dev)
@@ -543,22 +567,19 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
         part_l = torch.empty(1, dtype=torch.float32, device=dev)
         NS = 1
 
-    if chosen == "grouped":
-        # Group the batch by task on the device, no host sync: one stable sort, then one
-        # single-program kernel for the CSR offsets of sequences and query tiles per task.
-        sorted_tids, order = torch.sort(tids, stable=True)
-        meta = torch.empty((3, T), dtype=torch.int64, device=dev)
-        seq_start, counts, tile_end = meta[0], meta[1], meta[2]
-        _group_setup_kernel[(1,)](
-            sorted_tids, seq_start, counts, tile_end, B, T, GS, tile_m, B.bit_length(),
-            BLOCK_T=min(1024, max(16, _pow2(T))), num_warps=4)
-        _grouped_prefix_kernel[(tiles_bound, Hkv, nsp)](
-            x.q, pk, pv, bt, plens, qlens, order, seq_start, counts, tile_end,
-            T.bit_length(), part_o, part_l, qk_scale,
-            *x.q.stride(), *x.prefix_k.stride(), *x.prefix_v.stride(), *x.block_table.stride(),
-            T, Hq, Sq, D, x.block_size, NS, chunk_p,
-            G=G, BLOCK_M=tile_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec,
-            num_warps=_grouped_warps(tile_m, block_d), num_stages=num_stages)
+    main_stream = side = None
+    if use_overlap:                                      # fork: prefix phase on a side stream
+        main_stream = torch.cuda.current_stream(dev)
+        side = _side_stream(dev)
+        side.wait_stream(main_stream)
+    with (torch.cuda.stream(side) if use_overlap else contextlib.nullcontext()):
+        if chosen == "grouped":
+            _launch_grouped_prefix(x, pk, pv, bt, plens, tids, qlens, part_o, part_l, qk_scale,
+                                   B, T, Hq, Hkv, G, Sq, D, GS, NS, nsp, chunk_p, tile_m,
+                                   tiles_bound, block_n, block_d, prec, num_stages, dev)
+    if use_overlap:
+        part_o.record_stream(side)
+        part_l.record_stream(side)
 
     _sequence_kernel[(B, Hkv * m_tiles, ns_own)](
         x.q, _nonempty(x.k), _nonempty(x.v), pk, pv, bt, plens, tids, qlens, kvlens, kvstarts,
@@ -570,9 +591,32 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
         INCLUDE_PREFIX=include_prefix, CAUSAL=x.causal, HAS_WINDOW=x.window is not None,
         FINALIZE=finalize, PREC=prec, num_warps=_sequence_warps(block_d),
         num_stages=num_stages)
+    if use_overlap:                                      # join before the merge reads the prefix slots
+        main_stream.wait_stream(side)
 
     if not finalize:
         _merge_kernel[(B * Hq * Sq,)](
             part_o, part_l, qlens, out, *out.stride(), Hq, Sq, D, NS,
             BLOCK_S=max(2, _pow2(NS)), BLOCK_D=block_d, num_warps=_merge_warps(block_d))
     return out
+
+
+def _launch_grouped_prefix(x, pk, pv, bt, plens, tids, qlens, part_o, part_l, qk_scale,
+                           B, T, Hq, Hkv, G, Sq, D, GS, NS, nsp, chunk_p, tile_m,
+                           tiles_bound, block_n, block_d, prec, num_stages, dev):
+    """Grouping by task (sort + setup kernel) and the grouped prefix-phase launch."""
+    # Group the batch by task on the device, no host sync: one stable sort, then one
+    # single-program kernel for the CSR offsets of sequences and query tiles per task.
+    sorted_tids, order = torch.sort(tids, stable=True)
+    meta = torch.empty((3, T), dtype=torch.int64, device=dev)
+    seq_start, counts, tile_end = meta[0], meta[1], meta[2]
+    _group_setup_kernel[(1,)](
+        sorted_tids, seq_start, counts, tile_end, B, T, GS, tile_m, B.bit_length(),
+        BLOCK_T=min(1024, max(16, _pow2(T))), num_warps=4)
+    _grouped_prefix_kernel[(tiles_bound, Hkv, nsp)](
+        x.q, pk, pv, bt, plens, qlens, order, seq_start, counts, tile_end,
+        T.bit_length(), part_o, part_l, qk_scale,
+        *x.q.stride(), *x.prefix_k.stride(), *x.prefix_v.stride(), *x.block_table.stride(),
+        T, Hq, Sq, D, x.block_size, NS, chunk_p,
+        G=G, BLOCK_M=tile_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec,
+        num_warps=_grouped_warps(tile_m, block_d), num_stages=num_stages)

@@ -126,6 +126,15 @@ def test_split_kv_and_split_prefix(path):
     check(seed, args, kw, path=path, num_splits=3, prefix_splits=2)
 
 
+def test_overlap_variant_merges_after_own_phase():
+    """``overlap=True``: the own phase writes a partial slot and the merge kernel combines it with
+    the prefix slots (on a GPU the prefix phase then runs on a side stream)."""
+    seed = new_seed()
+    args, kw = make_problem(seed, B=5, T=2, Hq=4, Hkv=2, Sq=2, Skv=15, D=16, block_size=4,
+                            task_ids=[0, 1, 1, 0, 1])
+    check(seed, args, kw, path="grouped", overlap=True, prefix_splits=2)
+
+
 def test_split_prefix_only_fused_merge():
     """Grouped path with a split prefix phase and an unsplit own phase: merged inside the own kernel."""
     seed = new_seed()
