@@ -142,7 +142,12 @@ class _TaskIdsForward:
         return twin
 
     def __call__(self, *args, task_ids=None, **kwargs):
-        if task_ids is not None and not self.family.rope:
+        if task_ids is None:
+            return self.original(*args, **kwargs)
+        if self.family.rope:
+            if not isinstance(task_ids, torch.Tensor):     # names resolved once, not per layer
+                task_ids = self.store.resolve_task_ids(task_ids)
+        else:
             args, kwargs, task_ids = self._offset_positions(args, kwargs, task_ids)
         return self.original(*args, task_ids=task_ids, **kwargs)
 

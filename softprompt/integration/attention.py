@@ -200,8 +200,9 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
         block_table = torch.zeros(1, 0, dtype=torch.long, device=device)
         prefix_lens = torch.zeros(1, dtype=torch.long, device=device)
         task_ids = torch.zeros(B, dtype=torch.long, device=device)
-    prefix_k = prefix_k.to(query.dtype)
-    prefix_v = prefix_v.to(query.dtype)
+    # (a copy only when the model is split over devices or runs in another dtype than the store)
+    prefix_k = prefix_k.to(device=device, dtype=query.dtype)
+    prefix_v = prefix_v.to(device=device, dtype=query.dtype)
     block_table = block_table.to(device)
     prefix_lens = prefix_lens.to(device)
 
@@ -211,6 +212,9 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
     else:
         causal = False
         visible, bias = _to_visibility(attention_mask, Skv)
+        if visible.shape[0] != B:                     # a broadcast [1, ...] mask from the caller
+            visible = visible.expand(B, *visible.shape[1:])
+            bias = bias.expand(B, *bias.shape[1:]) if bias is not None else None
 
     window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
     window = int(window) if isinstance(window, int) and window > 0 else None
