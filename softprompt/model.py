@@ -136,9 +136,14 @@ class SoftPromptModel(nn.Module):
         return self.model
 
     # ------------------------------------------------------------------ prompts -> store
-    @staticmethod
-    def _signature(module: nn.Module):
-        return tuple((p.data_ptr(), p._version) for p in module.parameters())
+    def _signature(self, module: nn.Module):
+        """Changes whenever a prompt parameter (or a trainable head, which compiled K/V may depend on)
+        is updated in place or replaced."""
+        params = list(module.parameters())
+        if module.kind == "input":
+            for head in self.trainable_heads:
+                params += list(self.model.get_submodule(head).parameters())
+        return tuple((p.data_ptr(), p._version) for p in params)
 
     def compilable(self, name: str) -> bool:
         """True when an input-level task's soft tokens form a prefix of a causal decoder's input."""
