@@ -173,6 +173,34 @@ def test_sq16_rows_span_several_tiles(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_nan_in_unused_memory_is_never_read(path):
+    """NaN in padding queries, own keys outside [kv_starts, kv_lens), unused pool blocks and pool
+    rows past a prefix's end: the output must equal the reference on the clean inputs."""
+    seed = new_seed()
+    args, kw = make_problem(seed, B=5, T=3, Hq=4, Hkv=2, Sq=3, Skv=17, block_size=4,
+                            prefix_lens=[6, 0, 9])
+    q, k, v, pk, pv, table, lens, tids = args
+    ref = prefix_attention(*args, backend="reference", **kw)
+    q, k, v, pk, pv = (t.clone() for t in (q, k, v, pk, pv))
+    nan = float("nan")
+    for b in range(q.shape[0]):
+        q[b, :, int(kw["q_lens"][b]):] = nan
+        k[b, :, :int(kw["kv_starts"][b])] = nan
+        v[b, :, :int(kw["kv_starts"][b])] = nan
+        k[b, :, int(kw["kv_lens"][b]):] = nan
+        v[b, :, int(kw["kv_lens"][b]):] = nan
+    used = torch.zeros(pk.shape[0], pk.shape[2], dtype=torch.bool)     # [block, row] holding a prefix row
+    for t, n in enumerate(lens.tolist()):
+        for r in range(n):
+            used[table[t, r // pk.shape[2]], r % pk.shape[2]] = True
+    pk[~used[:, None, :, None].expand_as(pk)] = nan
+    pv[~used[:, None, :, None].expand_as(pv)] = nan
+    got = decode_attention(validate_inputs(q, k, v, pk, pv, table, lens, tids, **kw), path=path)
+    assert torch.isfinite(got).all(), f"NaN leaked from unused memory (seed={seed})"
+    torch.testing.assert_close(got, ref, **TOL[torch.float32], msg=lambda m: f"seed={seed}: {m}")
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_prefix_zero_everywhere_and_empty_rows(path):
     """No prefix rows at all; padding queries and rows that see nothing are exactly zero."""
     seed = new_seed()
