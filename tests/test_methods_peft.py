@@ -50,11 +50,8 @@ EXPECTED_METHOD = {"prefix_mlp": "prefix_tuning", "prefix_raw": "prefix_tuning",
                    "ptuning_mlp": "p_tuning_v1", "ptuning_lstm": "p_tuning_v1"}
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("kind", list(CAUSAL))
+@pytest.mark.parametrize("family,kind", [("llama", k) for k in CAUSAL] + [("gpt2", "prefix_mlp"), ("gpt2", "prompt")])
 def test_peft_causal_adapter_reproduces_peft_training_forward(tmp_path, family, kind):
-    if family == "gpt2" and kind not in ("prefix_mlp", "prompt"):
-        pytest.skip("one learned-position family per kind class is enough")
     torch.manual_seed(11)
     pm = get_peft_model(make_model(family), CAUSAL[kind]())
     pm.train()
@@ -113,13 +110,13 @@ def test_peft_prefix_adapter_on_bert_matches_cache_reference(tmp_path, projectio
     torch.testing.assert_close(got, want, **TOL)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("config", [PrefixTuning(5, projection_dim=12), PTuningV2(3), PromptTuning(4),
-                                    PTuningV1(num_virtual_tokens=3, encoder="lstm", hidden_size=8)],
-                         ids=["prefix", "v2", "prompt", "ptuning"])
-def test_exported_adapter_loads_in_peft(tmp_path, family, config):
-    if family == "gpt2" and config.method in ("p_tuning_v2", "p_tuning_v1"):
-        pytest.skip("covered on llama")
+EXPORTS = {"prefix": PrefixTuning(5, projection_dim=12), "v2": PTuningV2(3), "prompt": PromptTuning(4),
+           "ptuning": PTuningV1(num_virtual_tokens=3, encoder="lstm", hidden_size=8)}
+
+
+@pytest.mark.parametrize("family,kind", [("llama", k) for k in EXPORTS] + [("gpt2", "prefix"), ("gpt2", "prompt")])
+def test_exported_adapter_loads_in_peft(tmp_path, family, kind):
+    config = EXPORTS[kind]
     torch.manual_seed(2)
     spm = SoftPromptModel(make_model(family))
     spm.add_task("t", config)

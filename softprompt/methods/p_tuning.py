@@ -83,6 +83,10 @@ class PromptEncoder(InputPrompt):
         elif config.encoder == "mlp":
             self.mlp_head = nn.Sequential(nn.Linear(D, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, D))
         self._template = parse_template(config.template, owner="PTuningV1")
+        for seg in self._template:
+            if seg[0] == "tokens" and any(not 0 <= i < geometry.vocab_size for i in seg[1]):
+                raise ValueError(f"PTuningV1: template anchor token ids {list(seg[1])} are invalid; expected ids "
+                                 f"in [0, {geometry.vocab_size})")
 
     @property
     def num_virtual_tokens(self) -> int:
