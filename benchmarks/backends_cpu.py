@@ -55,7 +55,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per case (median reported)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write results files")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
     opts = parser.parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     rows = [run_case(name, reps=opts.reps, **shape) for name, shape in SHAPES.items()]
     # Prefix memory independent of B: same decode shape at growing batch.
     for B in (16, 256):

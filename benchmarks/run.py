@@ -80,7 +80,11 @@ def main(argv=None) -> int:
     if argv and argv[0] == "generate" or (argv is None and sys.argv[1:2] == ["generate"]):
         from .generate import main as generate_main
         return generate_main(list(argv[1:] if argv else sys.argv[2:]))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
     opts = parser.parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     for bench in (BENCHES if opts.bench == "all" else [opts.bench]):
         run(bench, opts.preset, write=not opts.no_write)
     return 0
