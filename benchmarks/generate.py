@@ -137,7 +137,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     opts = parser.parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     torch.set_grad_enabled(False)
     model = tiny_llama() if opts.model == "tiny" else smollm2()
     env = environment()
