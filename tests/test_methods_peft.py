@@ -158,3 +158,19 @@ def test_load_peft_errors_leave_model_untouched(tmp_path):
     assert spm2.tasks == [] and "t" not in spm2.store
     with pytest.raises(ValueError, match="adapter_config.json is missing"):
         spm2.load_peft(tmp_path / "nowhere", task="t")
+
+
+def test_exported_seq_cls_adapter_with_head_loads_in_peft(tmp_path):
+    torch.manual_seed(4)
+    spm = SoftPromptModel(_bert_cls(), trainable_heads=["classifier"])
+    spm.add_task("cls", PromptTuning(4))
+    with torch.no_grad():
+        spm.model.classifier.weight.mul_(-3.0)                 # a "trained" head
+    spm.export_peft("cls", tmp_path)
+    pm = PeftModel.from_pretrained(_bert_cls(), str(tmp_path))
+    ids = _batch((7, 7))
+    pm.eval()
+    spm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(spm(ids, tasks="cls").logits,
+                                   pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, **TOL)
