@@ -1,0 +1,5 @@
+import sys
+
+from .cli import train_command
+
+sys.exit(train_command())
