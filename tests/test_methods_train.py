@@ -125,14 +125,16 @@ def test_mixed_method_batch_equals_rows_alone(family, padding):
     spm.train()
     rows = random_rows([6, 4, 5, 3, 6], seed=7)
     ids, mask = (right_pad if padding == "right" else left_pad)(rows, family)
-    out = spm(ids, attention_mask=mask, tasks=MIX).logits
+    extra = {"token_type_ids": mask.clone()} if family == "bert" else {}     # segment B for real tokens
+    out = spm(ids, attention_mask=mask, tasks=MIX, **extra).logits
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     (out * w * mask[..., None]).sum().backward()
     batch_grads = {n: p.grad.clone() for n, p in spm.named_parameters() if p.grad is not None}
     spm.zero_grad(set_to_none=True)
     S = ids.shape[1]
     for b, r in enumerate(rows):
-        one = spm(r[None], tasks=MIX[b]).logits[0]
+        one_extra = {"token_type_ids": torch.ones(1, len(r), dtype=torch.long)} if family == "bert" else {}
+        one = spm(r[None], tasks=MIX[b], **one_extra).logits[0]
         sl = slice(0, len(r)) if padding == "right" else slice(S - len(r), S)
         torch.testing.assert_close(out[b, sl].detach(), one.detach(), **TOL)
         (one * w[b, sl]).sum().backward()
@@ -177,12 +179,13 @@ def test_compiled_prompt_with_anchor_tokens_equals_inline():
     torch.testing.assert_close(compiled, inline, **TOL)
 
 
-def test_mixed_generate_equals_rows_alone():
-    spm = _spm("llama", tasks=["prefix", "prompt", "ptuning_front", "v2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mixed_generate_equals_rows_alone(family):
+    spm = _spm(family, tasks=["prefix", "prompt", "ptuning_front", "v2"])
     spm.eval()
     names = ["prefix", "prompt", "ptuning_front", "v2"]
     rows = random_rows([5, 3, 4, 5], seed=10)
-    ids, mask = left_pad(rows, "llama")
+    ids, mask = left_pad(rows, family)
     out = spm.generate(ids, attention_mask=mask, tasks=names, max_new_tokens=5, do_sample=False)
     new = out[:, ids.shape[1]:]
     for b, r in enumerate(rows):
