@@ -165,3 +165,19 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         spm.save(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before     # no temp files left, old intact
+
+
+def test_training_resumes_identically_after_load(tmp_path):
+    spm = _trained()
+    spm.save(tmp_path)
+    loaded = SoftPromptModel.load(make_model("llama"), tmp_path)
+    ids = torch.stack(random_rows([6] * 4, seed=5))
+    for m in (spm, loaded):
+        m.train()
+        m.prompts["prefix"].dropout.p = 0.0  # dropout off so both runs are deterministic
+        opt = torch.optim.SGD(m.trainable_parameters(), lr=0.1)
+        m(ids, tasks=list(TASKS), labels=ids).loss.backward()
+        opt.step()
+    for name in TASKS:
+        for (k, a), b in zip(spm.prompts[name].state_dict().items(), loaded.prompts[name].state_dict().values()):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m: f"{name}.{k}: {m}")
