@@ -240,12 +240,32 @@ class SoftPromptModel(nn.Module):
                 out.append(t)
         index = torch.cat(blocks).to(store.device)
         saved = store._buffers["k_blocks"], store._buffers["v_blocks"]
-        store._buffers["k_blocks"] = saved[0].detach().index_copy(1, index, torch.cat(ks, dim=1))
-        store._buffers["v_blocks"] = saved[1].detach().index_copy(1, index, torch.cat(vs, dim=1))
+        k_new = saved[0].detach().index_copy(1, index, torch.cat(ks, dim=1))
+        v_new = saved[1].detach().index_copy(1, index, torch.cat(vs, dim=1))
+        if self._checkpointing():
+            # Activation checkpointing recomputes attention in the backward, reading the store again:
+            # the pools stay swapped (until the next forward swaps its own) and are leaves whose
+            # gradient is pushed on into the prompt modules, contribution by contribution (each
+            # recomputed layer adds one; reentrant or not).
+            leaves = []
+            for new in (k_new, v_new):
+                leaf = new.detach().requires_grad_(new.requires_grad)
+                if new.requires_grad:
+                    leaf.register_hook(lambda g, src=new: self._push_grad(src, g))
+                leaves.append(leaf)
+            store._buffers["k_blocks"], store._buffers["v_blocks"] = leaves
+            yield
+            return
+        store._buffers["k_blocks"], store._buffers["v_blocks"] = k_new, v_new
         try:
             yield
         finally:
             store._buffers["k_blocks"], store._buffers["v_blocks"] = saved
+
+    @staticmethod
+    def _push_grad(src: torch.Tensor, grad: torch.Tensor):
+        torch.autograd.backward(src, grad, retain_graph=True)
+        return torch.zeros_like(grad)           # nothing to keep on the swapped pool itself
 
     # ------------------------------------------------------------------ batches
     def _row_tasks(self, tasks, task_ids, batch: int) -> List[str]:
@@ -312,9 +332,6 @@ class SoftPromptModel(nn.Module):
                 store_names.append(n)
         train_path = self.training or torch.is_grad_enabled()
         deep = [n for n in dict.fromkeys(names) if self.prompts[n].kind == "deep"] if train_path else []
-        if deep and self._checkpointing():
-            raise ValueError("SoftPromptModel: gradient checkpointing is not supported while training deep-prompt "
-                             "tasks (the recomputation would not see the differentiable prefix); disable it")
         ids = self.store.task_ids(store_names)
         call = dict(kwargs)
         layout = None
