@@ -7,8 +7,10 @@ may mix tasks *and* methods, in training and in inference:
   the model's prefix store. In training (``model.train()`` or gradients enabled) the store's
   pools are rebuilt for the forward differentiably from the modules' outputs (``index_copy`` of
   each task's blocks into a non-leaf copy of the pools), so gradients reach the MLP / raw
-  prefix; the prefix memory stays per task, never per sequence. In inference the outputs are
-  written into the store once and reused until a prompt parameter changes.
+  prefix; the prefix memory stays per task, never per sequence. Under activation checkpointing
+  the swapped pools stay in place for the backward's recomputation (as leaves whose gradient is
+  pushed on into the prompt modules). In inference the outputs are written into the store once
+  and reused until a prompt parameter changes.
 * input-level tasks (prompt tuning, P-tuning v1) get their soft tokens (and the template's anchor
   tokens) spliced into ``inputs_embeds`` row by row, with the attention mask, labels (-100 on
   added tokens), token types (0) and positions (from the new attention mask) extended; rows of
