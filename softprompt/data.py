@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import random
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 LABELS = ("negative", "positive")
 

