@@ -587,7 +587,8 @@ def _forward(q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, meta: _M
         return out, lse
     grid = (B * Hq, triton.cdiv(Sq, cfg.block_m))
     _fwd_kernel[grid](
-        q, _nonnull(k), _nonnull(v), _nonnull(pk), _nonnull(pv), _nonnull(bt), plens, tids, qlens, kvlens, kvstarts, out, lse,
+        q, _nonnull(k), _nonnull(v), _nonnull(pk), _nonnull(pv), _nonnull(bt), plens, tids, qlens, kvlens,
+        kvstarts, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(bt),
         *_strides(out),
         Hq, Sq, D, meta.scale * LOG2E, meta.window or 0,
@@ -638,7 +639,8 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         if work and dq.numel():
             _bwd_dq_kernel[(B * Hq, triton.cdiv(Sq, cfg.block_m))](
-                q, _nonnull(k), _nonnull(v), _nonnull(pk), _nonnull(pv), _nonnull(bt), plens, tids, qlens, kvlens, kvstarts, do, lse, delta, dq,
+                q, _nonnull(k), _nonnull(v), _nonnull(pk), _nonnull(pv), _nonnull(bt), plens, tids, qlens,
+                kvlens, kvstarts, do, lse, delta, dq,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(bt),
                 *_strides(do), *_strides(dq),
                 Hq, Sq, D, qk_scale, meta.scale, window,
