@@ -59,6 +59,9 @@ class TrainConfig:
         resume: "auto" (the newest ``checkpoint-*`` in ``output_dir`` if any), a checkpoint path, or None.
         max_length: cut each example's prompt from the left to fit (target kept).
         trim_logits: compute logits only for the final positions that carry labels (left-padded batches).
+        candidate_tokens: restrict the loss's softmax to these token ids (a verbalizer loss for
+            classification: cross-entropy among the label words of all tasks, not the whole vocabulary);
+            every labelled token must be one of them. None: the ordinary language-model loss.
         fsdp: passed to ``TrainingArguments.fsdp`` (e.g. "full_shard auto_wrap") for base models that do not
             fit one device; untested here (the CPU tests use DDP).
         optimizer: "adamw" or "sgd" (plain SGD: updates proportional to the gradient, used by the DDP test
@@ -89,6 +92,7 @@ class TrainConfig:
     resume: Optional[str] = "auto"
     max_length: Optional[int] = None
     trim_logits: bool = True
+    candidate_tokens: Optional[Sequence[int]] = None
     fsdp: str = ""
     progress: bool = True
 
@@ -125,6 +129,7 @@ def _make_trainer_class():
             super().__init__(*args, **kwargs)
             # count target tokens per (accumulated, all-process) batch and hand the count to compute_loss
             self.model_accepts_loss_kwargs = True
+            self.candidates = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
@@ -135,6 +140,15 @@ def _make_trainer_class():
                 labels = labels[:, labels.shape[1] - logits.shape[1]:]
             shift_logits = logits[:, :-1].float()
             shift_labels = labels[:, 1:].to(shift_logits.device)
+            if self.candidates is not None:
+                cand = self.candidates.to(shift_logits.device)
+                shift_logits = shift_logits.index_select(-1, cand)
+                lookup = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=cand.device)
+                lookup[cand] = torch.arange(cand.numel(), device=cand.device)
+                mapped = lookup[shift_labels.clamp_min(0)]
+                if bool(((mapped < 0) & (shift_labels != -100)).any()):
+                    raise ValueError("TrainConfig: a labelled token is not among `candidate_tokens`")
+                shift_labels = mapped.masked_fill(shift_labels == -100, -100)
             loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                        ignore_index=-100, reduction="sum")
             if num_items_in_batch is None:
@@ -246,9 +260,11 @@ def train_tasks(spm, tasks: Dict[str, TaskSpec], args: Optional[TrainConfig] = N
         if deep:
             raise ValueError(f"TrainConfig: gradient_checkpointing is not supported with deep-prompt tasks {deep} "
                              "(prefix tuning / P-tuning v2); train them without it")
-        spm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(spm.model, "enable_input_require_grads"):
-            spm.model.config.use_cache = False
+        if hasattr(spm.model, "activation_checkpointing_enable"):
+            spm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            spm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        spm.model.config.use_cache = False
 
     names = spm.tasks
     train_ds = MultiTaskDataset(train_sets, names, tokenizer, args.max_length)
@@ -301,6 +317,8 @@ def train_tasks(spm, tasks: Dict[str, TaskSpec], args: Optional[TrainConfig] = N
     # Trainer checks the wrapped model's class for loss-related hooks; SoftPromptModel computes no loss itself
     trainer = Trainer(model=spm, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
                       optimizers=(optimizer, None))
+    if args.candidate_tokens is not None:
+        trainer.candidates = torch.tensor(sorted(set(int(t) for t in args.candidate_tokens)), dtype=torch.long)
     trainer.remove_callback(ProgressCallback)
     if args.progress:
         trainer.add_callback(LogLines())

