@@ -49,6 +49,9 @@ def attach(model: nn.Module, backend: Optional[str] = None, block_size: int = 16
     """
     if _SAVED in model.__dict__:
         raise ValueError("softprompt.attach: `model` is already attached; call softprompt.detach(model) first")
+    from .encdec import attach_encoder_decoder, is_encoder_decoder
+    if is_encoder_decoder(model):       # t5 / bart: encoder, decoder and cross-attention prefixes
+        return attach_encoder_decoder(model, backend, block_size, trainable=trainable)
     family = family_of(model)
     from kernels import BACKENDS
     if backend is not None and backend not in ("auto", *BACKENDS):

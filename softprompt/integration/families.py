@@ -64,14 +64,22 @@ def family_of(model: nn.Module) -> Family:
         raise ValueError(f"softprompt.attach: `model` of type {type(model).__name__} is invalid; "
                          "expected a transformers PreTrainedModel with a `config`")
     model_type = getattr(text_config(model), "model_type", None)
+    from .encdec import ENCODER_DECODER_FAMILIES
+    if model_type in ENCODER_DECODER_FAMILIES:
+        return ENCODER_DECODER_FAMILIES[model_type]
     if model_type not in FAMILIES:
         raise ValueError(f"softprompt.attach: model family {model_type!r} ({type(model).__name__}) is not "
-                         f"supported; supported families: {', '.join(SUPPORTED_FAMILIES)}")
+                         f"supported; supported families: {', '.join(SUPPORTED_FAMILIES)} (encoder-decoder: "
+                         f"{', '.join(ENCODER_DECODER_FAMILIES)})")
     return FAMILIES[model_type]
 
 
 def geometry(model: nn.Module) -> Tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` from the model's config."""
+    """``(num_layers, num_kv_heads, head_dim)`` from the model's config (encoder-decoder models:
+    ``num_layers`` counts the virtual layers encoder + decoder self + cross, see ``encdec``)."""
+    from . import encdec
+    if encdec.is_encoder_decoder(model):
+        return encdec.geometry(model)
     cfg = text_config(model)
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads

@@ -1,0 +1,323 @@
+"""Encoder-decoder models (T5, BART): a prefix on encoder self-attention, decoder self-attention
+and decoder cross-attention, as published prefix tuning does (Li & Liang's BART code keeps three
+prefixes per layer; PEFT only reaches the decoder's self-attention).
+
+Layout. One :class:`EncoderDecoderPrefixStore` (a :class:`ModelPrefixStore`) holds the three
+kinds as *virtual layers* of one pool, in this order::
+
+    [ encoder self-attention 0..Le-1 | decoder self-attention 0..Ld-1 | cross-attention 0..Ld-1 ]
+
+so a task has one id, one block list and one prefix length ``P`` for all three kinds (the paper's
+and PEFT's setting), ``store.add(name, k, v)`` takes ``k, v [Le + 2*Ld, Hkv, P, D]`` and
+``store.join({...}) / store.split(k)`` convert from / to per-kind tensors. The soft-prompt
+methods see ``Geometry.num_layers = Le + 2*Ld``, so ``PrefixTuning`` / ``PTuningV2`` train all
+three kinds with no change (their flat PEFT-style layout ``[P, L*2*Hkv*D]`` is layer-major over
+the virtual layers).
+
+Attention modules are chosen by *name* (T5 reuses one ``T5Attention`` class and the same
+``layer_idx`` for all three roles):
+
+* T5: ``encoder.block.i.layer.0.SelfAttention``, ``decoder.block.i.layer.0.SelfAttention``,
+  ``decoder.block.i.layer.1.EncDecAttention``;
+* BART: ``encoder.layers.i.self_attn``, ``decoder.layers.i.self_attn``,
+  ``decoder.layers.i.encoder_attn``.
+
+Semantics (the prefix is *position-free* in both families; real tokens keep the model's own
+positions ``0 .. S-1`` in the encoder and the decoder, whatever ``P`` is, so tasks of different
+lengths share a batch):
+
+* Every query sees all ``P`` prefix rows of its task: encoder queries (non-causal), decoder
+  queries in self-attention (the prefix is in front of the causal own keys) and decoder queries
+  in cross-attention (the task's cross prefix, then the encoder outputs under the encoder's
+  padding mask, non-causal).
+* T5: the relative position bias of the prefix columns is **zero** (the own-token columns keep
+  T5's bias). A PEFT cache prefix would instead get the bias of positions ``0..P-1`` with real
+  decoder tokens at ``P..``. T5 cross-attention has no position bias.
+* BART: learned absolute positions are **not** shifted: encoder and decoder tokens sit at
+  ``0..S-1`` (BART computes them internally and takes no ``position_ids``). A PEFT seq2seq cache
+  prefix would put decoder tokens at ``P..`` (its cache length) and leave the encoder at ``0..``.
+* The decode path reads the cross-attention prefix from the store like the self-attention one
+  (through ``prefix_attention``), never from the cross-attention cache, which holds only the
+  encoder outputs' K/V.
+
+Paths. BART attention and T5 cross-attention run on the kernels (``prefix_attention``). T5's
+relative position bias is an additive score bias, outside the kernel contract: T5 encoder and
+decoder self-attention take the integration's dense PyTorch path (``[prefix ; own]``
+materialised per sequence, zero bias on prefix columns).
+
+Limitations: same ``P`` for the three kinds of a task; encoder and decoder must have the same
+attention geometry (kv heads, head dim), true of every released T5/BART checkpoint; families
+``t5`` and ``bart`` only (mt5/mbart/... are untested and refused); input-level methods (prompt
+tuning, P-tuning v1) are not adapted to encoder-decoder models here.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .attach import _SAVED, STORE_NAME, _TaskIdsForward
+from .attention import SLOT, Slot, softprompt_attention, softprompt_mask
+from .families import Family, text_config
+from .store import ModelPrefixStore
+
+ATTN_NAME_ENCDEC = "softprompt_encdec"
+KINDS = ("encoder", "decoder", "cross")
+
+ENCODER_DECODER_FAMILIES: Dict[str, Family] = {
+    "t5": Family("t5", ("T5Attention",), "relative_bias"),
+    "bart": Family("bart", ("BartAttention",), "learned"),
+}
+
+# module-name patterns (matched at the end of the qualified name, any wrapper prefix allowed)
+_PATTERNS = {
+    "t5": {"encoder": r"(?:^|\.)encoder\.block\.(\d+)\.layer\.0\.SelfAttention$",
+           "decoder": r"(?:^|\.)decoder\.block\.(\d+)\.layer\.0\.SelfAttention$",
+           "cross": r"(?:^|\.)decoder\.block\.(\d+)\.layer\.1\.EncDecAttention$"},
+    "bart": {"encoder": r"(?:^|\.)encoder\.layers\.(\d+)\.self_attn$",
+             "decoder": r"(?:^|\.)decoder\.layers\.(\d+)\.self_attn$",
+             "cross": r"(?:^|\.)decoder\.layers\.(\d+)\.encoder_attn$"},
+}
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and getattr(text_config(model), "model_type", None) in ENCODER_DECODER_FAMILIES
+
+
+def attention_modules(model: nn.Module) -> Dict[str, List[nn.Module]]:
+    """``{kind: [module of layer 0, 1, ...]}`` selected by name; ``ValueError`` if the model does
+    not have exactly one module per layer for each kind."""
+    cfg = text_config(model)
+    family = ENCODER_DECODER_FAMILIES[cfg.model_type]
+    patterns = {kind: re.compile(p) for kind, p in _PATTERNS[family.name].items()}
+    found: Dict[str, Dict[int, nn.Module]] = {kind: {} for kind in KINDS}
+    for name, module in model.named_modules():
+        for kind, pattern in patterns.items():
+            m = pattern.search(name)
+            if m and type(module).__name__ in family.attention_classes:
+                layer = int(m.group(1))
+                if layer in found[kind]:
+                    raise ValueError(f"softprompt.attach: two {kind} attention modules for layer {layer} in "
+                                     f"{type(model).__name__}")
+                found[kind][layer] = module
+    if family.name == "t5":
+        expected = {"encoder": cfg.num_layers, "decoder": cfg.num_decoder_layers}
+    else:
+        expected = {"encoder": cfg.encoder_layers, "decoder": cfg.decoder_layers}
+    expected["cross"] = expected["decoder"]
+    out = {}
+    for kind in KINDS:
+        layers = found[kind]
+        if sorted(layers) != list(range(expected[kind])):
+            raise ValueError(f"softprompt.attach: found {kind} attention modules for layers {sorted(layers)} in "
+                             f"{type(model).__name__}; expected layers 0..{expected[kind] - 1} (an encoder-decoder "
+                             f"model with its encoder and decoder, e.g. {family.name} ForConditionalGeneration)")
+        out[kind] = [layers[i] for i in range(expected[kind])]
+    return out
+
+
+def _module_geometry(module: nn.Module) -> Tuple[int, int]:
+    if hasattr(module, "key_value_proj_dim"):                         # T5Attention
+        return int(module.n_heads), int(module.key_value_proj_dim)
+    return int(module.num_heads), int(module.head_dim)                # BartAttention
+
+
+def layer_counts(model: nn.Module) -> Dict[str, int]:
+    cfg = text_config(model)
+    if cfg.model_type == "t5":
+        return {"encoder": cfg.num_layers, "decoder": cfg.num_decoder_layers, "cross": cfg.num_decoder_layers}
+    return {"encoder": cfg.encoder_layers, "decoder": cfg.decoder_layers, "cross": cfg.decoder_layers}
+
+
+def geometry(model: nn.Module) -> Tuple[int, int, int]:
+    """``(virtual layers Le + 2*Ld, kv heads, head dim)``; the three kinds must share heads/head dim."""
+    modules = attention_modules(model)
+    shapes = {_module_geometry(m) for ms in modules.values() for m in ms}
+    if len(shapes) != 1:
+        raise ValueError(f"softprompt.attach: the attention modules of {type(model).__name__} have different "
+                         f"(heads, head_dim) {sorted(shapes)}; encoder and decoder must share one geometry")
+    heads, head_dim = shapes.pop()
+    return sum(len(ms) for ms in modules.values()), heads, head_dim
+
+
+class EncoderDecoderPrefixStore(ModelPrefixStore):
+    """The prefix store of an attached encoder-decoder model: the three prefix kinds as virtual
+    layers ``[encoder | decoder self | cross]`` (see the module docstring).
+
+    Extra attributes: ``layers`` (``{kind: count}``), ``kinds``; ``calls`` counts the attention
+    paths as in :class:`ModelPrefixStore`.
+    """
+
+    def __init__(self, layers: Dict[str, int], num_kv_heads: int, head_dim: int, *, family: Family,
+                 backend=None, block_size: int = 16, dtype=torch.float32, device=None, trainable: bool = False):
+        self.layers = {kind: int(layers[kind]) for kind in KINDS}
+        super().__init__(sum(self.layers.values()), num_kv_heads, head_dim, family=family, backend=backend,
+                         block_size=block_size, dtype=dtype, device=device, trainable=trainable)
+        self.kinds = KINDS
+
+    def layer_range(self, kind: str) -> Tuple[int, int]:
+        """``(start, stop)`` of ``kind``'s virtual layers."""
+        if kind not in KINDS:
+            raise ValueError(f"EncoderDecoderPrefixStore: `kind` {kind!r} is invalid; expected one of {KINDS}")
+        start = 0
+        for k in KINDS:
+            if k == kind:
+                return start, start + self.layers[k]
+            start += self.layers[k]
+        raise AssertionError
+
+    def virtual_layer(self, kind: str, layer: int) -> int:
+        start, stop = self.layer_range(kind)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < stop - start:
+            raise ValueError(f"EncoderDecoderPrefixStore: `layer` {layer!r} is invalid for kind {kind!r}; "
+                             f"expected an int in [0, {stop - start})")
+        return start + layer
+
+    def join(self, prefixes: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``{"encoder": (k, v), "decoder": (k, v), "cross": (k, v)}`` with ``[L_kind, Hkv, P, D]``
+        each (one ``P``) -> ``k, v [Le + 2*Ld, Hkv, P, D]``."""
+        if not isinstance(prefixes, dict) or set(prefixes) != set(KINDS):
+            raise ValueError(f"EncoderDecoderPrefixStore.join: `prefixes` must map exactly {KINDS} to (k, v)")
+        ks, vs = [], []
+        for kind in KINDS:
+            k, v = prefixes[kind]
+            if k.dim() != 4 or k.shape[0] != self.layers[kind] or v.shape != k.shape:
+                raise ValueError(f"EncoderDecoderPrefixStore.join: `{kind}` prefix with shapes {tuple(k.shape)}, "
+                                 f"{tuple(v.shape)} is invalid; expected k, v [{self.layers[kind]}, "
+                                 f"{self.num_kv_heads}, P, {self.head_dim}]")
+            ks.append(k)
+            vs.append(v)
+        if len({k.shape[2] for k in ks}) != 1:
+            raise ValueError(f"EncoderDecoderPrefixStore.join: prefix lengths {[k.shape[2] for k in ks]} differ; "
+                             "the three kinds of a task share one length P")
+        return torch.cat(ks), torch.cat(vs)
+
+    def split(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``[Le + 2*Ld, ...]`` -> ``{kind: [L_kind, ...]}`` (views)."""
+        return {kind: x[slice(*self.layer_range(kind))] for kind in KINDS}
+
+    def add_kinds(self, name: str, prefixes) -> int:
+        """``add`` from per-kind prefixes (see :meth:`join`)."""
+        return self.add(name, *self.join(prefixes))
+
+    def get_kind(self, name: str, kind: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.get(name)
+        sl = slice(*self.layer_range(kind))
+        return k[sl], v[sl]
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layers}, " + super().extra_repr()
+
+
+# ---------------------------------------------------------------------------------------- attention
+def _kind(module) -> Optional[str]:
+    slot = module.__dict__.get(SLOT)
+    store = slot.store_ref() if slot is not None else None
+    if not isinstance(store, EncoderDecoderPrefixStore):
+        return None
+    for kind in KINDS:
+        start, stop = store.layer_range(kind)
+        if start <= slot.layer < stop:
+            return kind
+    return None
+
+
+def encdec_attention(module, query, key, value, attention_mask, position_bias=None, **kwargs):
+    """The registered attention function of encoder-decoder models.
+
+    T5 self-attention passes its relative ``position_bias`` (``[1|B, H, Sq, Skv]``, own keys);
+    it is folded with the mask into an additive float mask, which ``softprompt_attention`` runs on
+    its dense path with a zero bias on the prefix columns. T5 cross-attention's ``position_bias``
+    is all zeros by construction (no relative bias) and is dropped so the call stays on the kernel.
+    """
+    if position_bias is not None and _kind(module) != "cross":
+        B, _, Sq, _ = query.shape
+        Skv = key.shape[2]
+        bias = position_bias[..., -Sq:, :Skv].to(query.dtype)
+        if attention_mask is None:
+            if getattr(module, "is_causal", False) and Sq > 1:
+                i = torch.arange(Sq, device=query.device)[:, None] + (Skv - Sq)
+                j = torch.arange(Skv, device=query.device)[None]
+                attention_mask = (j <= i)[None, None]
+        if attention_mask is not None:
+            mask = attention_mask[..., :Skv]
+            if mask.dtype == torch.bool:
+                visible = mask
+            elif mask.dtype.is_floating_point:
+                visible = mask > torch.finfo(mask.dtype).min / 2
+                bias = bias + mask.to(bias.dtype).masked_fill(~visible, 0)
+            else:
+                visible = mask != 0
+            bias = bias.masked_fill(~visible, torch.finfo(bias.dtype).min)
+        attention_mask = bias
+    return softprompt_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register the enc-dec attention function and the shared mask function (class level, idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(ATTN_NAME_ENCDEC, encdec_attention)
+    AttentionMaskInterface.register(ATTN_NAME_ENCDEC, softprompt_mask)
+    _REGISTERED = True
+
+
+# ---------------------------------------------------------------------------------------- attach
+def attach_encoder_decoder(model: nn.Module, backend: Optional[str] = None, block_size: int = 16, *,
+                           trainable: bool = False) -> EncoderDecoderPrefixStore:
+    """:func:`softprompt.attach` for T5 / BART (called by it): the three prefix kinds per layer."""
+    from kernels import BACKENDS
+    if backend is not None and backend not in ("auto", *BACKENDS):
+        raise ValueError(f"softprompt.attach: `backend` {backend!r} is invalid; expected None (Triton on CUDA, "
+                         f"torch on the CPU) or one of {['auto', *BACKENDS]}")
+    family = ENCODER_DECODER_FAMILIES[text_config(model).model_type]
+    modules = attention_modules(model)
+    _, heads, head_dim = geometry(model)
+    param = next(model.parameters())
+    store = EncoderDecoderPrefixStore({k: len(ms) for k, ms in modules.items()}, heads, head_dim, family=family,
+                                      backend=backend, block_size=block_size, dtype=param.dtype,
+                                      device=param.device, trainable=trainable)
+    register()
+    saved = {"attn": model.config._attn_implementation, "had_forward": "forward" in model.__dict__,
+             "forward": model.__dict__.get("forward")}
+    model.set_attn_implementation(ATTN_NAME_ENCDEC)
+    if model.config._attn_implementation != ATTN_NAME_ENCDEC:
+        model.set_attn_implementation(saved["attn"])
+        raise ValueError(f"softprompt.attach: transformers refused to switch {type(model).__name__} to the "
+                         f"{ATTN_NAME_ENCDEC!r} attention implementation")
+    model.add_module(STORE_NAME, store)
+    flat = []
+    for kind in KINDS:
+        for layer, module in enumerate(modules[kind]):
+            module.__dict__[SLOT] = Slot(store, store.virtual_layer(kind, layer))
+            flat.append(module)
+    saved["modules"] = flat
+    model.__dict__[_SAVED] = saved
+    model.forward = _EncDecForward(model, store, model.forward)
+    return store
+
+
+class _EncDecForward(_TaskIdsForward):
+    """``model.forward`` with ``task_ids`` in its signature and no position offsets (the prefix is
+    position-free). ``position_ids`` is dropped: T5/BART take none (it would only leak into the
+    attention kwargs)."""
+
+    def __call__(self, *args, task_ids=None, **kwargs):
+        kwargs.pop("position_ids", None)
+        if task_ids is not None and not isinstance(task_ids, torch.Tensor):   # names: resolved once
+            task_ids = self.store.resolve_task_ids(task_ids)
+        return self.original(*args, task_ids=task_ids, **kwargs)
+
+    def __deepcopy__(self, memo):
+        twin = super().__deepcopy__(memo)
+        twin.__class__ = _EncDecForward
+        return twin
