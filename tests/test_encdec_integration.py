@@ -182,3 +182,19 @@ def test_greedy_generate_mixed_batch_equals_rows_alone_and_reference(family, mon
     changed = torch.nan_to_num(res.scores[0] - plain, nan=0.0).abs().amax(-1)
     for b, t in enumerate(TASKS):
         assert (changed[b] > 1e-3) if LENGTHS[t] else (changed[b] < 1e-5), (family, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_mixed_batch_equals_rows_alone(family):
+    """generate() repeat-interleaves task_ids for beams / num_return_sequences (encoder and decoder)."""
+    model = make_model(family)
+    prefixes = random_prefixes(model, LENGTHS, scale=2.0)
+    _attach(model, prefixes)
+    rows = random_rows(ENC, seed=8)
+    ids, mask = right_pad(rows, family)
+    gen = dict(_gen(family, new=4), num_beams=2, num_return_sequences=2)
+    out = model.generate(ids, attention_mask=mask, task_ids=torch.tensor(TASKS), **gen)
+    for b, r in enumerate(rows):
+        alone = model.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                               task_ids=torch.tensor([TASKS[b]]), **gen)
+        assert out[2 * b: 2 * b + 2].tolist() == alone.tolist(), f"{family} row {b}"
