@@ -1,0 +1,216 @@
+"""The generation engine against HF generate() baselines, side by side in one run (CPU or GPU).
+
+    python -m benchmarks.engine                    # SmolLM2-135M, 4 tasks x 16 requests, prefix 64, 64 new tokens
+    python -m benchmarks.engine --quick            # 4 tasks x 4 requests, 16 new tokens (about a minute)
+    python -m benchmarks.engine --model tiny       # tiny random Llama
+
+Methods, all greedy on the same prompts and (random) prefixes, EOS suppressed so every request
+makes exactly ``--new-tokens`` tokens:
+- ``per-task generate``: one HF ``generate()`` per task, its prefix copied into each row's cache
+  (PEFT-style, one adapter at a time) — helpers from ``benchmarks/generate.py``;
+- ``batch, prefix copied``: one HF ``generate()`` over the whole batch, each row's prefix copied
+  into its own cache rows;
+- ``engine``: ``softprompt.Engine`` — continuous batching, paged own-token KV, prefixes read in
+  place from the prefix store.
+Reports tokens/s, the engine's speed-up over the better baseline, batch occupancy, memory, and
+how many tokens agree with the PEFT-style batch; ``--profile`` adds where the engine's time goes.
+Writes the table to ``benchmarks/results/engine-<model>-<device>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from .common import RESULTS_DIR, environment, markdown_table
+from .generate import _cache, _left_pad, smollm2, tiny_llama
+
+
+def problem(model, *, tasks, per_task, prefix, seed=0):
+    cfg = model.config
+    L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    prefixes = {f"task{t}": (torch.randn(L, Hkv, prefix, D, generator=g).to(dtype),
+                             torch.randn(L, Hkv, prefix, D, generator=g).to(dtype)) for t in range(tasks)}
+    names = [f"task{t % tasks}" for t in range(tasks * per_task)]
+    rows = [torch.randint(10, cfg.vocab_size, (int(n),), generator=g)
+            for n in torch.randint(8, 24, (len(names),), generator=g)]
+    return prefixes, names, rows
+
+
+def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False, engine_kwargs=None):
+    from softprompt import attach, detach
+    from softprompt.engine import Engine, SamplingParams
+
+    prefixes, names, rows = problem(model, tasks=tasks, per_task=per_task, prefix=prefix)
+    B = len(names)
+    device = next(model.parameters()).device
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    cfg = model.config
+    L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elt = next(model.parameters()).element_size()
+
+    def per_task():
+        outs = [None] * B
+        for t in range(tasks):
+            idx = [b for b, n in enumerate(names) if n == f"task{t}"]
+            ids, mask = _left_pad([rows[b] for b in idx], 0)
+            mask = torch.cat([torch.ones(len(idx), prefix, dtype=torch.long), mask], 1)
+            out = model.generate(ids.to(device), attention_mask=mask.to(device),
+                                 cache=_cache({k: (a.to(device), b.to(device)) for k, (a, b) in prefixes.items()},
+                                              [names[b] for b in idx]), **gen)
+            for j, b in enumerate(idx):
+                outs[b] = out[j, ids.shape[1]:].cpu()
+        return torch.stack(outs)
+
+    def batch_copied():
+        ids, mask = _left_pad(rows, 0)
+        mask = torch.cat([torch.ones(B, prefix, dtype=torch.long), mask], 1)
+        cache = _cache({k: (a.to(device), b.to(device)) for k, (a, b) in prefixes.items()}, names)
+        return model.generate(ids.to(device), attention_mask=mask.to(device), cache=cache, **gen)[:, ids.shape[1]:].cpu()
+
+    store = None
+    engine = None
+
+    def engine_run():
+        res = engine.generate(rows, names, SamplingParams(max_new_tokens=gen["max_new_tokens"],
+                                                          min_new_tokens=gen["min_new_tokens"]))
+        return torch.tensor([r.token_ids for r in res])
+
+    methods = {"per-task generate": per_task, "batch, prefix copied": batch_copied, "engine": engine_run}
+    times = {m: [] for m in methods}
+    tokens = {}
+    engine_stats = None
+    with torch.no_grad():
+        try:
+            for rep in range(repeats + 1):                 # rep 0: warm-up with 2 new tokens
+                for label, fn in methods.items():
+                    if label == "engine":
+                        if store is None:
+                            store = attach(model)
+                            for name, (k, v) in prefixes.items():
+                                store.add(name, k.to(device), v.to(device))
+                            engine = Engine(model, max_batch_size=B, **(engine_kwargs or {}))
+                    elif store is not None:
+                        detach(model)
+                        store = None
+                    if rep == 0:
+                        saved = dict(gen)
+                        gen.update(max_new_tokens=2, min_new_tokens=2)
+                        fn()
+                        gen.update(saved)
+                        continue
+                    if label == "engine":
+                        engine.reset_stats()
+                    start = time.perf_counter()
+                    tokens[label] = fn()
+                    times[label].append(time.perf_counter() - start)
+                    if label == "engine":
+                        engine_stats = engine.stats()
+            prof_text = None
+            if profile:
+                if store is None:
+                    store = attach(model)
+                    for name, (k, v) in prefixes.items():
+                        store.add(name, k.to(device), v.to(device))
+                prof_text = profile_engine(engine, engine_run)
+        finally:
+            if store is not None:
+                detach(model)
+
+    best = {m: min(t) for m, t in times.items()}
+    best_baseline = min(best["per-task generate"], best["batch, prefix copied"])
+    ref = tokens["batch, prefix copied"]
+    table = []
+    for label, sec in best.items():
+        agree = (tokens[label] == ref).float().mean().item()
+        row = {"method": label, "seconds": f"{sec:.2f}", "tokens/s": f"{B * new_tokens / sec:.1f}",
+               "tokens = PEFT-style batch": f"{agree:.1%}"}
+        if label == "engine":
+            row["speed-up"] = f"{best_baseline / sec:.2f}x vs best baseline"
+        else:
+            row["speed-up"] = f"engine {sec / best['engine']:.2f}x faster"
+        table.append(row)
+    baseline_cache = B * L * 2 * Hkv * (prefix + max(len(r) for r in rows) + new_tokens) * D * elt
+    kv = engine_stats["kv_cache"]
+    summary = {
+        "requests": B, "new tokens": new_tokens,
+        "engine tokens/s": f"{engine_stats['generated_tokens'] / best['engine']:.1f}",
+        "speed-up vs best baseline": f"{best_baseline / best['engine']:.2f}x",
+        "engine batch occupancy (mean decode batch / max)": f"{engine_stats['mean_decode_batch']:.1f} / {B} "
+                                                            f"= {engine_stats['batch_occupancy']:.0%}",
+        "engine forward share of its time": f"{engine_stats['forward_seconds'] / engine_stats['busy_seconds']:.0%}",
+        "engine prefill padding": f"{engine_stats['padded_prefill_tokens']} padded / "
+                                  f"{engine_stats['prefill_tokens']} real tokens",
+        "engine KV cache peak (own tokens, paged)": f"{kv['bytes_peak'] / 2 ** 20:.1f} MiB "
+                                                   f"({kv['pages_peak']} pages of {kv['page_size']})",
+        "prefix store": f"{engine_stats['prefix_store_bytes'] / 2 ** 20:.1f} MiB (once per task)",
+        "batch baseline KV cache (prefix copied per row)": f"{baseline_cache / 2 ** 20:.1f} MiB",
+        "peak RSS": f"{engine_stats['peak_rss_bytes'] / 2 ** 30:.2f} GiB",
+    }
+    return table, summary, prof_text
+
+
+def profile_engine(engine, engine_run) -> str:
+    """Where the engine's time goes: torch operators (self CPU time) of one run."""
+    from torch.profiler import ProfilerActivity, profile
+    engine.reset_stats()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine_run()
+    st = engine.stats()
+    head = (f"engine run under the profiler: {st['busy_seconds']:.2f}s busy, {st['forward_seconds']:.2f}s in model "
+            f"forwards, {st['sample_seconds']:.2f}s choosing tokens")
+    return head + "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--per-task", type=int, default=16)
+    parser.add_argument("--prefix", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per method (best is reported)")
+    parser.add_argument("--quick", action="store_true", help="4 tasks x 4 requests, 16 new tokens")
+    parser.add_argument("--profile", action="store_true", help="also profile one engine run")
+    parser.add_argument("--no-write", action="store_true")
+    opts = parser.parse_args(argv)
+    if opts.quick:
+        opts.per_task, opts.new_tokens = 4, 16
+    torch.set_grad_enabled(False)
+    model = tiny_llama() if opts.model == "tiny" else smollm2()
+    if torch.cuda.is_available():
+        model = model.cuda()
+    env = environment()
+    title = (f"engine: {opts.model}, {opts.tasks} tasks x {opts.per_task} requests, prefix {opts.prefix}, "
+             f"{opts.new_tokens} new tokens, greedy")
+    print(f"{title} | {env['device']} | commit {env['commit']}", flush=True)
+    table, summary, prof = run(model, tasks=opts.tasks, per_task=opts.per_task, prefix=opts.prefix,
+                               new_tokens=opts.new_tokens, repeats=opts.repeats, profile=opts.profile)
+    text = markdown_table(table, ["method", "seconds", "tokens/s", "speed-up", "tokens = PEFT-style batch"])
+    text += "\n\n" + markdown_table([{"": k, "value": v} for k, v in summary.items()], ["", "value"])
+    print(text)
+    if prof:
+        print("\n" + prof)
+    if not opts.no_write:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        kind = "gpu" if torch.cuda.is_available() else "cpu"
+        path = RESULTS_DIR / f"engine-{opts.model}-{kind}{'-quick' if opts.quick else ''}.md"
+        tmp = path.with_suffix(".md.tmp")
+        body = f"# {title}\n\n{', '.join(f'{k}: {v}' for k, v in env.items())}\n\n{text}\n"
+        if prof:
+            body += f"\n## profile\n\n```\n{prof}\n```\n"
+        tmp.write_text(body)
+        os.replace(tmp, path)
+        print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
