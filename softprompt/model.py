@@ -67,7 +67,8 @@ class SoftPromptModel(nn.Module):
         self.model = model
         self.__dict__["store"] = store            # owned by the model (model.softprompt_store)
         self.family = family
-        self.causal = not family.bidirectional and not getattr(text_config(model), "is_encoder_decoder", False)
+        self.encoder_decoder = bool(getattr(text_config(model), "is_encoder_decoder", False))
+        self.causal = not family.bidirectional and not self.encoder_decoder
         for p in model.parameters():
             p.requires_grad_(False)
         for head in heads:
@@ -353,7 +354,7 @@ class SoftPromptModel(nn.Module):
                 call["token_type_ids"] = token_type_ids
         with self._differentiable_pools(deep):
             out = self.model(task_ids=ids, **call)
-        if layout is not None:
+        if layout is not None and not self.encoder_decoder:      # enc-dec: logits are decoder-side
             logits = getattr(out, "logits", None)
             T = call["attention_mask"].shape[1]
             if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[1] == T:
@@ -405,7 +406,9 @@ class SoftPromptModel(nn.Module):
         gather = source.clamp_min(0)
         call = {"inputs_embeds": ext, "attention_mask": ext_mask, "position_ids": self._positions(ext_mask)}
         if labels is not None:
-            if labels.dim() == 2 and tuple(labels.shape) == (B, S):
+            if self.encoder_decoder:                 # decoder-side labels: untouched
+                call["labels"] = labels
+            elif labels.dim() == 2 and tuple(labels.shape) == (B, S):
                 call["labels"] = labels.gather(1, gather).masked_fill(source < 0, -100)
             else:                                # sequence-level labels (classification)
                 call["labels"] = labels

@@ -119,3 +119,32 @@ def test_flat_layout_is_virtual_layers():
     assert k.shape == (spm.geometry.num_layers, spm.geometry.num_kv_heads, 4, spm.geometry.head_dim)
     split = spm.store.split(k)
     assert [split[kind].shape[0] for kind in KINDS] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_tuning_on_the_encoder_with_decoder_side_labels(family):
+    """Input-level soft tokens go in front of the encoder input (Lester et al.); labels and logits
+    are decoder-side and must not be remapped, even when their length equals the spliced encoder's."""
+    from softprompt import PromptTuning
+    model = make_model(family)
+    spm = SoftPromptModel(model)
+    torch.manual_seed(2)
+    spm.add_task("pt", PrefixTuning(3))
+    prompt = spm.add_task("soft", PromptTuning(3))
+    g = torch.Generator().manual_seed(3)
+    enc = torch.randint(4, 96, (2, 5), generator=g)
+    labels = torch.randint(4, 96, (2, 8), generator=g)          # 8 = 3 soft tokens + 5 encoder tokens
+    spm.train()
+    out = spm(enc, labels=labels, tasks=["soft", "pt"])
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        x = torch.cat([prompt.embeddings()[None], emb(enc[:1])], dim=1)
+        from softprompt.integration import detach
+        import copy
+        stock = copy.deepcopy(model)
+        detach(stock)
+        ref = stock(inputs_embeds=x, labels=labels[:1])
+    assert out.logits.shape == (2, 8, 96)
+    torch.testing.assert_close(out.logits[0].detach(), ref.logits[0], atol=2e-5, rtol=1e-5)
+    out.loss.backward()
+    assert prompt.embedding.weight.grad.abs().sum() > 0
