@@ -47,8 +47,13 @@ materialised per sequence, zero bias on prefix columns).
 
 Limitations: same ``P`` for the three kinds of a task; encoder and decoder must have the same
 attention geometry (kv heads, head dim), true of every released T5/BART checkpoint; families
-``t5`` and ``bart`` only (mt5/mbart/... are untested and refused); input-level methods (prompt
-tuning, P-tuning v1) are not adapted to encoder-decoder models here.
+``t5`` and ``bart`` only (mt5/mbart/... are untested and refused); T5 generate needs
+``num_decoder_layers == num_layers`` (a transformers limitation of T5's cache, stock models too).
+``SoftPromptModel`` works unchanged on top (``Geometry.num_layers`` is the virtual-layer count);
+``PrefixTuning(projection_dim=...)`` uses one MLP for all three kinds (Li & Liang used one per
+kind). Input-level methods (prompt tuning, P-tuning v1) put their soft tokens in front of the
+*encoder* input in forward/training (labels stay decoder-side); ``SoftPromptModel.generate``
+refuses them on encoder-decoder models (no compiled form here).
 """
 from __future__ import annotations
 
