@@ -12,7 +12,7 @@ import torch
 
 import softprompt
 from softprompt.integration.encdec import ATTN_NAME_ENCDEC, KINDS, EncoderDecoderPrefixStore
-from encdec_common import (FAMILIES, Reference, joined, layer_counts, make_model, pad_id, random_prefixes,
+from encdec_common import (FAMILIES, Reference, layer_counts, make_model, pad_id, random_prefixes,
                            random_rows, right_pad)
 
 LENGTHS = [5, 3, 0]
@@ -221,3 +221,21 @@ def test_gradient_checkpointing_keeps_all_three_prefixes(family):
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
     assert plain[1].abs().sum() > 0
+
+
+def test_deepcopy_of_an_attached_model_has_its_own_store():
+    model = make_model("t5")
+    store = _attach(model, random_prefixes(model, [3]))
+    twin = copy.deepcopy(model)
+    ids = torch.stack(random_rows([5]))
+    dec = torch.stack(random_rows([3], seed=5))
+    a = model(input_ids=ids, decoder_input_ids=dec, task_ids=["task0"]).logits
+    torch.testing.assert_close(twin(input_ids=ids, decoder_input_ids=dec, task_ids=["task0"]).logits, a,
+                               atol=0, rtol=0)
+    twin_store = twin.softprompt_store
+    assert twin_store is not store and isinstance(twin_store, EncoderDecoderPrefixStore)
+    with torch.no_grad():
+        twin_store.v_blocks.mul_(2)
+    assert not torch.allclose(twin(input_ids=ids, decoder_input_ids=dec, task_ids=["task0"]).logits, a)
+    torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=dec, task_ids=["task0"]).logits, a,
+                               atol=0, rtol=0)

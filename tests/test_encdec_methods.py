@@ -7,7 +7,7 @@ import torch
 
 from softprompt import PrefixTuning, PTuningV2, SoftPromptModel
 from softprompt.methods import flat_to_kv
-from encdec_common import FAMILIES, KINDS, Reference, make_model, pad_id, random_rows, right_pad
+from encdec_common import FAMILIES, KINDS, Reference, make_model, pad_id, right_pad
 
 TASKS = ["pt", "v2", "pt", "v2"]
 ENC = [6, 5, 7, 4]

@@ -58,7 +58,7 @@ refuses them on encoder-decoder models (no compiled form here).
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
