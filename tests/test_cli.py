@@ -20,3 +20,12 @@ def test_info_lists_backends(capsys):
 def test_quick_demo_agrees_with_reference(capsys):
     assert main(["demo", "--quick"]) == 0
     assert "OK: the no-copy backend matches" in capsys.readouterr().out
+
+
+def test_passthrough_commands_own_their_help(capsys):
+    import pytest
+    for command in ("train", "generate", "bench"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"softprompt {command}" in capsys.readouterr().out
