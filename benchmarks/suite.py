@@ -142,7 +142,7 @@ def run_sweep(shapes: List[Shape], methods: List[str], device: torch.device, tit
             try:
                 out = fn()
                 out = out[0] if isinstance(out, tuple) else out
-                row[f"{name} max|diff|"] = float((out.float() - ref).abs().max())
+                row[f"{name} max|diff|"] = float((out.detach().float() - ref).abs().max())
                 row[f"{name} ms"] = 1e3 * _time(fn, device)
                 row[f"{name} MiB"] = _peak(fn, device) / 2**20
             except (RuntimeError, torch.OutOfMemoryError) as exc:    # e.g. a baseline out of memory
