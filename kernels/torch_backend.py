@@ -77,6 +77,12 @@ def _to_groups(values: torch.Tensor, bucket: Bucket, fill: float = 0.0) -> torch
 
 
 def torch_attention(x: PrefixAttentionInputs) -> torch.Tensor:
+    if _fused_inference_applies(x):
+        return fused_inference_attention(x)
+    return differentiable_attention(x)
+
+
+def differentiable_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     cdt = compute_dtype(x.q.dtype)
     B, Hq, Sq, D = x.q.shape
     Hkv, G, Skv = x.num_kv_heads, x.group_size, x.kv_len
@@ -125,4 +131,72 @@ def torch_attention(x: PrefixAttentionInputs) -> torch.Tensor:
 
     out = acc / torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]
     out = out.reshape(B, Hq, Sq, D) * query_valid(x)[:, None, :, None]   # padding queries give zeros
+    return out.to(x.q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference on the CPU: PyTorch's fused flash-attention kernel returns each part's log-sum-exp,
+# so prefix and own parts run fused (no score matrices in memory) and merge in fp32. Its
+# log-sum-exp output carries no gradient, hence this path serves calls that need none.
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused_inference_applies(x: PrefixAttentionInputs) -> bool:
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x.q, x.k, x.v, x.prefix_k, x.prefix_v))
+    return (_FLASH_CPU is not None and not needs_grad and x.q.device.type == "cpu"
+            and x.q.dtype != torch.float64 and x.batch > 0)
+
+
+def _flash(q, k, v, scale, bias=None):
+    """Fused attention over ``[N, H, M, D]`` queries: fp32 output and log-sum-exp ``[N, H, M]``."""
+    out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    return out, lse
+
+
+def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
+    B, Hq, Sq, D = x.q.shape
+    Hkv, G, Skv = x.num_kv_heads, x.group_size, x.kv_len
+    f32 = torch.float32
+    # GQA heads of a kv head are stacked into query rows: [B, Hkv, G*Sq, D], K/V never repeated.
+    q = x.q.to(f32).reshape(B, Hkv, G * Sq, D)
+    neg_inf = torch.tensor(float("-inf"), dtype=f32)
+    out = q.new_zeros(B, Hkv, G * Sq, D)
+    lse = q.new_full((B, Hkv, G * Sq), float("-inf"))
+    if Skv:
+        visible = own_key_visibility(x)                                # [B, 1|Hq, Sq, Skv]
+        if visible.shape[1] == 1:
+            visible = visible.expand(B, G, Sq, Skv).reshape(B, 1, G * Sq, Skv)
+        else:
+            visible = visible.reshape(B, Hkv, G * Sq, Skv)
+        bias = torch.zeros(visible.shape, dtype=f32).masked_fill_(~visible, neg_inf)
+        out, lse = _flash(q, x.k.to(f32), x.v.to(f32), x.scale, bias)
+        # The kernel gives rows that see nothing a log-sum-exp of 0; they contribute nothing.
+        lse = lse.masked_fill(~visible.any(-1).expand_as(lse), float("-inf"))
+    for bucket in task_buckets(x):
+        Gb, W, P = bucket.tasks.shape[0], bucket.width, bucket.rows
+        pk = gather_prefixes(x, x.prefix_k, bucket.tasks, P).to(f32)
+        pv = gather_prefixes(x, x.prefix_v, bucket.tasks, P).to(f32)
+        stacked = _to_groups(q[bucket.seqs], bucket)                   # [Gb, W, Hkv, G*Sq, D]
+        stacked = stacked.transpose(1, 2).reshape(Gb, Hkv, W * G * Sq, D)
+        bias = None
+        if bool((bucket.lengths < P).any()):
+            beyond = torch.arange(P)[None, :] >= bucket.lengths[:, None]
+            bias = torch.zeros(Gb, 1, 1, P, dtype=f32).masked_fill_(beyond[:, None, None, :], neg_inf)
+        p_out, p_lse = _flash(stacked, pk, pv, x.scale, bias)
+        p_out = p_out.view(Gb, Hkv, W, G * Sq, D).transpose(1, 2)[bucket.group, bucket.slot]
+        p_lse = p_lse.view(Gb, Hkv, W, G * Sq).transpose(1, 2)[bucket.group, bucket.slot]
+        # Merge two attention states in fp32 (log-sum-exp weighting).
+        own_lse, own_out = lse[bucket.seqs], out[bucket.seqs]
+        top = torch.maximum(own_lse, p_lse)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        w_own, w_pre = torch.exp(own_lse - top), torch.exp(p_lse - top)
+        total = w_own + w_pre
+        merged = (own_out * w_own[..., None] + p_out * w_pre[..., None]) / torch.where(
+            total > 0, total, torch.ones_like(total))[..., None]
+        out = out.index_copy(0, bucket.seqs, merged)
+        lse = lse.index_copy(0, bucket.seqs, top + torch.log(total))
+    out = out.masked_fill(~torch.isfinite(lse)[..., None], 0.0)      # rows that see nothing
+    out = out.reshape(B, Hq, Sq, D) * query_valid(x)[:, None, :, None]
     return out.to(x.q.dtype)

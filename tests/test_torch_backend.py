@@ -142,3 +142,18 @@ def test_prefix_gradient_sums_over_sequences_of_a_task(seed):
     two = torch.autograd.grad(prefix_attention(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]), pk, pv,
                                                table, plens, torch.cat([tids, tids]), backend="torch").sum(), pk)[0]
     torch.testing.assert_close(two, 2 * one)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_inference_path_matches_reference(name, seed):
+    """Calls that need no gradient take the fused CPU path (flash kernel + fp32 state merge)."""
+    from kernels.inputs import validate_inputs
+    from kernels.torch_backend import _fused_inference_applies
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
+        case = Case(seed=seed, dtype=dtype, requires_grad=False, **CASES[name])
+        args, kw = case.build()
+        assert _fused_inference_applies(validate_inputs(*args, **kw))
+        got = prefix_attention(*args, backend="torch", **kw)
+        want = prefix_attention(*args, backend="reference", **kw)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{case}: {m}")
