@@ -73,7 +73,7 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         if num_pages is None:
-            num_pages = max(16, max_batch_size * 4)
+            num_pages = max(16, max_batch_size)          # grows by doubling when needed
         self.kv = PagedKVCache(self.store.num_layers, self.store.num_kv_heads, self.store.head_dim,
                                page_size=page_size, num_pages=num_pages, max_pages=max_pages,
                                dtype=self.dtype, device=self.device)
