@@ -169,6 +169,7 @@ def profile_engine(engine, engine_run) -> str:
     return head + "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
@@ -183,7 +184,6 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.per_task, opts.new_tokens = 4, 16
-    torch.set_grad_enabled(False)
     model = tiny_llama() if opts.model == "tiny" else smollm2()
     if torch.cuda.is_available():
         model = model.cuda()

@@ -129,6 +129,7 @@ def run(model, *, tasks: int, per_task: int, prefix: int, new_tokens: int, seed:
     return table, same, agree
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
@@ -141,7 +142,6 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    torch.set_grad_enabled(False)
     model = tiny_llama() if opts.model == "tiny" else smollm2()
     env = environment()
     print(f"generate: {opts.model}, {opts.tasks} tasks x {opts.per_task} requests, prefix {opts.prefix}, "

@@ -21,3 +21,13 @@ def pytest_configure(config):
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_not_leaked():
+    """A test (or a command it runs) must not leave autograd switched off for the tests after it."""
+    import torch
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left torch.is_grad_enabled() == False"

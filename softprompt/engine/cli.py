@@ -104,11 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate_command(argv=None) -> int:
-    opts = build_parser().parse_args(argv)
+    import torch
+    with torch.no_grad():          # scoped: callers (tests, notebooks) keep their grad mode
+        return _generate(build_parser().parse_args(argv))
+
+
+def _generate(opts) -> int:
     import torch
     from .engine import NO_PROMPT_TASK, Engine
     from .requests import SamplingParams
-    torch.set_grad_enabled(False)
     model, tokenizer = _load_model(opts.model)
     model.eval()
     if torch.cuda.is_available():
