@@ -26,21 +26,7 @@ import time
 import torch
 
 from .common import RESULTS_DIR, environment, markdown_table
-from .generate import _cache, _left_pad, smollm2, tiny_llama
-
-
-def problem(model, *, tasks, per_task, prefix, seed=0):
-    cfg = model.config
-    L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    g = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    prefixes = {f"task{t}": (torch.randn(L, Hkv, prefix, D, generator=g).to(dtype),
-                             torch.randn(L, Hkv, prefix, D, generator=g).to(dtype)) for t in range(tasks)}
-    names = [f"task{t % tasks}" for t in range(tasks * per_task)]
-    rows = [torch.randint(10, cfg.vocab_size, (int(n),), generator=g)
-            for n in torch.randint(8, 24, (len(names),), generator=g)]
-    return prefixes, names, rows
+from .generate import _cache, _left_pad, problem, smollm2, tiny_llama
 
 
 def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False, engine_kwargs=None):

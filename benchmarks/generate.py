@@ -61,8 +61,8 @@ def _left_pad(rows, pad):
     return ids, mask
 
 
-def run(model, *, tasks: int, per_task: int, prefix: int, new_tokens: int, seed: int = 0):
-    from softprompt import attach, detach
+def problem(model, *, tasks, per_task, prefix, seed=0):
+    """Random cache-convention prefixes per task, the task of each request, and prompt token rows."""
     cfg = model.config
     L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -73,6 +73,12 @@ def run(model, *, tasks: int, per_task: int, prefix: int, new_tokens: int, seed:
     names = [f"task{t % tasks}" for t in range(tasks * per_task)]
     rows = [torch.randint(10, cfg.vocab_size, (int(n),), generator=g)
             for n in torch.randint(8, 24, (len(names),), generator=g)]
+    return prefixes, names, rows
+
+
+def run(model, *, tasks: int, per_task: int, prefix: int, new_tokens: int, seed: int = 0):
+    from softprompt import attach, detach
+    prefixes, names, rows = problem(model, tasks=tasks, per_task=per_task, prefix=prefix, seed=seed)
     pad = 0
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
     B = len(names)
