@@ -15,6 +15,8 @@ import transformers as tf
 from transformers.models.bart import modeling_bart
 from transformers.models.t5 import modeling_t5
 
+from test_integration_common import pad_rows, random_rows  # noqa: F401  (shared row helpers)
+
 VOCAB = 96
 FAMILIES = ["t5", "bart"]
 KINDS = ("encoder", "decoder", "cross")
@@ -128,16 +130,5 @@ class Reference:
             self.prefix = None
 
 
-def random_rows(lengths, seed=2, low=4):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(low, VOCAB, (n,), generator=g) for n in lengths]
-
-
 def right_pad(rows, family):
-    S = max(len(r) for r in rows)
-    ids = torch.full((len(rows), S), pad_id(family), dtype=torch.long)
-    mask = torch.zeros((len(rows), S), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = r
-        mask[b, : len(r)] = 1
-    return ids, mask
+    return pad_rows(rows, pad_id(family), "right")

@@ -99,24 +99,24 @@ def random_rows(lengths, seed=2, low=4):
     return [torch.randint(low, VOCAB, (n,), generator=g) for n in lengths]
 
 
-def left_pad(rows, family):
+def pad_rows(rows, pad, side):
+    """Stack token rows into ``ids, mask [B, S]``, padding with ``pad`` on the ``"left"`` or ``"right"``."""
     S = max(len(r) for r in rows)
-    ids = torch.full((len(rows), S), pad_id(family), dtype=torch.long)
+    ids = torch.full((len(rows), S), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), S), dtype=torch.long)
     for b, r in enumerate(rows):
-        ids[b, S - len(r):] = r
-        mask[b, S - len(r):] = 1
+        at = slice(S - len(r), S) if side == "left" else slice(0, len(r))
+        ids[b, at] = r
+        mask[b, at] = 1
     return ids, mask
+
+
+def left_pad(rows, family):
+    return pad_rows(rows, pad_id(family), "left")
 
 
 def right_pad(rows, family):
-    S = max(len(r) for r in rows)
-    ids = torch.full((len(rows), S), pad_id(family), dtype=torch.long)
-    mask = torch.zeros((len(rows), S), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = r
-        mask[b, : len(r)] = 1
-    return ids, mask
+    return pad_rows(rows, pad_id(family), "right")
 
 
 def positions_from_mask(mask):
