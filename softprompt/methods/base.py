@@ -108,8 +108,13 @@ class InputPrompt(SoftPrompt):
         raise NotImplementedError
 
     @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+    @property
     def template(self):
-        raise NotImplementedError
+        """The parsed template; subclasses set ``self._template`` when they are built."""
+        return self._template
 
 
 METHODS: Dict[str, Type[MethodConfig]] = {}

@@ -88,14 +88,6 @@ class PromptEncoder(InputPrompt):
                 raise ValueError(f"PTuningV1: template anchor token ids {list(seg[1])} are invalid; expected ids "
                                  f"in [0, {geometry.vocab_size})")
 
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.config.num_virtual_tokens
-
-    @property
-    def template(self):
-        return self._template
-
     def embeddings(self) -> torch.Tensor:
         x = self.embedding.weight
         if self.config.encoder == "lstm":

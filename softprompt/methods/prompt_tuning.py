@@ -79,13 +79,5 @@ class PromptEmbedding(InputPrompt):
                 self.embedding.weight.copy_(embedding.weight[ids.to(embedding.weight.device)].float())
         self._template = front(config.num_virtual_tokens)
 
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.config.num_virtual_tokens
-
-    @property
-    def template(self):
-        return self._template
-
     def embeddings(self) -> torch.Tensor:
         return self.embedding.weight
