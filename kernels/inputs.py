@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from .memo import ValueMemo
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -179,13 +181,19 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_
         if attn_mask.device != device:
             _fail("attn_mask", f"on device {attn_mask.device}", f"the device of q ({device})")
 
-    _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts,
-                  num_blocks, block_size, Sq, Skv)
+    # The layers of one forward pass equal index tensors: on the CPU they are range-checked once.
+    _CHECKED.get((block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts),
+                 (num_blocks, block_size, Sq, Skv),
+                 lambda: _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts,
+                                       num_blocks, block_size, Sq, Skv))
     return PrefixAttentionInputs(
         q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, block_table=block_table.long(),
         prefix_lens=prefix_lens.long(), task_ids=task_ids.long(), q_lens=q_lens, kv_lens=kv_lens,
         kv_starts=kv_starts, causal=bool(causal), scale=float(scale), window=window,
         attn_mask=attn_mask, lengths_given=lengths_given)
+
+
+_CHECKED = ValueMemo(size=4)
 
 
 def _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts,

@@ -13,12 +13,13 @@ provides the backward; a task's prefix gradient sums over its sequences through 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 
 from .inputs import PrefixAttentionInputs
 from .masks import own_key_visibility, query_valid
+from .memo import ValueMemo
 from .reference import compute_dtype
 
 
@@ -138,6 +139,8 @@ def differentiable_attention(x: PrefixAttentionInputs) -> torch.Tensor:
 # Inference on the CPU: PyTorch's fused flash-attention kernel returns each part's log-sum-exp,
 # so prefix and own parts run fused (no score matrices in memory) and merge in fp32. Its
 # log-sum-exp output carries no gradient, hence this path serves calls that need none.
+# Everything that depends only on task ids and lengths is planned once per forward pass
+# (``_PLANS`` below) and reused by every layer.
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -155,48 +158,137 @@ def _flash(q, k, v, scale, bias=None):
     return out, lse
 
 
-def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
-    B, Hq, Sq, D = x.q.shape
-    Hkv, G, Skv = x.num_kv_heads, x.group_size, x.kv_len
+@dataclass
+class _PrefixPart:
+    bucket: Bucket
+    table: torch.Tensor                # [Gb, blocks] block indices of the bucket's prefixes
+    bias: Optional[torch.Tensor]       # [Gb, 1, 1, P] -inf past a shorter prefix, or None
+    span: Optional[Tuple[int, int]]    # batch rows start..stop already in group order, or None
+
+
+@dataclass
+class _FusedPlan:
+    own_bias: Optional[torch.Tensor]   # [B, 1|Hkv, G*Sq, Skv] additive (0 / -inf), None when Skv == 0
+    own_blind: Optional[torch.Tensor]  # [B, 1|Hkv, G*Sq] rows that see no own key, or None
+    sees_nothing: Optional[torch.Tensor]   # [B, 1|Hkv, G*Sq] rows that see no key at all, or None
+    query_valid: Optional[torch.Tensor]    # [B, 1, Sq, 1] 0/1 multiplier, None when every query is real
+    prefixes: List[_PrefixPart]
+
+
+def _span_of(bucket: Bucket, seqs: List[int], group_sizes: List[int]) -> Optional[Tuple[int, int]]:
+    """(start, stop) when the bucket's rows are consecutive batch rows, group after group, all of
+    the bucket's width: then stacking queries is a view instead of a scatter."""
+    if not seqs or any(n != bucket.width for n in group_sizes):
+        return None
+    start = seqs[0]
+    return (start, start + len(seqs)) if seqs == list(range(start, start + len(seqs))) else None
+
+
+def _plan(x: PrefixAttentionInputs) -> _FusedPlan:
+    B, Sq, Skv = x.batch, x.q_len, x.kv_len
+    Hkv, G = x.num_kv_heads, x.group_size
     f32 = torch.float32
-    # GQA heads of a kv head are stacked into query rows: [B, Hkv, G*Sq, D], K/V never repeated.
-    q = x.q.to(f32).reshape(B, Hkv, G * Sq, D)
-    neg_inf = torch.tensor(float("-inf"), dtype=f32)
-    out = q.new_zeros(B, Hkv, G * Sq, D)
-    lse = q.new_full((B, Hkv, G * Sq), float("-inf"))
+    own_bias = own_blind = None
+    sees = torch.zeros(B, 1, G * Sq, dtype=torch.bool)
     if Skv:
         visible = own_key_visibility(x)                                # [B, 1|Hq, Sq, Skv]
         if visible.shape[1] == 1:
             visible = visible.expand(B, G, Sq, Skv).reshape(B, 1, G * Sq, Skv)
         else:
             visible = visible.reshape(B, Hkv, G * Sq, Skv)
-        bias = torch.zeros(visible.shape, dtype=f32).masked_fill_(~visible, neg_inf)
-        out, lse = _flash(q, x.k.to(f32), x.v.to(f32), x.scale, bias)
-        # The kernel gives rows that see nothing a log-sum-exp of 0; they contribute nothing.
-        lse = lse.masked_fill(~visible.any(-1).expand_as(lse), float("-inf"))
+        own_bias = torch.zeros(visible.shape, dtype=f32).masked_fill_(~visible, float("-inf"))
+        sees = visible.any(-1)
+        # The kernel gives rows that see nothing a log-sum-exp of 0; they must contribute nothing.
+        own_blind = None if bool(sees.all()) else ~sees
+    has_prefix = (x.prefix_lens[x.task_ids] > 0)[:, None, None]
+    nothing = ~(sees | has_prefix)
+    valid = query_valid(x)
+    prefixes = []
     for bucket in task_buckets(x):
-        Gb, W, P = bucket.tasks.shape[0], bucket.width, bucket.rows
-        pk = gather_prefixes(x, x.prefix_k, bucket.tasks, P).to(f32)
-        pv = gather_prefixes(x, x.prefix_v, bucket.tasks, P).to(f32)
-        stacked = _to_groups(q[bucket.seqs], bucket)                   # [Gb, W, Hkv, G*Sq, D]
-        stacked = stacked.transpose(1, 2).reshape(Gb, Hkv, W * G * Sq, D)
+        blocks = -(-bucket.rows // x.block_size)
+        table = x.block_table[bucket.tasks, :blocks].clamp_min(0)   # entries past a length may be -1
         bias = None
-        if bool((bucket.lengths < P).any()):
-            beyond = torch.arange(P)[None, :] >= bucket.lengths[:, None]
-            bias = torch.zeros(Gb, 1, 1, P, dtype=f32).masked_fill_(beyond[:, None, None, :], neg_inf)
-        p_out, p_lse = _flash(stacked, pk, pv, x.scale, bias)
-        p_out = p_out.view(Gb, Hkv, W, G * Sq, D).transpose(1, 2)[bucket.group, bucket.slot]
-        p_lse = p_lse.view(Gb, Hkv, W, G * Sq).transpose(1, 2)[bucket.group, bucket.slot]
-        # Merge two attention states in fp32 (log-sum-exp weighting).
-        own_lse, own_out = lse[bucket.seqs], out[bucket.seqs]
-        top = torch.maximum(own_lse, p_lse)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        w_own, w_pre = torch.exp(own_lse - top), torch.exp(p_lse - top)
-        total = w_own + w_pre
-        merged = (own_out * w_own[..., None] + p_out * w_pre[..., None]) / torch.where(
-            total > 0, total, torch.ones_like(total))[..., None]
-        out = out.index_copy(0, bucket.seqs, merged)
-        lse = lse.index_copy(0, bucket.seqs, top + torch.log(total))
-    out = out.masked_fill(~torch.isfinite(lse)[..., None], 0.0)      # rows that see nothing
-    out = out.reshape(B, Hq, Sq, D) * query_valid(x)[:, None, :, None]
+        if bool((bucket.lengths < bucket.rows).any()):
+            beyond = torch.arange(bucket.rows)[None, :] >= bucket.lengths[:, None]
+            bias = torch.zeros(bucket.tasks.shape[0], 1, 1, bucket.rows, dtype=f32).masked_fill_(
+                beyond[:, None, None, :], float("-inf"))
+        seqs = bucket.seqs.tolist()
+        sizes = torch.bincount(bucket.group, minlength=bucket.tasks.shape[0]).tolist()
+        ordered = bucket.group.tolist() == sorted(bucket.group.tolist())
+        prefixes.append(_PrefixPart(bucket, table, bias, _span_of(bucket, seqs, sizes) if ordered else None))
+    return _FusedPlan(own_bias=own_bias, own_blind=own_blind,
+                      sees_nothing=nothing if bool(nothing.any()) else None,
+                      query_valid=None if bool(valid.all()) else valid[:, None, :, None].to(f32),
+                      prefixes=prefixes)
+
+
+_PLANS = ValueMemo(size=4)
+
+
+def _fused_plan(x: PrefixAttentionInputs) -> _FusedPlan:
+    if x.attn_mask is not None:            # an explicit mask: no cheap key, plan it every call
+        return _plan(x)
+    key = (x.task_ids, x.prefix_lens, x.block_table, x.q_lens, x.kv_lens, x.kv_starts)
+    extra = (x.batch, x.num_q_heads, x.num_kv_heads, x.q_len, x.kv_len, x.block_size, x.causal, x.window)
+    return _PLANS.get(key, extra, lambda: _plan(x))
+
+
+def _merge(own_out, own_lse, pre_out, pre_lse):
+    """Two attention states over disjoint keys -> one (fp32 log-sum-exp weighting). ``pre_lse`` is
+    finite (a prefix row sees at least one key), so the shared maximum is finite too."""
+    top = torch.maximum(own_lse, pre_lse)
+    w_own, w_pre = torch.exp(own_lse - top), torch.exp(pre_lse - top)
+    total = w_own + w_pre                                               # in [1, 2]
+    merged = (own_out * w_own[..., None] + pre_out * w_pre[..., None]) / total[..., None]
+    return merged, top + torch.log(total)
+
+
+def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
+    B, Hq, Sq, D = x.q.shape
+    Hkv, G, Skv = x.num_kv_heads, x.group_size, x.kv_len
+    M = G * Sq
+    f32 = torch.float32
+    plan = _fused_plan(x)
+    # GQA heads of a kv head are stacked into query rows: [B, Hkv, G*Sq, D], K/V never repeated.
+    q = x.q.to(f32).reshape(B, Hkv, M, D)
+    if Skv:
+        out, lse = _flash(q, x.k.to(f32), x.v.to(f32), x.scale, plan.own_bias)
+        if plan.own_blind is not None:
+            lse = lse.masked_fill(plan.own_blind, float("-inf"))
+    else:
+        out, lse = q.new_zeros(B, Hkv, M, D), q.new_full((B, Hkv, M), float("-inf"))
+    for part in plan.prefixes:
+        bucket = part.bucket
+        Gb, W, P = bucket.tasks.shape[0], bucket.width, bucket.rows
+        pk = _read_prefix(x.prefix_k, part.table, P).to(f32)
+        pv = _read_prefix(x.prefix_v, part.table, P).to(f32)
+        rows = q[part.span[0]: part.span[1]] if part.span else q[bucket.seqs]
+        stacked = rows.view(Gb, W, Hkv, M, D) if part.span else _to_groups(rows, bucket)
+        stacked = stacked.transpose(1, 2).reshape(Gb, Hkv, W * M, D)
+        p_out, p_lse = _flash(stacked, pk, pv, x.scale, part.bias)
+        p_out = p_out.view(Gb, Hkv, W, M, D).transpose(1, 2)
+        p_lse = p_lse.view(Gb, Hkv, W, M).transpose(1, 2)
+        if part.span:
+            start, stop = part.span
+            merged, merged_lse = _merge(out[start:stop], lse[start:stop],
+                                        p_out.reshape(stop - start, Hkv, M, D), p_lse.reshape(stop - start, Hkv, M))
+            out[start:stop] = merged
+            lse[start:stop] = merged_lse
+        else:
+            pick = (bucket.group, bucket.slot)
+            merged, merged_lse = _merge(out[bucket.seqs], lse[bucket.seqs], p_out[pick], p_lse[pick])
+            out = out.index_copy(0, bucket.seqs, merged)
+            lse = lse.index_copy(0, bucket.seqs, merged_lse)
+    if plan.sees_nothing is not None:
+        out = out.masked_fill(plan.sees_nothing.expand(B, Hkv, M)[..., None], 0.0)
+    out = out.reshape(B, Hq, Sq, D)
+    if plan.query_valid is not None:
+        out = out * plan.query_valid                                    # padding queries give zeros
     return out.to(x.q.dtype)
+
+
+def _read_prefix(pool: torch.Tensor, table: torch.Tensor, rows: int) -> torch.Tensor:
+    """Prefixes read out of the block pool through ``table`` ``[Gb, blocks]``: ``[Gb, Hkv, rows, D]``."""
+    g = pool[table]                                                     # [Gb, blocks, Hkv, bs, D]
+    Gb, n, Hkv, bs, D = g.shape
+    return g.permute(0, 2, 1, 3, 4).reshape(Gb, Hkv, n * bs, D)[:, :, :rows]

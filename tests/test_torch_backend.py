@@ -41,6 +41,11 @@ CASES = {
     # group sizes 5, 1, 2, 1 and an unused task: several size buckets, one padded
     "skewed_groups": dict(B=9, T=5, tasks=[0, 2, 0, 1, 0, 3, 0, 2, 0], prefix_lens=[6, 3, 9, 1, 4]),
     "every_sequence_its_own_task": dict(B=6, T=6, tasks=[5, 4, 3, 2, 1, 0]),
+    # the engine's decode layout: rows sorted by task, equal groups (stacking is a view), left padding
+    "sorted_equal_groups_decode": dict(B=8, T=4, tasks=[1, 1, 3, 3, 0, 0, 2, 2],
+                                       Sq=1, Skv=11, padding="left", prefix_lens=[5, 9, 0, 4]),
+    "sorted_equal_groups_prefill": dict(B=6, T=3, tasks=[0, 0, 1, 1, 2, 2], Sq=5, Skv=5, padding="left",
+                                        prefix_lens=[4, 7, 2]),
 }
 
 
@@ -142,6 +147,27 @@ def test_prefix_gradient_sums_over_sequences_of_a_task(seed):
     two = torch.autograd.grad(prefix_attention(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]), pk, pv,
                                                table, plens, torch.cat([tids, tids]), backend="torch").sum(), pk)[0]
     torch.testing.assert_close(two, 2 * one)
+
+
+def test_inference_plan_is_never_stale(seed):
+    """Layers of a forward share one plan (task buckets, masks); a caller changing its index
+    tensors in place between calls must still get the right answer."""
+    from kernels.inputs import validate_inputs
+    from kernels.torch_backend import _PLANS, _plan
+    case = Case(seed=seed, B=6, T=3, tasks=[0, 0, 1, 1, 2, 2], Sq=1, Skv=9, padding="left",
+                prefix_lens=[3, 8, 5], requires_grad=False)
+    args, kw = case.build()
+    tids = args[7]
+    assert all(part.span for part in _plan(validate_inputs(*args, **kw)).prefixes)   # the view path
+    hits = _PLANS.hits
+    for _ in range(2):
+        torch.testing.assert_close(prefix_attention(*args, backend="torch", **kw),
+                                   prefix_attention(*args, backend="reference", **kw))
+    assert _PLANS.hits > hits                                      # the second call reused the plan
+    tids.copy_(torch.tensor([2, 1, 0, 2, 1, 0]))                    # same tensor object, new tasks
+    kw["kv_starts"].copy_(kw["kv_starts"].flip(0))
+    torch.testing.assert_close(prefix_attention(*args, backend="torch", **kw),
+                               prefix_attention(*args, backend="reference", **kw))
 
 
 @pytest.mark.parametrize("name", list(CASES))
