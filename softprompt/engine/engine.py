@@ -30,6 +30,7 @@ from . import sampling as S
 from .kv_cache import PagedKVCache
 from .requests import Prompt, Request, RequestError, Result, SamplingParams, StreamEvent, new_request_id
 from .scheduler import Scheduler, Sequence, StepPlan
+from .small_gemm import small_batch_linears
 
 NO_PROMPT_TASK = "__softprompt_engine_no_prompt__"
 
@@ -59,12 +60,15 @@ class Engine:
         chunked_prefill: split prompts longer than the remaining token budget over steps.
         prefill_padding: extra padded tokens allowed per prefill forward (fraction of real tokens)
             before the prefills are split into another forward.
+        small_gemm_rows: on the CPU, forwards of at most this many tokens (decode steps) run the
+            model's linear layers as ``W @ x^T`` (faster there; see ``engine/small_gemm.py``);
+            0 turns it off.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 64, max_num_batched_tokens: int = 2048,
                  page_size: int = 16, num_pages: Optional[int] = None, max_pages: Optional[int] = None,
                  max_model_len: Optional[int] = None, eos_token_id=None, chunked_prefill: bool = True,
-                 prefill_padding: float = 0.25):
+                 prefill_padding: float = 0.25, small_gemm_rows: int = 128):
         self.model = model
         self.tokenizer = tokenizer
         store = attached_store(model)
@@ -83,6 +87,9 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = self._eos_ids(eos_token_id)
         self.prefill_padding = prefill_padding
+        if isinstance(small_gemm_rows, bool) or not isinstance(small_gemm_rows, int) or small_gemm_rows < 0:
+            raise ValueError(f"Engine: `small_gemm_rows` {small_gemm_rows!r} is invalid; expected an int >= 0")
+        self.small_gemm_rows = small_gemm_rows if self.device.type == "cpu" else 0
         self.pad_token_id = 0
         self._seqs: Dict[str, Sequence] = {}
         self._results: Dict[str, Result] = {}
@@ -217,7 +224,9 @@ class Engine:
             if plan.decode:
                 self._stats["decode_steps"] += 1
                 self._stats["decode_rows"] += len(plan.decode)
-                self._run([(s, 1) for s in plan.decode], prefill=False)
+                # rows of one task side by side: the attention stacks each task's queries as a view
+                decode = sorted(plan.decode, key=lambda s: s.task or "")
+                self._run([(s, 1) for s in decode], prefill=False)
         self._stats["busy_seconds"] += time.perf_counter() - start
         events, self._events = self._events, []
         return events
@@ -259,9 +268,10 @@ class Engine:
         for b, (s, n) in enumerate(rows):
             ids[b, Sq - n:] = torch.tensor(s.tokens[s.num_computed: s.num_computed + n], dtype=torch.long)
         t0 = time.perf_counter()
-        out = self.model(input_ids=ids.to(self.device), attention_mask=cache.attention_mask,
-                         position_ids=cache.position_ids, cache=cache, use_cache=True,
-                         task_ids=self._task_ids(seqs), logits_to_keep=1)
+        with small_batch_linears(self.model, self.small_gemm_rows, enabled=0 < B * Sq <= self.small_gemm_rows):
+            out = self.model(input_ids=ids.to(self.device), attention_mask=cache.attention_mask,
+                             position_ids=cache.position_ids, cache=cache, use_cache=True,
+                             task_ids=self._task_ids(seqs), logits_to_keep=1)
         self._stats["forward_seconds"] += time.perf_counter() - t0
         self._stats["forwards"] += 1
         if prefill:
