@@ -181,3 +181,23 @@ def test_training_resumes_identically_after_load(tmp_path):
     for name in TASKS:
         for (k, a), b in zip(spm.prompts[name].state_dict().items(), loaded.prompts[name].state_dict().values()):
             torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m: f"{name}.{k}: {m}")
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+def test_p_tuning_v1_text_init_starts_at_the_text_and_round_trips(tmp_path, encoder):
+    """init='text': the encoder's first output is the word embeddings of the text (repeated to P);
+    a saved text-initialised prompt loads back exactly (the load needs no word embeddings)."""
+    torch.manual_seed(0)
+    spm = SoftPromptModel(make_model("llama"))
+    spm.add_task("t", PTuningV1(num_virtual_tokens=5, encoder=encoder, hidden_size=32, init="text",
+                                init_text=[7, 8, 9]))
+    words = spm.model.get_input_embeddings().weight.detach()[[7, 8, 9, 7, 8]]
+    got = spm.prompts["t"].embeddings().detach()
+    torch.testing.assert_close(got, words, atol=2e-3 * float(words.abs().max()), rtol=0)
+    with pytest.raises(ValueError, match="init_text"):
+        PTuningV1(num_virtual_tokens=5, init="text")
+    spm.save(tmp_path / "ckpt")
+    back = SoftPromptModel(make_model("llama"))
+    back.model.load_state_dict(spm.model.state_dict())
+    back.load_tasks(tmp_path / "ckpt")
+    torch.testing.assert_close(back.prompts["t"].embeddings(), spm.prompts["t"].embeddings())

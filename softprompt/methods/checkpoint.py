@@ -121,7 +121,8 @@ def read_checkpoint(directory, model: nn.Module, geometry: Geometry
             raise _bad(cfg_path, f"task name {name!r} is missing or repeated")
         seen.add(name)
         cfg = task_config_for_load(method, entry.get("config", {}))
-        build_cfg = dataclasses.replace(cfg, init="random") if cfg.method == "prompt_tuning" else cfg
+        # text inits need the model's word embeddings; the saved weights replace any init anyway
+        build_cfg = dataclasses.replace(cfg, init="random") if cfg.method in ("prompt_tuning", "p_tuning_v1") else cfg
         module = build_cfg.build(geometry, None)
         module.config = cfg
         if hasattr(module, "apply_structure"):

@@ -8,16 +8,23 @@ The encoder mirrors PEFT's ``PromptEncoder`` (so PEFT adapters and weights map o
   ``Linear(2h, 2h) -> ReLU -> Linear(2h, hidden)`` (``mlp_head``);
 * "none": the embeddings themselves (what a PEFT P-tuning adapter stores: the encoder output).
 The encoder runs once per forward on the P tokens (never per sequence).
+
+Init: "random" (PEFT's: random input embeddings through a randomly initialised encoder) or "text":
+the input embeddings start as the word embeddings of ``init_text`` (repeated / cut to P) and the
+encoder is fitted for a few hundred tiny steps to reproduce them, so training starts from the text
+prompt as prompt tuning's text init does. On SmolLM2 the random init started above chance loss and
+was unstable at learning rates where the text-initialised prompt learned (see demo_real.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .base import Geometry, InputPrompt, MethodConfig, check_positive, check_prob, register
+from .prompt_tuning import init_ids
 from .template import front, num_virtual, parse_template, to_json
 
 
@@ -40,6 +47,8 @@ class PTuningV1(MethodConfig):
     hidden_size: Optional[int] = None
     num_layers: int = 2
     dropout: float = 0.0
+    init: str = "random"
+    init_text: Optional[Union[str, Sequence[int]]] = None
     tokenizer: Any = None
 
     method = "p_tuning_v1"
@@ -53,6 +62,15 @@ class PTuningV1(MethodConfig):
         check_prob("PTuningV1", "dropout", self.dropout)
         if self.encoder not in ("mlp", "lstm", "none"):
             raise ValueError(f"PTuningV1: `encoder` {self.encoder!r} is invalid; expected 'mlp', 'lstm' or 'none'")
+        if self.init not in ("random", "text"):
+            raise ValueError(f"PTuningV1: `init` {self.init!r} is invalid; expected 'random' or 'text'")
+        if self.init == "text":
+            if self.init_text is None or len(self.init_text) == 0:
+                raise ValueError("PTuningV1: init='text' needs `init_text` (a string with `tokenizer`, or token ids)")
+            if isinstance(self.init_text, str) and self.tokenizer is None:
+                raise ValueError("PTuningV1: init='text' with a string `init_text` needs `tokenizer`")
+        if not isinstance(self.init_text, (str, type(None))):
+            self.init_text = [int(i) for i in self.init_text]
         if self.template is None:
             if self.num_virtual_tokens is None:
                 raise ValueError("PTuningV1: give `template` (e.g. '[P] [P] {x} [P]') or `num_virtual_tokens`")
@@ -67,11 +85,11 @@ class PTuningV1(MethodConfig):
         self.num_virtual_tokens = num_virtual(segments)
 
     def build(self, geometry: Geometry, embedding=None) -> "PromptEncoder":
-        return PromptEncoder(self, geometry)
+        return PromptEncoder(self, geometry, embedding)
 
 
 class PromptEncoder(InputPrompt):
-    def __init__(self, config: PTuningV1, geometry: Geometry):
+    def __init__(self, config: PTuningV1, geometry: Geometry, embedding=None):
         super().__init__(config, geometry)
         D = geometry.hidden_size
         h = config.hidden_size or D
@@ -82,11 +100,37 @@ class PromptEncoder(InputPrompt):
             self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, D))
         elif config.encoder == "mlp":
             self.mlp_head = nn.Sequential(nn.Linear(D, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, D))
+        if config.init == "text":
+            if embedding is None:
+                raise ValueError("PTuningV1: init='text' needs the model's word embeddings")
+            ids = init_ids(config, geometry.vocab_size)
+            self._fit_to(embedding.weight[ids.to(embedding.weight.device)].detach().float().cpu())
         self._template = parse_template(config.template, owner="PTuningV1")
         for seg in self._template:
             if seg[0] == "tokens" and any(not 0 <= i < geometry.vocab_size for i in seg[1]):
                 raise ValueError(f"PTuningV1: template anchor token ids {list(seg[1])} are invalid; expected ids "
                                  f"in [0, {geometry.vocab_size})")
+
+    def _fit_to(self, target: torch.Tensor, max_steps: int = 2000, tolerance: float = 1e-3) -> None:
+        """Start the input embeddings at ``target`` and fit the encoder so its output is ``target``
+        (Adam until the relative error is below ``tolerance``; P tokens, so milliseconds a step)."""
+        with torch.no_grad():
+            self.embedding.weight.copy_(target)
+        if self.config.encoder == "none":
+            return
+        params = list(self.parameters())
+        opt = torch.optim.Adam(params, lr=3e-3)
+        scale = target.pow(2).mean().clamp_min(1e-12)
+        with torch.enable_grad():
+            for _ in range(max_steps):
+                opt.zero_grad()
+                loss = (self.embeddings() - target).pow(2).mean()
+                if float(loss.detach() / scale) < tolerance ** 2:
+                    break
+                loss.backward()
+                opt.step()
+        for p in params:
+            p.grad = None
 
     def embeddings(self) -> torch.Tensor:
         x = self.embedding.weight

@@ -51,6 +51,9 @@ def method_config(method: str, tokens: int, tokenizer=None, init_text: str = "",
             return PromptTuning(tokens, init="text", init_text=init_text, tokenizer=tokenizer)
         return PromptTuning(tokens, init="vocab", seed=seed)
     if method == "p_tuning_v1":
+        if init_text and tokenizer is not None:
+            return PTuningV1(num_virtual_tokens=tokens, encoder="mlp", hidden_size=encoder_hidden, init="text",
+                             init_text=init_text, tokenizer=tokenizer)
         return PTuningV1(num_virtual_tokens=tokens, encoder="mlp", hidden_size=encoder_hidden)
     if method == "prefix_tuning":
         return PrefixTuning(tokens, projection_dim=projection_dim, init="zero")
