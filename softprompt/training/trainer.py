@@ -59,6 +59,8 @@ class TrainConfig:
         resume: "auto" (the newest ``checkpoint-*`` in ``output_dir`` if any), a checkpoint path, or None.
         max_length: cut each example's prompt from the left to fit (target kept).
         trim_logits: compute logits only for the final positions that carry labels (left-padded batches).
+        group_by_length: batches of similar lengths (HF's length-grouped sampler: shuffled groups of
+            50 batches, sorted within), so less of each batch is padding; a faster epoch on the CPU.
         candidate_tokens: restrict the loss's softmax to these token ids (a verbalizer loss for
             classification: cross-entropy among the label words of all tasks, not the whole vocabulary);
             every labelled token must be one of them. None: the ordinary language-model loss.
@@ -92,6 +94,7 @@ class TrainConfig:
     resume: Optional[str] = "auto"
     max_length: Optional[int] = None
     trim_logits: bool = True
+    group_by_length: bool = False
     candidate_tokens: Optional[Sequence[int]] = None
     fsdp: str = ""
     progress: bool = True
@@ -309,6 +312,7 @@ def train_tasks(spm, tasks: Dict[str, TaskSpec], args: Optional[TrainConfig] = N
         logging_strategy="steps", logging_steps=max(1, args.logging_steps), logging_first_step=True,
         report_to=[], disable_tqdm=not args.progress, remove_unused_columns=False,
         dataloader_num_workers=0, dataloader_pin_memory=cuda,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None,
         ddp_find_unused_parameters=True if world > 1 else None, ddp_broadcast_buffers=False,
         fsdp=args.fsdp or "",
