@@ -201,3 +201,21 @@ def test_p_tuning_v1_text_init_starts_at_the_text_and_round_trips(tmp_path, enco
     back.model.load_state_dict(spm.model.state_dict())
     back.load_tasks(tmp_path / "ckpt")
     torch.testing.assert_close(back.prompts["t"].embeddings(), spm.prompts["t"].embeddings())
+
+
+@pytest.mark.parametrize("projection", [None, 24])
+def test_deep_prompt_start_from_a_given_prefix(projection):
+    """start_from: a raw prefix is copied; an MLP-reparameterised one is fitted to output it."""
+    torch.manual_seed(0)
+    spm = SoftPromptModel(make_model("llama"))
+    spm.add_task("t", PrefixTuning(4, projection_dim=projection, init="zero"))
+    module = spm.prompts["t"]
+    k0, v0 = module.prefix()
+    k, v = torch.randn_like(k0) * 0.5, torch.randn_like(v0) * 0.5
+    module.start_from(k, v)
+    got_k, got_v = module.prefix()
+    tol = 0 if projection is None else 3e-3
+    torch.testing.assert_close(got_k, k, atol=tol, rtol=0)
+    torch.testing.assert_close(got_v, v, atol=tol, rtol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        module.start_from(k[:, :, :2], v[:, :, :2])
