@@ -81,12 +81,16 @@ def init_deep_from_text(spm, name: str, ids: List[int]) -> None:
 
 def train_method(spm, tok, tasks, method: str, opts, clock, out_dir: Path, steps: int) -> dict:
     """Train one method's prompts for every task of ``tasks`` together (mixed batches); returns its timing."""
+    import torch
     from .training import TrainConfig, train_tasks
     from .training.cli import method_config
     # verbalizer loss: cross-entropy among the label words of all tasks (the tokens the evaluation compares)
     candidates = sorted({tok(t.target(y), add_special_tokens=False)["input_ids"][0]
                          for t in tasks.values() for y in range(len(t.labels))})
     specs = {}
+    # each run draws its prompts' random init from its own seed, not from whatever ran before it, so
+    # a method's result (and its cache entry) does not depend on which methods were trained first
+    torch.manual_seed(opts.seed)
     for tname, task in tasks.items():
         name = f"{tname}-{method}"
         config = method_config(method, opts.tokens, tok, task.init_text, seed=opts.seed)
@@ -341,7 +345,7 @@ def demo_command(argv=None) -> int:
                   f"labels {list(t.labels)}")
 
     # 3. train or reuse (cached per method, keyed by a hash of the settings that shape its prompts)
-    common = {"version": 5, "warmup": 0.1, "loss": "verbalizer", "model": "SmolLM2-135M-Instruct.Q4_1", "tasks": opts.tasks,
+    common = {"version": 6, "warmup": 0.1, "loss": "verbalizer", "model": "SmolLM2-135M-Instruct.Q4_1", "tasks": opts.tasks,
               "n_train": opts.n_train, "n_train_other": opts.n_train_other, "n_test": opts.n_test,
               "n_test_other": opts.n_test_other, "seed": opts.seed, "group_by_length": False}
     root = assets.cache_dir() / "demo_real"
