@@ -47,6 +47,26 @@ def check_positive(owner: str, name: str, value, allow_none: bool = False):
         raise ValueError(f"{owner}: `{name}` {value!r} is invalid; expected a positive int")
 
 
+def fit_output(module: nn.Module, output, target: torch.Tensor, max_steps: int = 2000,
+               tolerance: float = 1e-3) -> None:
+    """Fit ``module``'s parameters so that ``output()`` equals ``target`` (Adam, stops once the relative
+    RMS error is below ``tolerance``). Used to start a reparameterised prompt (an MLP or LSTM encoder)
+    from a chosen value; prompts have few rows, so a step takes milliseconds."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    scale = target.pow(2).mean().clamp_min(1e-12)
+    with torch.enable_grad():
+        for _ in range(max_steps):
+            opt.zero_grad()
+            loss = (output() - target).pow(2).mean()
+            if float(loss.detach() / scale) < tolerance ** 2:
+                break
+            loss.backward()
+            opt.step()
+    for p in params:
+        p.grad = None
+
+
 def check_prob(owner: str, name: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{owner}: `{name}` {value!r} is invalid; expected a float in [0, 1)")

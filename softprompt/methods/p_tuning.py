@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .base import Geometry, InputPrompt, MethodConfig, check_positive, check_prob, register
+from .base import Geometry, InputPrompt, MethodConfig, check_positive, check_prob, fit_output, register
 from .prompt_tuning import init_ids
 from .template import front, num_virtual, parse_template, to_json
 
@@ -111,26 +111,12 @@ class PromptEncoder(InputPrompt):
                 raise ValueError(f"PTuningV1: template anchor token ids {list(seg[1])} are invalid; expected ids "
                                  f"in [0, {geometry.vocab_size})")
 
-    def _fit_to(self, target: torch.Tensor, max_steps: int = 2000, tolerance: float = 1e-3) -> None:
-        """Start the input embeddings at ``target`` and fit the encoder so its output is ``target``
-        (Adam until the relative error is below ``tolerance``; P tokens, so milliseconds a step)."""
+    def _fit_to(self, target: torch.Tensor) -> None:
+        """Start the input embeddings at ``target`` and fit the encoder so its output is ``target``."""
         with torch.no_grad():
             self.embedding.weight.copy_(target)
-        if self.config.encoder == "none":
-            return
-        params = list(self.parameters())
-        opt = torch.optim.Adam(params, lr=3e-3)
-        scale = target.pow(2).mean().clamp_min(1e-12)
-        with torch.enable_grad():
-            for _ in range(max_steps):
-                opt.zero_grad()
-                loss = (self.embeddings() - target).pow(2).mean()
-                if float(loss.detach() / scale) < tolerance ** 2:
-                    break
-                loss.backward()
-                opt.step()
-        for p in params:
-            p.grad = None
+        if self.config.encoder != "none":
+            fit_output(self, self.embeddings, target)
 
     def embeddings(self) -> torch.Tensor:
         x = self.embedding.weight

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .base import DeepPrompt, Geometry, MethodConfig, check_positive, check_prob, register
+from .base import DeepPrompt, Geometry, MethodConfig, check_positive, check_prob, fit_output, register
 
 
 def flat_to_kv(flat: torch.Tensor, geometry: Geometry) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -130,11 +130,10 @@ class PrefixEncoder(DeepPrompt):
     def prefix(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return flat_to_kv(self.dropout(self.flat()), self.geometry)
 
-    def start_from(self, k: torch.Tensor, v: torch.Tensor, max_steps: int = 2000, tolerance: float = 1e-3) -> None:
+    def start_from(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Start training from a given prefix ``k, v [L, Hkv, P, D]`` (e.g. the K/V the model computes
         for a text, as the prefix-tuning paper's "init with real words"): copied into a raw prefix; with
-        the MLP reparameterisation, the MLP is fitted (Adam, until the relative error is below
-        ``tolerance``) so that its output is that prefix."""
+        the MLP reparameterisation, the MLP is fitted so that its output is that prefix."""
         target = kv_to_flat(k, v).detach().to(self.embedding.weight.dtype)
         if tuple(target.shape) != (self.num_virtual_tokens, self.geometry.num_layers * 2 * self.geometry.kv_width):
             raise ValueError(f"start_from: prefix of shape {tuple(k.shape)} does not fit this prompt "
@@ -142,20 +141,8 @@ class PrefixEncoder(DeepPrompt):
         if self.folded:
             with torch.no_grad():
                 self.embedding.weight.copy_(target)
-            return
-        params = list(self.parameters())
-        opt = torch.optim.Adam(params, lr=3e-3)
-        scale = target.pow(2).mean().clamp_min(1e-12)
-        with torch.enable_grad():
-            for _ in range(max_steps):
-                opt.zero_grad()
-                loss = (self.flat() - target).pow(2).mean()
-                if float(loss.detach() / scale) < tolerance ** 2:
-                    break
-                loss.backward()
-                opt.step()
-        for p in params:
-            p.grad = None
+        else:
+            fit_output(self, self.flat, target)
 
     @torch.no_grad()
     def fold(self) -> None:
