@@ -189,8 +189,9 @@ def test_p_tuning_v1_text_init_starts_at_the_text_and_round_trips(tmp_path, enco
     a saved text-initialised prompt loads back exactly (the load needs no word embeddings)."""
     torch.manual_seed(0)
     spm = SoftPromptModel(make_model("llama"))
+    tok = type("Tok", (), {"__call__": lambda self, text, add_special_tokens=False: {"input_ids": [7, 8, 9]}})()
     spm.add_task("t", PTuningV1(num_virtual_tokens=5, encoder=encoder, hidden_size=32, init="text",
-                                init_text=[7, 8, 9]))
+                                init_text="seven eight nine", tokenizer=tok))   # a string: the saved config has no tokenizer
     words = spm.model.get_input_embeddings().weight.detach()[[7, 8, 9, 7, 8]]
     got = spm.prompts["t"].embeddings().detach()
     torch.testing.assert_close(got, words, atol=2e-3 * float(words.abs().max()), rtol=0)

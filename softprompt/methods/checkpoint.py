@@ -65,7 +65,7 @@ def task_config_for_load(method: str, data: dict) -> MethodConfig:
     """A saved config; an init that needs a tokenizer is not re-run (the weights overwrite it)."""
     data = dict(data)
     init = data.get("init")
-    if method == "prompt_tuning" and init == "text":
+    if method in ("prompt_tuning", "p_tuning_v1") and init == "text":
         data["init"] = "random"
         cfg = config_from_dict(method, data)
         cfg.init = init
