@@ -110,23 +110,6 @@ def train_method(spm, tok, tasks, method: str, opts, clock, out_dir: Path, steps
             "params": result["trainable_parameters"], "lr": lr}
 
 
-def _save_tasks(spm, names, directory) -> None:
-    """Save only the tasks ``names`` of ``spm`` (same format as ``SoftPromptModel.save``)."""
-    from .methods import checkpoint
-    tensors, entries = {}, []
-    for name in names:
-        module = spm.prompts[name]
-        for k, v in module.state_dict().items():
-            tensors[f"tasks.{name}.{k}"] = v
-        entry = {"name": name, "method": module.config.method, "config": module.config.to_dict()}
-        if hasattr(module, "structure"):
-            entry["structure"] = module.structure()
-        entries.append(entry)
-    meta = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "geometry": spm.geometry.to_dict(),
-            "model_class": type(spm.model).__name__, "tasks": entries, "heads": []}
-    checkpoint.atomic_save(directory, meta, tensors)
-
-
 def evaluate_specs(spm, tok, tasks, specs_of, clock, what: str, batch_size: int = 16) -> Dict[str, dict]:
     """``specs_of(tname, task)`` -> the PromptSpecs to evaluate on that task's held-out split."""
     from tqdm.auto import tqdm
@@ -396,7 +379,7 @@ def demo_command(argv=None) -> int:
             spm.eval()
             names = [f"{t}-{method}" for t in tasks]
             # save only this method's tasks
-            _save_tasks(spm, names, mdir / "prompts")
+            spm.save(mdir / "prompts", tasks=names)
             soft = evaluate_specs(spm, tok, tasks, lambda tn, t: [PromptSpec(METHOD_LABELS[method], t.soft_row,
                                                                              task=f"{tn}-{method}")],
                                   clock, f"{METHOD_LABELS[method]} prompt")

@@ -442,11 +442,17 @@ class SoftPromptModel(nn.Module):
                                    task_ids=self.store.task_ids(names), **kwargs)
 
     # ------------------------------------------------------------------ saving
-    def save(self, directory) -> None:
-        """Write every task (full training state) and the trainable heads: JSON + safetensors, atomically."""
+    def save(self, directory, tasks: Optional[Sequence[str]] = None) -> None:
+        """Write every task (or only ``tasks``; full training state) and the trainable heads:
+        JSON + safetensors, atomically."""
         from .methods import checkpoint
+        names = list(self.prompts) if tasks is None else list(tasks)
+        unknown = [n for n in names if n not in self.prompts]
+        if unknown:
+            raise ValueError(f"SoftPromptModel.save: `tasks` {unknown} are not tasks of this model")
         tensors, tasks = {}, []
-        for name, module in self.prompts.items():
+        for name in names:
+            module = self.prompts[name]
             for k, v in module.state_dict().items():
                 tensors[f"tasks.{name}.{k}"] = v
             entry = {"name": name, "method": module.config.method, "config": module.config.to_dict()}
