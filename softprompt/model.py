@@ -242,7 +242,7 @@ class SoftPromptModel(nn.Module):
                 t = F.pad(t, (0, 0, 0, n * bs - P)).view(L, H, n, bs, D).permute(0, 2, 1, 3, 4)
                 out.append(t)
         index = torch.cat(blocks).to(store.device)
-        saved = store._buffers["k_blocks"], store._buffers["v_blocks"]
+        saved = store.k_blocks, store.v_blocks
         k_new = saved[0].detach().index_copy(1, index, torch.cat(ks, dim=1))
         v_new = saved[1].detach().index_copy(1, index, torch.cat(vs, dim=1))
         if self._checkpointing():
@@ -256,14 +256,14 @@ class SoftPromptModel(nn.Module):
                 if new.requires_grad:
                     leaf.register_hook(lambda g, src=new: self._push_grad(src, g))
                 leaves.append(leaf)
-            store._buffers["k_blocks"], store._buffers["v_blocks"] = leaves
+            store.swap_pools(*leaves)
             yield
             return
-        store._buffers["k_blocks"], store._buffers["v_blocks"] = k_new, v_new
+        store.swap_pools(k_new, v_new)
         try:
             yield
         finally:
-            store._buffers["k_blocks"], store._buffers["v_blocks"] = saved
+            store.swap_pools(*saved)
 
     @staticmethod
     def _push_grad(src: torch.Tensor, grad: torch.Tensor):

@@ -2,8 +2,10 @@
 
 Per layer the store holds K and V block pools ``[num_blocks, Hkv, block_size, D]``; a task owns
 a list of blocks (the same block indices in every layer), recorded in one block table. Adding,
-replacing or removing a task touches only that task's blocks; freed blocks are reused, and the
-pools grow (doubling) when they run out. ``layer(i)`` returns exactly the
+replacing or removing a task touches only that task's blocks; freed blocks are reused, the
+pools grow (doubling) when they run out and shrink (``compact``) when removals leave most of them
+free, so a burst of large temporary tasks (long few-shot prompts in an evaluation) does not make
+every later forward copy or differentiate a mostly empty pool. ``layer(i)`` returns exactly the
 ``(prefix_k, prefix_v, block_table, prefix_lens)`` that ``kernels.prefix_attention`` takes.
 """
 from __future__ import annotations
@@ -72,6 +74,21 @@ class PrefixStore(nn.Module):
                     del self._parameters[name]
                 self.register_buffer(name, t)
 
+    def swap_pools(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Put ``k, v`` (same shape, dtype and device as the pools; e.g. copies in which some tasks'
+        blocks hold differentiable values) in place of the pools, without copying; returns the old
+        pair, to swap back. Used by training to route gradients into prompt modules."""
+        if self.trainable:
+            raise ValueError("PrefixStore.swap_pools: the pools of a trainable store are parameters (an "
+                             "optimizer holds them); swap only buffer pools")
+        old = self.k_blocks, self.v_blocks
+        for name, t, ref in (("k", k, old[0]), ("v", v, old[1])):
+            if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+                raise _err(name, f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))}",
+                           f"a tensor like the pool: {tuple(ref.shape)} {ref.dtype} on {ref.device}")
+        self._buffers["k_blocks"], self._buffers["v_blocks"] = k, v
+        return old
+
     @property
     def num_blocks(self) -> int:
         return self.k_blocks.shape[1]
@@ -98,6 +115,31 @@ class PrefixStore(nn.Module):
                 grown.append(new)
         self._set_pools(*grown)
         self._free_blocks.extend(range(old, num_blocks))
+
+    def compact(self, spare: int = 0) -> None:
+        """Move the blocks in use to the front of the pools and cut them to ``used + spare`` blocks.
+        Task ids and contents are kept; block indices change (the block table is rebuilt)."""
+        if isinstance(spare, bool) or not isinstance(spare, int) or spare < 0:
+            raise _err("spare", repr(spare), "an int >= 0")
+        order = [b for t in sorted(self._blocks) for b in self._blocks[t]]
+        size = len(order) + spare
+        if size >= self.num_blocks and order == list(range(len(order))):
+            return
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            pools = []
+            for pool in (self.k_blocks, self.v_blocks):
+                new = torch.zeros((pool.shape[0], size) + tuple(pool.shape[2:]), dtype=pool.dtype, device=pool.device)
+                new[:, : len(order)] = pool.detach().index_select(1, index)
+                pools.append(new)
+        self._set_pools(*pools)
+        start = 0
+        for t in sorted(self._blocks):
+            n = len(self._blocks[t])
+            self._blocks[t] = list(range(start, start + n))
+            start += n
+        self._free_blocks = list(range(start, size))
+        self._rebuild_table()
 
     def _allocate(self, count: int) -> List[int]:
         if count > len(self._free_blocks):
@@ -167,11 +209,16 @@ class PrefixStore(nn.Module):
         return task
 
     def remove(self, name: str) -> None:
-        """Forget a task; its blocks return to the free list and its id may be reused."""
+        """Forget a task; its blocks return to the free list and its id may be reused. When more than
+        three quarters of the pools are then free, they shrink to twice the blocks in use (not for
+        trainable pools: an optimizer may hold them)."""
         task = self.task_id(name)
         self._release(task)
         del self._ids[name], self._names[task]
         self._rebuild_table()
+        used = self.num_blocks - len(self._free_blocks)
+        if not self.trainable and self.num_blocks > 64 and used < self.num_blocks // 4:
+            self.compact(spare=used)
 
     def _rebuild_table(self) -> None:
         width = max((len(b) for b in self._blocks.values()), default=0)

@@ -53,6 +53,49 @@ def test_grows_and_accounts_memory():
         assert torch.equal(store.get(f"t{t}")[0], prefix(9, t)[0])
 
 
+def test_removing_large_tasks_shrinks_the_pools_and_keeps_the_rest():
+    """A burst of long temporary prompts (few-shot evaluation) must not leave every later forward
+    with a mostly empty pool to copy and differentiate."""
+    store = PrefixStore(L, H, D, block_size=2)
+    keep = {"a": prefix(5, 1), "b": prefix(0, 2), "c": prefix(3, 3)}
+    store.add("a", *keep["a"])
+    store.add("big", *prefix(300, 9))
+    store.add("b", *keep["b"])
+    store.add("c", *keep["c"])
+    assert store.num_blocks >= 155
+    store.remove("big")
+    used = store.memory_stats()["blocks_used"]
+    assert used == 5 and store.num_blocks == 2 * used, "the pools shrink to twice the blocks in use"
+    assert store.names == ["a", "b", "c"] and store.task_id("c") == 3, "task ids are kept"
+    for name, (k, v) in keep.items():
+        gk, gv = store.get(name)
+        assert torch.equal(gk, k) and torch.equal(gv, v)
+    q = torch.randn(3, 4, 2, D)
+    names = ["c", "a", "b"]
+    own = torch.randn(3, H, 2, D)
+    out = prefix_attention(q, own, own, *store.layer(1), store.task_ids(names), causal=False)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(out[i], dense_attention(q[i], own[i], own[i], keep[name][0][1], keep[name][1][1]))
+    store.add("d", *prefix(4, 4))                      # the spare blocks are used before growing again
+    assert store.num_blocks == 10 and torch.equal(store.get("d")[0], prefix(4, 4)[0])
+    store.compact()
+    assert store.num_blocks == 7 and torch.equal(store.get("a")[1], keep["a"][1])
+
+
+def test_swap_pools_validates_and_returns_the_old_pair():
+    store = PrefixStore(L, H, D, block_size=4)
+    store.add("a", *prefix(5, 1))
+    k, v = store.k_blocks.clone() + 1, store.v_blocks.clone()
+    old = store.swap_pools(k, v)
+    assert store.k_blocks is k and torch.equal(store.layer(0)[0], k[0])
+    store.swap_pools(*old)
+    assert torch.equal(store.get("a")[0], prefix(5, 1)[0])
+    with pytest.raises(ValueError, match="like the pool"):
+        store.swap_pools(k[:, :1], v)
+    with pytest.raises(ValueError, match="trainable"):
+        PrefixStore(L, H, D, trainable=True).swap_pools(k, v)
+
+
 def test_layer_feeds_prefix_attention():
     store = PrefixStore(L, H, D, block_size=3)
     tasks = {"x": prefix(5, 1), "y": prefix(0, 2), "z": prefix(8, 3)}
