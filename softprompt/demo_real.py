@@ -32,8 +32,11 @@ from typing import Dict, List
 METHODS = ("prompt_tuning", "p_tuning_v1", "prefix_tuning", "p_tuning_v2")
 METHOD_LABELS = {"prompt_tuning": "prompt tuning", "p_tuning_v1": "P-tuning v1 (MLP)",
                  "prefix_tuning": "prefix tuning (MLP)", "p_tuning_v2": "P-tuning v2"}
-# peak learning rates (AdamW, linear decay); see the report in benchmarks/results/demo_real.md
-METHOD_LR = {"prompt_tuning": 3e-2, "p_tuning_v1": 3e-3, "prefix_tuning": 3e-3, "p_tuning_v2": 1e-2}
+# Peak learning rates (AdamW, linear decay), from 60-step sweeps on binary sentiment. Prefix tuning's
+# MLP was chosen on a validation split carved from the training tweets (300 train / 100 validation,
+# two batch orders): 3e-3 scored 0.91 / 0.86 but diverged on the demo's own batch order (loss 0.63 ->
+# 1.05 by step 30), 2e-3 scored 0.91 / 0.88 and trains smoothly on it, 1e-3 0.81, 6e-3 0.60.
+METHOD_LR = {"prompt_tuning": 3e-2, "p_tuning_v1": 3e-3, "prefix_tuning": 2e-3, "p_tuning_v2": 1e-2}
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 # The goal task (binary sentiment: every soft method must beat the best hand-written prompt there)
