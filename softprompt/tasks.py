@@ -65,10 +65,11 @@ class ClassificationTask:
         return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 2 else " or ".join(words)
 
     def hard_prompts(self) -> List[HardPrompt]:
-        """Six hand-written prompts: three zero-shot wordings (one in SmolLM2's chat format) and
+        """Five hand-written prompts: two zero-shot wordings (one in SmolLM2's chat format) and
         few-shot prompts with 1 and 4 demonstrations per class from the training split (4-shot with
-        two disjoint draws of demonstrations; a 2-shot prompt without the instruction was dropped:
-        it always answered one class)."""
+        two disjoint draws of demonstrations). Dropped: a 2-shot prompt without the instruction (it
+        always answered one class) and a zero-shot question after each tweet (never the best on any
+        task, 0.31-0.56, and its per-tweet text made it the costliest zero-shot prompt to evaluate)."""
         opts, key, q = self.label_options(), self.answer_key, self.question
         rng = random.Random(self.seed + 1)
         by_label: Dict[int, List[str]] = {}
@@ -83,8 +84,6 @@ class ClassificationTask:
         prompts = [
             HardPrompt("zero-shot instruction", f"Classify {q} of the tweet as {opts}.\n\nTweet: ",
                        f"{{text}}\n{key}:"),
-            HardPrompt("zero-shot question", "Tweet: ",
-                       f"{{text}}\nQuestion: What is {q} of this tweet: {opts}?\nAnswer:"),
             HardPrompt("zero-shot chat", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                        f"<|im_start|>user\nWhat is {q} of this tweet? Answer with one word: {opts}.\n\nTweet: ",
                        "{text}<|im_end|>\n<|im_start|>assistant\n"),
