@@ -1,7 +1,7 @@
 """The main job on real text: hand-written prompts against trained soft prompts on SmolLM2-135M,
 then a mixed-task batch served through the engine.
 
-    softprompt demo            # ~25 min on 2 CPU cores from scratch (target 20), ~1 min with cached prompts
+    softprompt demo            # ~19 min on 2 CPU cores from scratch, ~1 min with cached prompts
     softprompt demo --quick    # ~3 min: fewer steps and a smaller held-out split
 
 Steps:
