@@ -210,7 +210,7 @@ class PrefixStore(nn.Module):
 
     def remove(self, name: str) -> None:
         """Forget a task; its blocks return to the free list and its id may be reused. When more than
-        three quarters of the pools are then free, they shrink to twice the blocks in use (not for
+        three quarters of a pool over 64 blocks are then free, it shrinks to twice the blocks in use (not for
         trainable pools: an optimizer may hold them)."""
         task = self.task_id(name)
         self._release(task)
