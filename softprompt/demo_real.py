@@ -106,8 +106,7 @@ def train_method(spm, tok, tasks, method: str, opts, clock, out_dir: Path, steps
               f"({steps} steps, batch {opts.batch_size}, lr {lr:g})")
     args = TrainConfig(output_dir=str(out_dir / "run"), max_steps=steps, batch_size=opts.batch_size,
                        learning_rate=lr, warmup_ratio=0.1, seed=opts.seed, logging_steps=max(1, steps // 6), resume=None,
-                       progress=True, candidate_tokens=candidates,
-                       group_by_length=getattr(opts, "group_by_length", False))
+                       progress=True, candidate_tokens=candidates)
     result = train_tasks(spm, specs, args, tokenizer=tok)
     return {"seconds": result["seconds"], "steps": result["steps"], "train_loss": result["train_loss"],
             "params": result["trainable_parameters"], "lr": lr}
@@ -295,7 +294,6 @@ def demo_command(argv=None) -> int:
         if getattr(opts, k, None) is None:
             setattr(opts, k, v)
     opts.tasks = [t for t in opts.tasks.split(",") if t]
-    opts.group_by_length = False
     opts.method_steps = {m: method_steps.get(m, opts.steps) for m in METHODS}
     opts.methods = [m for m in opts.methods.split(",") if m]
     bad = [m for m in opts.methods if m not in METHODS]

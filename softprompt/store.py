@@ -106,15 +106,21 @@ class PrefixStore(nn.Module):
         old = self.num_blocks
         if num_blocks <= old:
             return
-        L, _, H, bs, D = self.k_blocks.shape
-        with torch.no_grad():
-            grown = []
-            for pool in (self.k_blocks, self.v_blocks):
-                new = torch.zeros((L, num_blocks, H, bs, D), dtype=pool.dtype, device=pool.device)
-                new[:, :old] = pool
-                grown.append(new)
-        self._set_pools(*grown)
+        self._resize_pools(num_blocks, keep=None)
         self._free_blocks.extend(range(old, num_blocks))
+
+    def _resize_pools(self, num_blocks: int, keep: Optional[torch.Tensor]) -> None:
+        """New zeroed pools of ``num_blocks`` blocks starting with the old pools' blocks ``keep``
+        (all of them, in place, when None)."""
+        with torch.no_grad():
+            pools = []
+            for pool in (self.k_blocks, self.v_blocks):
+                new = torch.zeros((pool.shape[0], num_blocks) + tuple(pool.shape[2:]), dtype=pool.dtype,
+                                  device=pool.device)
+                kept = pool.detach() if keep is None else pool.detach().index_select(1, keep)
+                new[:, : kept.shape[1]] = kept
+                pools.append(new)
+        self._set_pools(*pools)
 
     def compact(self, spare: int = 0) -> None:
         """Move the blocks in use to the front of the pools and cut them to ``used + spare`` blocks.
@@ -125,14 +131,7 @@ class PrefixStore(nn.Module):
         size = len(order) + spare
         if size >= self.num_blocks and order == list(range(len(order))):
             return
-        index = torch.tensor(order, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            pools = []
-            for pool in (self.k_blocks, self.v_blocks):
-                new = torch.zeros((pool.shape[0], size) + tuple(pool.shape[2:]), dtype=pool.dtype, device=pool.device)
-                new[:, : len(order)] = pool.detach().index_select(1, index)
-                pools.append(new)
-        self._set_pools(*pools)
+        self._resize_pools(size, keep=torch.tensor(order, dtype=torch.long, device=self.device))
         start = 0
         for t in sorted(self._blocks):
             n = len(self._blocks[t])
