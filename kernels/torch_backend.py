@@ -154,6 +154,8 @@ def _fused_inference_applies(x: PrefixAttentionInputs) -> bool:
 
 def _flash(q, k, v, scale, bias=None):
     """Fused attention over ``[N, H, M, D]`` queries: fp32 output and log-sum-exp ``[N, H, M]``."""
+    # The CPU kernel reads rows as if the last dimension were dense: a strided one gives garbage.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     return out, lse
 

@@ -183,3 +183,17 @@ def test_torch_inference_path_matches_reference(name, seed):
         want = prefix_attention(*args, backend="reference", **kw)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{case}: {m}")
+
+
+@pytest.mark.parametrize("name", ["decode_long_cache", "sorted_equal_groups_decode", "mixed_tasks_gqa"])
+def test_inference_path_reads_strided_inputs(name, seed):
+    # q/k/v whose last dimension is not dense (e.g. permuted out of a feature-major buffer): the
+    # CPU flash kernel behind the no-grad path would read them as dense; the result must not change.
+    args, kw = Case(seed=seed, **CASES[name]).build()
+    q, k, v = args[:3]
+    strided = [t.detach().transpose(-1, 0).contiguous().transpose(-1, 0) for t in (q, k, v)]
+    assert all(t.stride(-1) != 1 for t in strided)
+    with torch.no_grad():
+        want = prefix_attention(*[t.detach() for t in args[:5]], *args[5:], backend="reference", **kw)
+        got = prefix_attention(*strided, *[t.detach() for t in args[3:5]], *args[5:], backend="torch", **kw)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
