@@ -21,6 +21,8 @@ def test_mixed_task_batch_equals_solo_generate_and_peft_reference(family):
     store = attach(model, prefixes)
     solo = solo_generate(model, store, rows, tasks, NEW)
     eng = engine(model)
+    # Llama-family decode steps run through the engine's own CPU decoder, the rest through HF
+    assert (eng.cpu_decoder is not None) == (family in ("llama", "qwen2", "mistral"))
     results = eng.generate(rows, tasks, greedy(NEW))
     for b, res in enumerate(results):
         assert res.ok and res.finish_reason == "length", res.error

@@ -27,6 +27,7 @@ import torch
 from ..integration import attach
 from ..integration.attach import attached_store
 from . import sampling as S
+from .cpu_decode import CpuDecoder, unsupported_reason
 from .kv_cache import PagedKVCache
 from .requests import Prompt, Request, RequestError, Result, SamplingParams, StreamEvent, new_request_id
 from .scheduler import Scheduler, Sequence, StepPlan
@@ -63,12 +64,15 @@ class Engine:
         small_gemm_rows: on the CPU, forwards of at most this many tokens (decode steps) run the
             model's linear layers as ``W @ x^T`` (faster there; see ``engine/small_gemm.py``);
             0 turns it off.
+        cpu_decoder: on the CPU, run decode steps of Llama-family models (Llama, Mistral, Qwen2)
+            through :class:`~softprompt.engine.cpu_decode.CpuDecoder` (feature-major, no HF
+            forward; same result up to summation order); False keeps the HF forward for them.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 64, max_num_batched_tokens: int = 2048,
                  page_size: int = 16, num_pages: Optional[int] = None, max_pages: Optional[int] = None,
                  max_model_len: Optional[int] = None, eos_token_id=None, chunked_prefill: bool = True,
-                 prefill_padding: float = 0.25, small_gemm_rows: int = 128):
+                 prefill_padding: float = 0.25, small_gemm_rows: int = 128, cpu_decoder: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         store = attached_store(model)
@@ -90,6 +94,10 @@ class Engine:
         if isinstance(small_gemm_rows, bool) or not isinstance(small_gemm_rows, int) or small_gemm_rows < 0:
             raise ValueError(f"Engine: `small_gemm_rows` {small_gemm_rows!r} is invalid; expected an int >= 0")
         self.small_gemm_rows = small_gemm_rows if self.device.type == "cpu" else 0
+        self.cpu_decoder = None
+        if (cpu_decoder and self.device.type == "cpu" and self.store.backend in (None, "torch")
+                and unsupported_reason(model) is None):
+            self.cpu_decoder = CpuDecoder(model, self.store, self.kv)
         self.pad_token_id = 0
         self._seqs: Dict[str, Sequence] = {}
         self._results: Dict[str, Result] = {}
@@ -268,16 +276,19 @@ class Engine:
         for b, (s, n) in enumerate(rows):
             ids[b, Sq - n:] = torch.tensor(s.tokens[s.num_computed: s.num_computed + n], dtype=torch.long)
         t0 = time.perf_counter()
-        with small_batch_linears(self.model, self.small_gemm_rows, enabled=0 < B * Sq <= self.small_gemm_rows):
-            out = self.model(input_ids=ids.to(self.device), attention_mask=cache.attention_mask,
-                             position_ids=cache.position_ids, cache=cache, use_cache=True,
-                             task_ids=self._task_ids(seqs), logits_to_keep=1)
+        if not prefill and self.cpu_decoder is not None and not self.model.training:
+            logits = self.cpu_decoder.step(ids[:, -1].to(self.device), cache, self._task_ids(seqs))
+        else:
+            with small_batch_linears(self.model, self.small_gemm_rows, enabled=0 < B * Sq <= self.small_gemm_rows):
+                out = self.model(input_ids=ids.to(self.device), attention_mask=cache.attention_mask,
+                                 position_ids=cache.position_ids, cache=cache, use_cache=True,
+                                 task_ids=self._task_ids(seqs), logits_to_keep=1)
+            logits = out.logits[:, -1]
         self._stats["forward_seconds"] += time.perf_counter() - t0
         self._stats["forwards"] += 1
         if prefill:
             self._stats["prefill_tokens"] += sum(news)
             self._stats["padded_prefill_tokens"] += B * Sq - sum(news)
-        logits = out.logits[:, -1]
         for s, n in rows:
             s.num_computed += n
         ready = [b for b, s in enumerate(seqs) if s.num_computed == s.num_tokens]

@@ -197,6 +197,7 @@ class StepCache(Cache):
         # Positions of the new tokens among the row's own tokens (padding columns: 0).
         self.position_ids = torch.where(real, tok, torch.zeros_like(tok)).to(device)
         self.past_length = self.Skv - self.Sq
+        self.own_lens = total.to(device)                            # [B] own tokens after this step
         self.batch = B
 
     # ------------------------------------------------------------------ Cache API used by the models

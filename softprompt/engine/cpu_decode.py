@@ -1,0 +1,160 @@
+"""Decode steps of Llama-family models on the CPU, computed feature-major without the HF forward.
+
+A decode step feeds one token per running sequence. On the CPU its cost is the weight GEMMs plus
+everything around them, and with a few dozen rows "everything around them" is most of it: the HF
+forward's per-layer Python, the attention-interface plumbing, and the ``[B, hidden]`` layout, which
+makes each ``nn.Linear`` a ``x @ W^T`` product (the slow form for CPU BLAS at this shape, see
+``small_gemm.py``) followed by transposes and copies.
+
+:class:`CpuDecoder` runs the same computation with activations kept *feature-major*,
+``[hidden, B]``: every projection is ``W @ x`` straight from the module's own weight (no copy of
+the model), its output is already the next product's input, and only the attention transposes
+(small) tensors. Per layer: RMSNorm, Q/K/V projections, RoPE with the model's own rotary module,
+new K/V written into the engine's pages, own K/V gathered, prefix + own attention planned once
+per step (:mod:`~softprompt.engine.decode_attention`: the prefix read in place from the store, as
+on the HF path), output projection, gated MLP. The result equals the HF forward up to floating-point summation order;
+the engine's greedy-parity tests run through it.
+
+Only the families whose decoder layer is exactly that computation are taken (Llama, Mistral,
+Qwen2 — see :func:`unsupported_reason`); every other model, every prefill and every GPU step keep
+the HF forward.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .decode_attention import DecodeAttention
+
+# Causal-LM classes whose decoder layer is: x += o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)));
+# x += down(act(gate(n2 x)) * up(n2 x)), RMSNorm everywhere, RoPE on the full head.
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    """None when :class:`CpuDecoder` computes this model's decode step exactly; else why not."""
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        return f"{name} is not one of {SUPPORTED}"
+    body = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if body is None or any(not hasattr(body, n) for n in needed) or not hasattr(model, "lm_head"):
+        return f"{name} lacks the expected modules {needed}"
+    if type(model.lm_head) is not nn.Linear:
+        return "the output head is not a plain nn.Linear"
+    for layer in body.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(m) is not nn.Linear for m in linears):
+            return "a projection is not a plain nn.Linear (quantised or adapted weights)"
+        if any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
+            return "per-head q/k norms are not part of this decode path"
+    cfg = model.config
+    rotary = body.rotary_emb
+    if getattr(cfg, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        return "partial rotary embeddings are not part of this decode path"
+    if not hasattr(rotary, "forward"):
+        return "no rotary embedding module"
+    return None
+
+
+class CpuDecoder:
+    """One decode step (one new token per row) of a supported model, feature-major, on the CPU.
+
+    Args:
+        model: a supported causal LM (:func:`unsupported_reason` is None), attached to ``store``.
+        store: the model's prefix store (``softprompt.attach``).
+        kv: the engine's :class:`~softprompt.engine.kv_cache.PagedKVCache`.
+    """
+
+    def __init__(self, model: nn.Module, store, kv):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"CpuDecoder: the model is not supported: {reason}")
+        self.model, self.store, self.kv = model, store, kv
+        body = model.model
+        self.embed, self.final_norm, self.rotary, self.head = body.embed_tokens, body.norm, body.rotary_emb, model.lm_head
+        self.layers: List[nn.Module] = list(body.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.num_q_heads = attn.q_proj.out_features // self.head_dim
+        self.num_kv_heads = attn.k_proj.out_features // self.head_dim
+
+    @staticmethod
+    def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``module`` applied to feature-major ``x [in, B]``: ``[out, B]``."""
+        if module.bias is None:
+            return torch.mm(module.weight, x)
+        return torch.addmm(module.bias[:, None], module.weight, x)
+
+    @staticmethod
+    def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The families' RMSNorm (fp32 statistics, weight applied in the input dtype) over dim 0."""
+        eps = getattr(norm, "variance_epsilon", None)
+        if eps is None:
+            eps = norm.eps
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(0, keepdim=True) + eps)
+        return norm.weight[:, None] * h.to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x [H, D, B]`` rotated (rotate_half layout) by ``cos, sin [D, B]``."""
+        half = x.shape[1] // 2
+        rotated = torch.cat([-x[:, half:], x[:, :half]], dim=1)
+        return x * cos + rotated * sin
+
+    def step(self, token_ids: torch.Tensor, cache, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of one decode step; writes the new K/V into ``cache``'s slots.
+
+        Args:
+            token_ids: ``[B]`` the rows' newest tokens.
+            cache: the step's :class:`~softprompt.engine.kv_cache.StepCache` (every row ``Sq == 1``).
+            task_ids: ``[B]`` store task ids, or None (no prefix for any row).
+        """
+        B = token_ids.shape[0]
+        if cache.Sq != 1 or cache.batch != B:
+            raise ValueError(f"CpuDecoder.step: a decode step needs one new token per row; got Sq={cache.Sq} "
+                             f"for {cache.batch} rows and {B} tokens")
+        Hq, Hkv, D = self.num_q_heads, self.num_kv_heads, self.head_dim
+        Skv, dtype = cache.Skv, self.embed.weight.dtype
+        x = self.embed(token_ids).t().contiguous()                          # [hidden, B]
+        cos, sin = self.rotary(x, cache.position_ids)                       # [B, 1, D]
+        cos, sin = cos[:, 0].t().contiguous(), sin[:, 0].t().contiguous()   # [D, B]
+        _, _, block_table, prefix_lens = self.store.layer(0)
+        plans = {}                                   # one attention plan per (window, scale) in use
+        slots = self.kv.k.shape[1]
+        own = torch.empty(2, B * Skv, Hkv, D, dtype=self.kv.k.dtype)       # gathered own K/V, reused
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = self._rms_norm(layer.input_layernorm, x)
+            q = self._rope(self._linear(attn.q_proj, h).view(Hq, D, B), cos, sin)
+            k = self._rope(self._linear(attn.k_proj, h).view(Hkv, D, B), cos, sin)
+            v = self._linear(attn.v_proj, h)
+            pool_k, pool_v = self.kv.k[i], self.kv.v[i]
+            pool_k.view(slots, Hkv * D).index_copy_(0, cache.write_dst, k.view(Hkv * D, B).t().to(pool_k.dtype))
+            pool_v.view(slots, Hkv * D).index_copy_(0, cache.write_dst, v.t().to(pool_v.dtype))
+            torch.index_select(pool_k, 0, cache.gather_index, out=own[0])
+            torch.index_select(pool_v, 0, cache.gather_index, out=own[1])
+            own_k, own_v = (t.view(B, Skv, Hkv, D).transpose(1, 2).float() for t in own)
+            key = (self._window(attn), attn.scaling)
+            if key not in plans:
+                plans[key] = DecodeAttention(task_ids, block_table, prefix_lens, self.store.block_size,
+                                             cache.own_lens, Skv, num_kv_heads=Hkv, group_size=Hq // Hkv,
+                                             scale=key[1], window=key[0])
+            prefix_k, prefix_v, _, _ = self.store.layer(i)
+            q4 = q.permute(2, 0, 1).reshape(B, Hkv, Hq // Hkv, D).float()    # [B, Hkv, G, D]
+            out = plans[key](q4, own_k, own_v, prefix_k.float(), prefix_v.float())
+            x = x + self._linear(attn.o_proj, out.view(B, Hq * D).t().to(dtype))
+            h = self._rms_norm(layer.post_attention_layernorm, x)
+            gated = mlp.act_fn(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h)
+            x = x + self._linear(mlp.down_proj, gated)
+        h = self._rms_norm(self.final_norm, x)
+        return self._linear(self.head, h).t().contiguous()                  # [B, vocab]
+
+    @staticmethod
+    def _window(attn: nn.Module) -> Optional[int]:
+        window = getattr(attn, "sliding_window", None)
+        return int(window) if isinstance(window, int) and window > 0 else None

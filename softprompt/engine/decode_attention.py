@@ -1,0 +1,139 @@
+"""Prefix + own-token attention of one CPU decode step, planned once and reused by every layer.
+
+``kernels.prefix_attention`` serves any call: it validates its inputs, derives the task grouping
+and masks, and looks its plan up on every call. In a decode step all layers share the batch's
+tasks, prefix lengths and own-key ranges, so :class:`DecodeAttention` derives them once per step
+and each layer only does the arithmetic:
+
+- own keys: one fused CPU flash-attention call over ``[B, Hkv, G, D]`` queries (the GQA heads of a
+  KV head stacked as query rows, K/V never repeated), with an additive bias for left padding and
+  a sliding window when the rows differ in length;
+- prefixes, read in place from the store's block pool: tasks with the same prefix length and the
+  same number of rows are stacked into one flash call whose queries are all of those rows
+  (each prefix block is read once per task, not per row);
+- the two parts merged through their log-sum-exps (fp32).
+
+It computes what ``prefix_attention(..., backend="torch")`` computes for one query per row (rows
+right-aligned: row b's own keys are the last ``own_lens[b]`` columns); tests check it against the
+``reference`` backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _flash(q, k, v, scale, bias=None):
+    # The CPU kernel reads rows as if the last dimension were dense.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+
+
+@dataclass
+class _PrefixGroup:
+    """Tasks of one prefix length whose row counts are equal: one flash call."""
+    rows: torch.Tensor                      # [n * W] batch rows, task after task
+    span: Optional[Tuple[int, int]]         # the same rows as a slice start..stop, when consecutive
+    blocks: torch.Tensor                    # [n, nb] block ids of the n tasks' prefixes
+    length: int                             # prefix rows P
+    tasks: int                              # n
+    width: int                              # W rows per task
+
+
+class DecodeAttention:
+    """The attention of one decode step (one query per row) for every layer.
+
+    Args:
+        task_ids: ``[B]`` store task ids of the rows (None: no row has a prefix).
+        block_table, prefix_lens, block_size: the store's (shared by all layers).
+        own_lens: ``[B]`` own keys of each row, right-aligned in ``Skv`` columns (>= 1: the new token).
+        kv_len: ``Skv``.
+        num_kv_heads, group_size: ``Hkv`` and ``G = Hq / Hkv``.
+        scale: softmax scale.
+        window: sliding window over own keys (None: none).
+    """
+
+    def __init__(self, task_ids: Optional[torch.Tensor], block_table: torch.Tensor, prefix_lens: torch.Tensor,
+                 block_size: int, own_lens: torch.Tensor, kv_len: int, *, num_kv_heads: int, group_size: int,
+                 scale: float, window: Optional[int] = None):
+        if _FLASH_CPU is None:
+            raise RuntimeError("DecodeAttention needs torch's CPU flash-attention operator")
+        B = own_lens.shape[0]
+        if int(own_lens.min()) < 1 or int(own_lens.max()) > kv_len:
+            raise ValueError(f"DecodeAttention: `own_lens` must lie in [1, {kv_len}] (the new token is always seen)")
+        self.batch, self.kv_len = B, kv_len
+        self.num_kv_heads, self.group_size, self.scale = num_kv_heads, group_size, scale
+        first = kv_len - own_lens                                     # first visible own column per row
+        if window is not None:
+            first = torch.maximum(first, torch.full_like(first, kv_len - window))
+        self.own_bias = None
+        if bool((first > 0).any()):
+            hidden = torch.arange(kv_len)[None, :] < first[:, None]     # [B, Skv]
+            self.own_bias = torch.zeros(B, 1, 1, kv_len).masked_fill_(hidden[:, None, None, :], float("-inf")) \
+                .expand(B, 1, group_size, kv_len)
+        self.groups = [] if task_ids is None else self._groups(task_ids.tolist(), block_table,
+                                                               prefix_lens.tolist(), block_size)
+
+    @staticmethod
+    def _groups(task_list: List[int], block_table: torch.Tensor, lens: List[int],
+                block_size: int) -> List[_PrefixGroup]:
+        members = {}
+        for b, t in enumerate(task_list):
+            if lens[t] > 0:
+                members.setdefault(t, []).append(b)
+        by_shape = {}
+        for t, rows in members.items():
+            by_shape.setdefault((lens[t], len(rows)), []).append(t)
+        groups = []
+        for (length, width), tasks in by_shape.items():
+            rows = [b for t in tasks for b in members[t]]
+            span = (rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) else None
+            groups.append(_PrefixGroup(rows=torch.tensor(rows, dtype=torch.long), span=span,
+                                       blocks=block_table[tasks, : -(-length // block_size)],
+                                       length=length, tasks=len(tasks), width=width))
+        return groups
+
+    def __call__(self, q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
+                 prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> torch.Tensor:
+        """``q [B, Hkv, G, D]`` (fp32), ``own_k/v [B, Hkv, Skv, D]``, the layer's prefix block pools
+        ``[num_blocks, Hkv, block_size, D]`` -> ``[B, Hkv, G, D]`` fp32."""
+        out, lse = _flash(q, own_k, own_v, self.scale, self.own_bias)
+        Hkv, G = self.num_kv_heads, self.group_size
+        D = q.shape[-1]
+        for g in self.groups:
+            n, W, P = g.tasks, g.width, g.length
+            rows = q[g.span[0]: g.span[1]] if g.span else q.index_select(0, g.rows)
+            stacked = rows.view(n, W, Hkv, G, D).transpose(1, 2).reshape(n, Hkv, W * G, D)
+            pk = _read(prefix_k, g.blocks, P)
+            pv = _read(prefix_v, g.blocks, P)
+            p_out, p_lse = _flash(stacked, pk, pv, self.scale)
+            p_out = p_out.view(n, Hkv, W, G, D).transpose(1, 2).reshape(n * W, Hkv, G, D)
+            p_lse = p_lse.view(n, Hkv, W, G).transpose(1, 2).reshape(n * W, Hkv, G)
+            if g.span:
+                start, stop = g.span
+                out[start:stop], lse[start:stop] = _merge(out[start:stop], lse[start:stop], p_out, p_lse)
+            else:
+                merged, merged_lse = _merge(out.index_select(0, g.rows), lse.index_select(0, g.rows), p_out, p_lse)
+                out.index_copy_(0, g.rows, merged)
+                lse.index_copy_(0, g.rows, merged_lse)
+        return out
+
+
+def _read(pool: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
+    """Prefixes of ``blocks [n, nb]`` out of a block pool: ``[n, Hkv, rows, D]``."""
+    g = pool[blocks]                                                    # [n, nb, Hkv, bs, D]
+    n, nb, Hkv, bs, D = g.shape
+    return g.permute(0, 2, 1, 3, 4).reshape(n, Hkv, nb * bs, D)[:, :, :rows]
+
+
+def _merge(own_out, own_lse, pre_out, pre_lse):
+    """Two attention states over disjoint keys -> one (both log-sum-exps finite)."""
+    top = torch.maximum(own_lse, pre_lse)
+    w_own, w_pre = torch.exp(own_lse - top), torch.exp(pre_lse - top)
+    total = w_own + w_pre
+    merged = (own_out * w_own[..., None] + pre_out * w_pre[..., None]) / total[..., None]
+    return merged, top + torch.log(total)

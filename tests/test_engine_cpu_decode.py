@@ -1,0 +1,127 @@
+"""The engine's CPU decode path: DecodeAttention against the reference backend on fresh random
+inputs, CpuDecoder's decode step against the HF forward of the same step, and which models it takes."""
+import random
+
+import pytest
+import torch
+
+from kernels import prefix_attention
+from softprompt.engine.cpu_decode import CpuDecoder, unsupported_reason
+from softprompt.engine.decode_attention import DecodeAttention
+from test_engine_common import attach, engine, greedy, one_thread, random_rows, setup
+
+_threads = pytest.fixture(autouse=True)(one_thread)
+
+
+def _problem(seed, *, B, T, Hq, Hkv, Skv, D, block_size, lens, tasks=None):
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    blocks = [-(-p // block_size) for p in lens]
+    order = list(range(sum(blocks) + 2))
+    rnd.shuffle(order)                                    # each task's blocks scattered in the pool
+    table = torch.full((T, max(blocks + [1])), -1, dtype=torch.long)
+    at = 0
+    for t, n in enumerate(blocks):
+        table[t, :n] = torch.tensor(order[at:at + n])
+        at += n
+    pool_k = torch.randn(len(order), Hkv, block_size, D, generator=g)
+    pool_v = torch.randn(len(order), Hkv, block_size, D, generator=g)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k = torch.randn(B, Hkv, Skv, D, generator=g)
+    v = torch.randn(B, Hkv, Skv, D, generator=g)
+    task_ids = torch.tensor(tasks if tasks is not None else [rnd.randrange(T) for _ in range(B)])
+    own = torch.tensor([rnd.randint(1, Skv) for _ in range(B)])
+    return q, k, v, pool_k, pool_v, table, torch.tensor(lens), task_ids, own
+
+
+CASES = {
+    # tasks unsorted, an empty prefix, two tasks of one length (stacked into one call)
+    "mixed": dict(B=9, T=4, Hq=6, Hkv=2, Skv=11, D=16, block_size=4, lens=[5, 0, 9, 5]),
+    # rows sorted by task in equal groups: the prefix rows are a slice, not a gather
+    "sorted_groups": dict(B=8, T=3, Hq=4, Hkv=1, Skv=7, D=8, block_size=3, lens=[4, 7, 4],
+                          tasks=[0, 0, 2, 2, 1, 1, 1, 1]),
+    "mha_odd_dim": dict(B=5, T=2, Hq=3, Hkv=3, Skv=6, D=13, block_size=2, lens=[3, 1]),
+    "every_row_own_task": dict(B=4, T=4, Hq=4, Hkv=2, Skv=5, D=8, block_size=4, lens=[2, 6, 1, 3],
+                               tasks=[3, 1, 0, 2]),
+}
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_attention_matches_reference(name, window, seed):
+    c = CASES[name]
+    q, k, v, pk, pv, table, lens, tids, own = _problem(seed, **c)
+    B, Hq, Hkv, Skv, D = c["B"], c["Hq"], c["Hkv"], c["Skv"], c["D"]
+    scale = D ** -0.5
+    want = prefix_attention(q, k, v, pk, pv, table, lens, tids, causal=False, scale=scale,
+                            kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=window,
+                            backend="reference")                               # [B, Hq, 1, D]
+    attention = DecodeAttention(tids, table, lens, c["block_size"], own, Skv, num_kv_heads=Hkv,
+                                group_size=Hq // Hkv, scale=scale, window=window)
+    got = attention(q.view(B, Hkv, Hq // Hkv, D), k, v, pk, pv)
+    torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4,
+                               msg=lambda m: f"{name} (seed {seed}, window {window}): {m}")
+    no_prefix = DecodeAttention(None, table, lens, c["block_size"], own, Skv, num_kv_heads=Hkv,
+                                group_size=Hq // Hkv, scale=scale, window=window)
+    want = prefix_attention(q, k, v, pk, pv, table[:1, :0], lens[:1] * 0, tids * 0, causal=False, scale=scale,
+                            kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=window,
+                            backend="reference")
+    got = no_prefix(q.view(B, Hkv, Hq // Hkv, D), k, v, pk, pv)
+    torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_attention_rejects_rows_without_own_keys():
+    with pytest.raises(ValueError, match="own_lens"):
+        DecodeAttention(None, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 4,
+                        torch.tensor([0, 3]), 3, num_kv_heads=1, group_size=1, scale=1.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_decode_step_equals_hf_forward(family):
+    """Run a mixed-task engine; at every decode step compare CpuDecoder's logits and the K/V it
+    writes with the HF forward of the same step (same StepCache, same pages)."""
+    model, prefixes, names = setup(family, lengths=[5, 2, 0, 7])
+    attach(model, prefixes)
+    eng = engine(model)
+    decoder = eng.cpu_decoder
+    assert decoder is not None
+    fast_step, checked = decoder.step, []
+
+    def both(token_ids, cache, task_ids):
+        k0, v0 = eng.kv.k.clone(), eng.kv.v.clone()
+        fast = fast_step(token_ids, cache, task_ids)
+        k1, v1 = eng.kv.k.clone(), eng.kv.v.clone()
+        eng.kv.k.copy_(k0)
+        eng.kv.v.copy_(v0)
+        out = model(input_ids=token_ids[:, None], attention_mask=cache.attention_mask,
+                    position_ids=cache.position_ids, cache=cache, use_cache=True, task_ids=task_ids,
+                    logits_to_keep=1)
+        torch.testing.assert_close(fast, out.logits[:, -1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(k1, eng.kv.k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v1, eng.kv.v, atol=1e-5, rtol=1e-5)
+        checked.append(len(token_ids))
+        return fast
+
+    decoder.step = both
+    rows = random_rows([6, 3, 9, 4, 5])
+    tasks = [names[0], names[1], None, names[3], names[0]]
+    results = eng.generate(rows, tasks, greedy(4))
+    assert all(r.ok for r in results) and checked and max(checked) == len(rows)
+
+
+def test_which_models_take_the_cpu_decoder():
+    for family in ("llama", "qwen2", "mistral"):
+        model, _, _ = setup(family)
+        assert unsupported_reason(model) is None, family
+    for family in ("gpt2", "gpt_neox", "gemma2"):
+        model, _, _ = setup(family)
+        assert unsupported_reason(model) is not None, family
+        with pytest.raises(ValueError, match="not supported"):
+            CpuDecoder(model, None, None)
+        softprompt_store = attach(model, {})
+        assert engine(model).cpu_decoder is None, family
+        assert softprompt_store is not None
+    model, prefixes, _ = setup("llama")
+    attach(model, prefixes)
+    assert engine(model).cpu_decoder is not None
+    assert engine(model, cpu_decoder=False).cpu_decoder is None
