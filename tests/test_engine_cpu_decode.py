@@ -58,7 +58,8 @@ def test_decode_attention_matches_reference(name, window, seed):
                             backend="reference")                               # [B, Hq, 1, D]
     attention = DecodeAttention(tids, table, lens, c["block_size"], own, Skv, num_kv_heads=Hkv,
                                 group_size=Hq // Hkv, scale=scale, window=window)
-    got = attention(q.view(B, Hkv, Hq // Hkv, D), k, v, pk, pv)
+    token_major = [t.transpose(1, 2).reshape(B, Skv, Hkv * D) for t in (k, v)]   # the gathered layout
+    got = attention(q.view(B, Hkv, Hq // Hkv, D), *token_major, pk, pv)
     torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4,
                                msg=lambda m: f"{name} (seed {seed}, window {window}): {m}")
     no_prefix = DecodeAttention(None, table, lens, c["block_size"], own, Skv, num_kv_heads=Hkv,
@@ -66,7 +67,7 @@ def test_decode_attention_matches_reference(name, window, seed):
     want = prefix_attention(q, k, v, pk, pv, table[:1, :0], lens[:1] * 0, tids * 0, causal=False, scale=scale,
                             kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=window,
                             backend="reference")
-    got = no_prefix(q.view(B, Hkv, Hq // Hkv, D), k, v, pk, pv)
+    got = no_prefix(q.view(B, Hkv, Hq // Hkv, D), *token_major, pk, pv)
     torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4)
 
 

@@ -138,7 +138,7 @@ class CpuDecoder:
             pool_v.view(slots, Hkv * D).index_copy_(0, cache.write_dst, v.t().to(pool_v.dtype))
             torch.index_select(pool_k, 0, cache.gather_index, out=own[0])
             torch.index_select(pool_v, 0, cache.gather_index, out=own[1])
-            own_k, own_v = (t.view(B, Skv, Hkv, D).transpose(1, 2).float() for t in own)
+            own_k, own_v = (t.view(B, Skv, Hkv * D).float() for t in own)
             key = (self._window(attn), attn.scaling)
             if key not in plans:
                 plans[key] = DecodeAttention(task_ids, block_table, prefix_lens, self.store.block_size,

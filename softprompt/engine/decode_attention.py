@@ -5,9 +5,14 @@ and masks, and looks its plan up on every call. In a decode step all layers shar
 tasks, prefix lengths and own-key ranges, so :class:`DecodeAttention` derives them once per step
 and each layer only does the arithmetic:
 
-- own keys: one fused CPU flash-attention call over ``[B, Hkv, G, D]`` queries (the GQA heads of a
-  KV head stacked as query rows, K/V never repeated), with an additive bias for left padding and
-  a sliding window when the rows differ in length;
+- own keys: two batched matrix products over the rows, each reading a row's gathered own K (V)
+  once as ``[Skv, Hkv*D]``: the queries enter block-diagonally (``[Hkv*G, Hkv*D]``, query head
+  ``(h, g)`` nonzero only in KV head h's columns), so every head of a row is scored in one small
+  GEMM with K/V never repeated or transposed; the scores outside a head's own block are never
+  used. It does Hkv times the (tiny) arithmetic of per-head products but a third of their calls,
+  and measured ~20% faster than the fused CPU flash kernel at the engine's decode shapes (whose
+  per (row, head) overhead dominates when each has only G query rows). An additive bias hides
+  left padding and keys outside a sliding window;
 - prefixes, read in place from the store's block pool: tasks with the same prefix length and the
   same number of rows are stacked into one flash call whose queries are all of those rows
   (each prefix block is read once per task, not per row);
@@ -70,11 +75,10 @@ class DecodeAttention:
         first = kv_len - own_lens                                     # first visible own column per row
         if window is not None:
             first = torch.maximum(first, torch.full_like(first, kv_len - window))
-        self.own_bias = None
-        if bool((first > 0).any()):
-            hidden = torch.arange(kv_len)[None, :] < first[:, None]     # [B, Skv]
-            self.own_bias = torch.zeros(B, 1, 1, kv_len).masked_fill_(hidden[:, None, None, :], float("-inf")) \
-                .expand(B, 1, group_size, kv_len)
+        hidden = torch.arange(kv_len)[None, :] < first[:, None]         # [B, Skv]
+        self.own_bias = torch.zeros(B, 1, kv_len).masked_fill_(hidden[:, None, :], float("-inf")) \
+            .expand(B, num_kv_heads * group_size, kv_len)
+        self._block_q = None                                            # [B, Hkv*G, Hkv*D], reused
         self.groups = [] if task_ids is None else self._groups(task_ids.tolist(), block_table,
                                                                prefix_lens.tolist(), block_size)
 
@@ -97,11 +101,26 @@ class DecodeAttention:
                                        length=length, tasks=len(tasks), width=width))
         return groups
 
+    def own(self, q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor):
+        """Attention over the own keys: output ``[B, Hkv, G, D]`` and log-sum-exp ``[B, Hkv, G]``."""
+        B, Hkv, G, D = q.shape
+        if self._block_q is None:
+            self._block_q = q.new_zeros(B, Hkv * G, Hkv * D)
+        blocks = self._block_q.view(B, Hkv, G, Hkv, D)
+        torch.diagonal(blocks, dim1=1, dim2=3).copy_(q.permute(0, 2, 3, 1))     # block (h, h) = q[:, h]
+        scores = torch.baddbmm(self.own_bias, self._block_q, own_k.transpose(1, 2), alpha=self.scale)
+        top = scores.amax(-1, keepdim=True)                                     # finite: the new token is seen
+        p = torch.exp_(scores.sub_(top))
+        total = p.sum(-1, keepdim=True)
+        out = torch.bmm(p, own_v).view(B, Hkv, G, Hkv, D)
+        out = torch.diagonal(out, dim1=1, dim2=3).permute(0, 3, 1, 2) / total.view(B, Hkv, G, 1)
+        return out.contiguous(), (top + torch.log(total)).view(B, Hkv, G)
+
     def __call__(self, q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
                  prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> torch.Tensor:
-        """``q [B, Hkv, G, D]`` (fp32), ``own_k/v [B, Hkv, Skv, D]``, the layer's prefix block pools
-        ``[num_blocks, Hkv, block_size, D]`` -> ``[B, Hkv, G, D]`` fp32."""
-        out, lse = _flash(q, own_k, own_v, self.scale, self.own_bias)
+        """``q [B, Hkv, G, D]`` (fp32), the rows' own K/V token-major ``[B, Skv, Hkv*D]`` (fp32), the
+        layer's prefix block pools ``[num_blocks, Hkv, block_size, D]`` -> ``[B, Hkv, G, D]`` fp32."""
+        out, lse = self.own(q, own_k, own_v)
         Hkv, G = self.num_kv_heads, self.group_size
         D = q.shape[-1]
         for g in self.groups:
@@ -125,8 +144,10 @@ class DecodeAttention:
 
 def _read(pool: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
     """Prefixes of ``blocks [n, nb]`` out of a block pool: ``[n, Hkv, rows, D]``."""
-    g = pool[blocks]                                                    # [n, nb, Hkv, bs, D]
-    n, nb, Hkv, bs, D = g.shape
+    n, nb = blocks.shape
+    g = pool.index_select(0, blocks.reshape(-1))                        # [n * nb, Hkv, bs, D]
+    _, Hkv, bs, D = g.shape
+    g = g.view(n, nb, Hkv, bs, D)
     return g.permute(0, 2, 1, 3, 4).reshape(n, Hkv, nb * bs, D)[:, :, :rows]
 
 

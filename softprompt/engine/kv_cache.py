@@ -80,7 +80,9 @@ class PagedKVCache:
                              f"at max_pages={self.max_pages}")
         shape = (self.num_layers, new * self.page_size, self.num_kv_heads, self.head_dim)
         for name in ("k", "v"):
-            pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            # new pages need no zeroing: a slot is read only after its token is written (padding
+            # reads the null page 0, which is among the old pages and stays zero)
+            pool = torch.empty(shape, dtype=self.dtype, device=self.device)
             pool[:, : old * self.page_size] = getattr(self, name)
             setattr(self, name, pool)
         self._free = list(range(new - 1, old - 1, -1)) + self._free
