@@ -126,3 +126,35 @@ def test_which_models_take_the_cpu_decoder():
     attach(model, prefixes)
     assert engine(model).cpu_decoder is not None
     assert engine(model, cpu_decoder=False).cpu_decoder is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_packed_prefill_equals_hf_forward(family):
+    """The step's prefills in one packed CpuDecoder forward (several length groups, a chunked
+    prompt) give the logits and the K/V of the HF forward of each group."""
+    model, prefixes, names = setup(family, lengths=[5, 2, 0, 7])
+    attach(model, prefixes)
+    eng = engine(model, max_num_batched_tokens=24, prefill_padding=0.0)   # chunks and several groups
+    decoder = eng.cpu_decoder
+    fast_prefill, checked = decoder.prefill, []
+
+    def both(parts):
+        k0, v0 = eng.kv.k.clone(), eng.kv.v.clone()
+        fast = fast_prefill(parts)
+        k1, v1 = eng.kv.k.clone(), eng.kv.v.clone()
+        eng.kv.k.copy_(k0)
+        eng.kv.v.copy_(v0)
+        for (cache, ids, task_ids), got in zip(parts, fast):
+            out = model(input_ids=ids, attention_mask=cache.attention_mask, position_ids=cache.position_ids,
+                        cache=cache, use_cache=True, task_ids=task_ids, logits_to_keep=1)
+            torch.testing.assert_close(got, out.logits[:, -1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(k1, eng.kv.k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v1, eng.kv.v, atol=1e-5, rtol=1e-5)
+        checked.append(len(parts))
+        return fast
+
+    decoder.prefill = both
+    rows = random_rows([6, 3, 17, 4, 9, 2])
+    tasks = [names[0], names[1], None, names[3], names[0], names[2]]
+    results = eng.generate(rows, tasks, greedy(3))
+    assert all(r.ok for r in results) and max(checked) > 1 and len(checked) > 1

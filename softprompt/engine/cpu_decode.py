@@ -26,6 +26,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from kernels import prefix_attention
+
 from .decode_attention import DecodeAttention
 
 # Causal-LM classes whose decoder layer is: x += o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)));
@@ -153,6 +155,77 @@ class CpuDecoder:
             x = x + self._linear(mlp.down_proj, gated)
         h = self._rms_norm(self.final_norm, x)
         return self._linear(self.head, h).t().contiguous()                  # [B, vocab]
+
+    def prefill(self, parts) -> List[torch.Tensor]:
+        """One forward over several prefill batches; returns each batch's logits ``[B_g, vocab]``
+        (of every row's last new token) and writes their K/V into the pages.
+
+        ``parts``: ``[(cache, token_ids [B_g, Sq_g] left-padded, task_ids or None)]``, one
+        :class:`~softprompt.engine.kv_cache.StepCache` per batch. The real new tokens of all batches
+        are packed token-major ``[N, hidden]`` and go through the model's own norm, linear and MLP
+        modules (``x W^T``, the fast form at prefill row counts) with no padding; only the
+        attention unpacks each batch into its left-padded ``[B_g, Hq, Sq_g, D]`` layout.
+        """
+        Hq, Hkv, D = self.num_q_heads, self.num_kv_heads, self.head_dim
+        ids = torch.cat([t.reshape(-1).index_select(0, c.write_src) for c, t, _ in parts])       # [N]
+        positions = torch.cat([c.position_ids.reshape(-1).index_select(0, c.write_src) for c, _, _ in parts])
+        sizes = [c.write_src.numel() for c, _, _ in parts]
+        N = ids.shape[0]
+        x = self.embed(ids)                                                  # [N, hidden]
+        cos, sin = self.rotary(x, positions[None])                           # [1, N, D]
+        cos, sin = cos[0, :, None], sin[0, :, None]                          # [N, 1, D]
+        _, _, block_table, prefix_lens = self.store.layer(0)
+        backend = self.store.backend or "torch"
+        shapes = []                       # per batch: kv_starts/kv_lens and the empty-prefix fallback
+        for cache, _, task_ids in parts:
+            starts = cache.Skv - cache.own_lens
+            shapes.append((starts, torch.full_like(starts, cache.Skv),
+                           task_ids if task_ids is not None else torch.zeros(cache.batch, dtype=torch.long)))
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = self._rope_rows(attn.q_proj(h).view(N, Hq, D), cos, sin)
+            k = self._rope_rows(attn.k_proj(h).view(N, Hkv, D), cos, sin)
+            v = attn.v_proj(h).view(N, Hkv, D)
+            pool_k, pool_v = self.kv.k[i], self.kv.v[i]
+            prefix_k, prefix_v, _, _ = self.store.layer(i)
+            out = torch.empty(N, Hq, D, dtype=q.dtype)
+            at = 0
+            for (cache, _, task_ids), (starts, lens, tids), n in zip(parts, shapes, sizes):
+                B, Sq, Skv = cache.batch, cache.Sq, cache.Skv
+                pool_k.index_copy_(0, cache.write_dst, k[at: at + n].to(pool_k.dtype))
+                pool_v.index_copy_(0, cache.write_dst, v[at: at + n].to(pool_v.dtype))
+                own_k = pool_k.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
+                own_v = pool_v.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
+                padded = q.new_zeros(B * Sq, Hq, D).index_copy_(0, cache.write_src, q[at: at + n])
+                table, plens = (block_table, prefix_lens) if task_ids is not None else \
+                    (block_table.new_zeros(1, 0), prefix_lens.new_zeros(1))
+                o = prefix_attention(padded.view(B, Sq, Hq, D).transpose(1, 2), own_k.to(q.dtype),
+                                     own_v.to(q.dtype), prefix_k.to(q.dtype), prefix_v.to(q.dtype), table, plens,
+                                     tids, causal=True, scale=attn.scaling, kv_starts=starts, kv_lens=lens,
+                                     window=self._window(attn), backend=backend)            # [B, Hq, Sq, D]
+                out[at: at + n] = o.transpose(1, 2).reshape(B * Sq, Hq, D).index_select(0, cache.write_src)
+                at += n
+            x = x + attn.o_proj(out.view(N, Hq * D))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        ends = torch.tensor(sizes).cumsum(0)
+        last = torch.cat([torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1]])[g] + self._last_of(c)
+                          for g, (c, _, _) in enumerate(parts)])
+        logits = self.head(self.final_norm(x.index_select(0, last)))
+        return list(logits.split([c.batch for c, _, _ in parts]))
+
+    @staticmethod
+    def _last_of(cache) -> torch.Tensor:
+        """Packed position (within its batch) of each row's last new token."""
+        per_row = torch.zeros(cache.batch, dtype=torch.long).index_add_(
+            0, cache.write_src // cache.Sq, torch.ones_like(cache.write_src))
+        return per_row.cumsum(0) - 1
+
+    @staticmethod
+    def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Token-major ``x [N, H, D]`` rotated by ``cos, sin [N, 1, D]`` (rotate_half layout)."""
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
     @staticmethod
     def _window(attn: nn.Module) -> Optional[int]:

@@ -227,8 +227,12 @@ class Engine:
             self._stats["max_step_tokens"] = max(self._stats["max_step_tokens"], plan.num_tokens)
         with torch.inference_mode():
             if plan.prefill:
-                for group in self._prefill_groups(plan.prefill):
-                    self._run(group, prefill=True)
+                groups = self._prefill_groups(plan.prefill)
+                if self._use_cpu_decoder():
+                    self._run_packed_prefill(groups)
+                else:
+                    for group in groups:
+                        self._run(group, prefill=True)
             if plan.decode:
                 self._stats["decode_steps"] += 1
                 self._stats["decode_rows"] += len(plan.decode)
@@ -261,22 +265,35 @@ class Engine:
             self.store.add(NO_PROMPT_TASK, empty, empty)
         return self.store.task_ids([s.task if s.task is not None else NO_PROMPT_TASK for s in seqs]).to(self.device)
 
-    def _run(self, rows, *, prefill: bool) -> None:
+    def _batch(self, rows):
+        """Drop rows whose task left the store; the rest's StepCache and left-padded ids, or None."""
         gone = [s for s, _ in rows if s.task is not None and s.task not in self.store]
         for s in gone:
             self._finish(s, "error", error=f"request {s.request_id!r}: task {s.task!r} was removed from the store")
         rows = [(s, n) for s, n in rows if s not in gone]
         if not rows:
-            return
+            return None
         seqs = [s for s, _ in rows]
-        news = [n for _, n in rows]
-        cache = self.kv.step_cache(seqs, [s.num_computed for s in seqs], news)
-        B, Sq = len(seqs), cache.Sq
-        ids = torch.full((B, Sq), self.pad_token_id, dtype=torch.long)
+        cache = self.kv.step_cache(seqs, [s.num_computed for s in seqs], [n for _, n in rows])
+        Sq = cache.Sq
+        ids = torch.full((len(rows), Sq), self.pad_token_id, dtype=torch.long)
         for b, (s, n) in enumerate(rows):
             ids[b, Sq - n:] = torch.tensor(s.tokens[s.num_computed: s.num_computed + n], dtype=torch.long)
+        return rows, cache, ids
+
+    def _use_cpu_decoder(self) -> bool:
+        return self.cpu_decoder is not None and not self.model.training
+
+    def _run(self, rows, *, prefill: bool) -> None:
+        """One forward over ``rows`` ([(sequence, new tokens)]), then the tokens of those that are ready."""
+        batch = self._batch(rows)
+        if batch is None:
+            return
+        rows, cache, ids = batch
+        seqs = [s for s, _ in rows]
+        B, Sq = ids.shape
         t0 = time.perf_counter()
-        if not prefill and self.cpu_decoder is not None and not self.model.training:
+        if not prefill and self._use_cpu_decoder():
             logits = self.cpu_decoder.step(ids[:, -1].to(self.device), cache, self._task_ids(seqs))
         else:
             with small_batch_linears(self.model, self.small_gemm_rows, enabled=0 < B * Sq <= self.small_gemm_rows):
@@ -287,10 +304,32 @@ class Engine:
         self._stats["forward_seconds"] += time.perf_counter() - t0
         self._stats["forwards"] += 1
         if prefill:
-            self._stats["prefill_tokens"] += sum(news)
-            self._stats["padded_prefill_tokens"] += B * Sq - sum(news)
+            self._stats["padded_prefill_tokens"] += B * Sq - sum(n for _, n in rows)
+        self._advance(rows, logits, prefill)
+
+    def _run_packed_prefill(self, groups) -> None:
+        """The prefills of one step in one CpuDecoder forward: linear layers over the packed real
+        tokens of every group (no padding), attention per group."""
+        batches = [b for b in (self._batch(g) for g in groups) if b is not None]
+        if not batches:
+            return
+        t0 = time.perf_counter()
+        parts = [(cache, ids, self._task_ids([s for s, _ in rows])) for rows, cache, ids in batches]
+        tokens = sum(cache.write_dst.numel() for cache, _, _ in parts)
+        with small_batch_linears(self.model, self.small_gemm_rows, enabled=tokens <= self.small_gemm_rows):
+            logits = self.cpu_decoder.prefill(parts)
+        self._stats["forward_seconds"] += time.perf_counter() - t0
+        self._stats["forwards"] += 1
+        for (rows, _, _), group_logits in zip(batches, logits):
+            self._advance(rows, group_logits, True)
+
+    def _advance(self, rows, logits, prefill: bool) -> None:
+        """Count the rows' new tokens as computed; choose the next token of rows that are ready."""
+        if prefill:
+            self._stats["prefill_tokens"] += sum(n for _, n in rows)
         for s, n in rows:
             s.num_computed += n
+        seqs = [s for s, _ in rows]
         ready = [b for b, s in enumerate(seqs) if s.num_computed == s.num_tokens]
         if not ready:
             return
