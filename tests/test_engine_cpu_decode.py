@@ -7,7 +7,7 @@ import torch
 
 from kernels import prefix_attention
 from softprompt.engine.cpu_decode import CpuDecoder, unsupported_reason
-from softprompt.engine.decode_attention import DecodeAttention
+from softprompt.engine.decode_attention import DecodeAttention, split_by_length
 from test_engine_common import attach, engine, greedy, one_thread, random_rows, setup
 
 _threads = pytest.fixture(autouse=True)(one_thread)
@@ -56,19 +56,35 @@ def test_decode_attention_matches_reference(name, window, seed):
     want = prefix_attention(q, k, v, pk, pv, table, lens, tids, causal=False, scale=scale,
                             kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=window,
                             backend="reference")                               # [B, Hq, 1, D]
-    attention = DecodeAttention(tids, table, lens, c["block_size"], own, Skv, num_kv_heads=Hkv,
-                                group_size=Hq // Hkv, scale=scale, window=window)
     token_major = [t.transpose(1, 2).reshape(B, Skv, Hkv * D) for t in (k, v)]   # the gathered layout
-    got = attention(q.view(B, Hkv, Hq // Hkv, D), *token_major, pk, pv)
-    torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4,
-                               msg=lambda m: f"{name} (seed {seed}, window {window}): {m}")
+    # one part, and the rows split by length into two (right-aligned in their own widths)
+    splits = [None, split_by_length(own, Skv, min_saving=0.0)]
+    for parts in splits:
+        attention = DecodeAttention(tids, table, lens, c["block_size"], own, Skv, num_kv_heads=Hkv,
+                                    group_size=Hq // Hkv, scale=scale, window=window, parts=parts)
+        own_kv = [token_major] if parts is None else \
+            [[t.index_select(0, rows)[:, Skv - width:] for t in token_major] for rows, width in parts]
+        got = attention(q.view(B, Hkv, Hq // Hkv, D), own_kv, pk, pv)
+        torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name} (seed {seed}, window {window}, parts {parts}): {m}")
     no_prefix = DecodeAttention(None, table, lens, c["block_size"], own, Skv, num_kv_heads=Hkv,
                                 group_size=Hq // Hkv, scale=scale, window=window)
     want = prefix_attention(q, k, v, pk, pv, table[:1, :0], lens[:1] * 0, tids * 0, causal=False, scale=scale,
                             kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=window,
                             backend="reference")
-    got = no_prefix(q.view(B, Hkv, Hq // Hkv, D), *token_major, pk, pv)
+    got = no_prefix(q.view(B, Hkv, Hq // Hkv, D), [token_major], pk, pv)
     torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4)
+
+
+def test_split_by_length_parts_cover_every_row_once():
+    own = torch.tensor([3, 40, 5, 38, 4, 2, 39, 6])
+    parts = split_by_length(own, 40)
+    assert len(parts) == 2
+    rows = torch.cat([r for r, _ in parts]).sort().values
+    assert rows.tolist() == list(range(8))
+    (short, width), (long_, full) = parts
+    assert full == 40 and width == int(own[short].max()) == 6 and set(long_.tolist()) == {1, 3, 6}
+    assert split_by_length(torch.tensor([38, 40, 39]), 40) == [(None, 40)]      # too little to save
 
 
 def test_decode_attention_rejects_rows_without_own_keys():

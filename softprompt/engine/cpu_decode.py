@@ -28,7 +28,7 @@ from torch import nn
 
 from kernels import prefix_attention
 
-from .decode_attention import DecodeAttention
+from .decode_attention import DecodeAttention, split_by_length
 
 # Causal-LM classes whose decoder layer is: x += o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)));
 # x += down(act(gate(n2 x)) * up(n2 x)), RMSNorm everywhere, RoPE on the full head.
@@ -128,7 +128,13 @@ class CpuDecoder:
         _, _, block_table, prefix_lens = self.store.layer(0)
         plans = {}                                   # one attention plan per (window, scale) in use
         slots = self.kv.k.shape[1]
-        own = torch.empty(2, B * Skv, Hkv, D, dtype=self.kv.k.dtype)       # gathered own K/V, reused
+        # the rows' own K/V are gathered in one or two parts (short rows apart when that saves
+        # enough padding); each part's gather index and buffer are reused by every layer
+        parts = split_by_length(cache.own_lens, Skv)
+        table = cache.gather_index.view(B, Skv)
+        gathers = [(cache.gather_index if rows is None else table.index_select(0, rows)[:, Skv - width:].reshape(-1),
+                    torch.empty(2, (B if rows is None else rows.shape[0]) * width, Hkv, D, dtype=self.kv.k.dtype),
+                    width) for rows, width in parts]
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = self._rms_norm(layer.input_layernorm, x)
@@ -138,17 +144,19 @@ class CpuDecoder:
             pool_k, pool_v = self.kv.k[i], self.kv.v[i]
             pool_k.view(slots, Hkv * D).index_copy_(0, cache.write_dst, k.view(Hkv * D, B).t().to(pool_k.dtype))
             pool_v.view(slots, Hkv * D).index_copy_(0, cache.write_dst, v.t().to(pool_v.dtype))
-            torch.index_select(pool_k, 0, cache.gather_index, out=own[0])
-            torch.index_select(pool_v, 0, cache.gather_index, out=own[1])
-            own_k, own_v = (t.view(B, Skv, Hkv * D).float() for t in own)
+            own = []
+            for index, buffer, width in gathers:
+                torch.index_select(pool_k, 0, index, out=buffer[0])
+                torch.index_select(pool_v, 0, index, out=buffer[1])
+                own.append([t.view(-1, width, Hkv * D).float() for t in buffer])
             key = (self._window(attn), attn.scaling)
             if key not in plans:
                 plans[key] = DecodeAttention(task_ids, block_table, prefix_lens, self.store.block_size,
                                              cache.own_lens, Skv, num_kv_heads=Hkv, group_size=Hq // Hkv,
-                                             scale=key[1], window=key[0])
+                                             scale=key[1], window=key[0], parts=parts)
             prefix_k, prefix_v, _, _ = self.store.layer(i)
             q4 = q.permute(2, 0, 1).reshape(B, Hkv, Hq // Hkv, D).float()    # [B, Hkv, G, D]
-            out = plans[key](q4, own_k, own_v, prefix_k.float(), prefix_v.float())
+            out = plans[key](q4, own, prefix_k.float(), prefix_v.float())
             x = x + self._linear(attn.o_proj, out.view(B, Hq * D).t().to(dtype))
             h = self._rms_norm(layer.post_attention_layernorm, x)
             gated = mlp.act_fn(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h)

@@ -39,6 +39,33 @@ def _flash(q, k, v, scale, bias=None):
 
 
 @dataclass
+class _OwnPart:
+    """Rows whose own keys are gathered together, right-aligned in one width."""
+    rows: Optional[torch.Tensor]            # [B_k] batch rows, None = all
+    bias: torch.Tensor                      # [B_k, Hkv*G, width] 0 / -inf (padding, window)
+    block_q: Optional[torch.Tensor] = None  # [B_k, Hkv*G, Hkv*D] block-diagonal queries, reused by layers
+
+
+def split_by_length(own_lens: torch.Tensor, kv_len: int, min_saving: float = 0.15):
+    """Parts ``[(rows, width)]`` for :class:`DecodeAttention`: the rows in one part, or — when it
+    cuts the gathered own-key slots by at least ``min_saving`` — the shorter rows in a second part
+    only as wide as its longest row (each part is one more gather and product pair per layer)."""
+    B = own_lens.shape[0]
+    lens, order = torch.sort(own_lens)
+    if B < 2:
+        return [(None, kv_len)]
+    # slots with a split after the m shortest rows: m * lens[m-1] + (B - m) * kv_len
+    m = torch.arange(1, B)
+    slots = m * lens[:-1] + (B - m) * kv_len
+    best = int(slots.argmin())
+    if float(slots[best]) > (1 - min_saving) * B * kv_len:
+        return [(None, kv_len)]
+    cut = best + 1
+    short, long_ = order[:cut].sort().values, order[cut:].sort().values
+    return [(short, int(lens[cut - 1])), (long_, kv_len)]
+
+
+@dataclass
 class _PrefixGroup:
     """Tasks of one prefix length whose row counts are equal: one flash call."""
     rows: torch.Tensor                      # [n * W] batch rows, task after task
@@ -60,11 +87,14 @@ class DecodeAttention:
         num_kv_heads, group_size: ``Hkv`` and ``G = Hq / Hkv``.
         scale: softmax scale.
         window: sliding window over own keys (None: none).
+        parts: the rows' own keys come in these parts: ``[(rows, kv_len_k)]``, each part's rows
+            (a LongTensor, or None for all rows) with their own keys right-aligned in ``kv_len_k``
+            columns (see :func:`split_by_length`); default one part, all rows, ``Skv`` columns.
     """
 
     def __init__(self, task_ids: Optional[torch.Tensor], block_table: torch.Tensor, prefix_lens: torch.Tensor,
                  block_size: int, own_lens: torch.Tensor, kv_len: int, *, num_kv_heads: int, group_size: int,
-                 scale: float, window: Optional[int] = None):
+                 scale: float, window: Optional[int] = None, parts=None):
         if _FLASH_CPU is None:
             raise RuntimeError("DecodeAttention needs torch's CPU flash-attention operator")
         B = own_lens.shape[0]
@@ -72,13 +102,17 @@ class DecodeAttention:
             raise ValueError(f"DecodeAttention: `own_lens` must lie in [1, {kv_len}] (the new token is always seen)")
         self.batch, self.kv_len = B, kv_len
         self.num_kv_heads, self.group_size, self.scale = num_kv_heads, group_size, scale
-        first = kv_len - own_lens                                     # first visible own column per row
-        if window is not None:
-            first = torch.maximum(first, torch.full_like(first, kv_len - window))
-        hidden = torch.arange(kv_len)[None, :] < first[:, None]         # [B, Skv]
-        self.own_bias = torch.zeros(B, 1, kv_len).masked_fill_(hidden[:, None, :], float("-inf")) \
-            .expand(B, num_kv_heads * group_size, kv_len)
-        self._block_q = None                                            # [B, Hkv*G, Hkv*D], reused
+        self.parts = []
+        for rows, width in (parts if parts is not None else [(None, kv_len)]):
+            lens = own_lens if rows is None else own_lens.index_select(0, rows)
+            if int(lens.max()) > width:
+                raise ValueError(f"DecodeAttention: a part of {width} columns holds a row of {int(lens.max())} own keys")
+            first = width - lens                                        # first visible own column per row
+            if window is not None:
+                first = torch.maximum(first, torch.full_like(first, width - window))
+            hidden = torch.arange(width)[None, :] < first[:, None]      # [B_k, width]
+            bias = torch.zeros(lens.shape[0], 1, width).masked_fill_(hidden[:, None, :], float("-inf"))
+            self.parts.append(_OwnPart(rows, bias.expand(-1, num_kv_heads * group_size, width)))
         self.groups = [] if task_ids is None else self._groups(task_ids.tolist(), block_table,
                                                                prefix_lens.tolist(), block_size)
 
@@ -101,14 +135,15 @@ class DecodeAttention:
                                        length=length, tasks=len(tasks), width=width))
         return groups
 
-    def own(self, q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor):
-        """Attention over the own keys: output ``[B, Hkv, G, D]`` and log-sum-exp ``[B, Hkv, G]``."""
+    def own(self, part: "_OwnPart", q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor):
+        """Attention of ``q [B_k, Hkv, G, D]`` over one part's own keys ``[B_k, width, Hkv*D]``:
+        output ``[B_k, Hkv, G, D]`` and log-sum-exp ``[B_k, Hkv, G]``."""
         B, Hkv, G, D = q.shape
-        if self._block_q is None:
-            self._block_q = q.new_zeros(B, Hkv * G, Hkv * D)
-        blocks = self._block_q.view(B, Hkv, G, Hkv, D)
+        if part.block_q is None:
+            part.block_q = q.new_zeros(B, Hkv * G, Hkv * D)
+        blocks = part.block_q.view(B, Hkv, G, Hkv, D)
         torch.diagonal(blocks, dim1=1, dim2=3).copy_(q.permute(0, 2, 3, 1))     # block (h, h) = q[:, h]
-        scores = torch.baddbmm(self.own_bias, self._block_q, own_k.transpose(1, 2), alpha=self.scale)
+        scores = torch.baddbmm(part.bias, part.block_q, own_k.transpose(1, 2), alpha=self.scale)
         top = scores.amax(-1, keepdim=True)                                     # finite: the new token is seen
         p = torch.exp_(scores.sub_(top))
         total = p.sum(-1, keepdim=True)
@@ -116,11 +151,18 @@ class DecodeAttention:
         out = torch.diagonal(out, dim1=1, dim2=3).permute(0, 3, 1, 2) / total.view(B, Hkv, G, 1)
         return out.contiguous(), (top + torch.log(total)).view(B, Hkv, G)
 
-    def __call__(self, q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
-                 prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> torch.Tensor:
-        """``q [B, Hkv, G, D]`` (fp32), the rows' own K/V token-major ``[B, Skv, Hkv*D]`` (fp32), the
-        layer's prefix block pools ``[num_blocks, Hkv, block_size, D]`` -> ``[B, Hkv, G, D]`` fp32."""
-        out, lse = self.own(q, own_k, own_v)
+    def __call__(self, q: torch.Tensor, own_kv, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> torch.Tensor:
+        """``q [B, Hkv, G, D]`` (fp32); ``own_kv``: per part, its rows' own K and V token-major
+        ``[B_k, width, Hkv*D]`` (fp32); the layer's prefix block pools ``[num_blocks, Hkv,
+        block_size, D]`` -> ``[B, Hkv, G, D]`` fp32."""
+        if len(self.parts) == 1 and self.parts[0].rows is None:
+            out, lse = self.own(self.parts[0], q, *own_kv[0])
+        else:
+            out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
+            for part, (k, v) in zip(self.parts, own_kv):
+                o, l = self.own(part, q.index_select(0, part.rows), k, v)
+                out.index_copy_(0, part.rows, o)
+                lse.index_copy_(0, part.rows, l)
         Hkv, G = self.num_kv_heads, self.group_size
         D = q.shape[-1]
         for g in self.groups:
