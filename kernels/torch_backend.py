@@ -143,6 +143,7 @@ def differentiable_attention(x: PrefixAttentionInputs) -> torch.Tensor:
 # (``_PLANS`` below) and reused by every layer.
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+HAS_CPU_FLASH = _FLASH_CPU is not None
 
 
 def _fused_inference_applies(x: PrefixAttentionInputs) -> bool:
@@ -152,7 +153,7 @@ def _fused_inference_applies(x: PrefixAttentionInputs) -> bool:
             and x.q.dtype != torch.float64 and x.batch > 0)
 
 
-def _flash(q, k, v, scale, bias=None):
+def cpu_flash(q, k, v, scale, bias=None):
     """Fused attention over ``[N, H, M, D]`` queries: fp32 output and log-sum-exp ``[N, H, M]``."""
     # The CPU kernel reads rows as if the last dimension were dense: a strided one gives garbage.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -235,7 +236,7 @@ def _fused_plan(x: PrefixAttentionInputs) -> _FusedPlan:
     return _PLANS.get(key, extra, lambda: _plan(x))
 
 
-def _merge(own_out, own_lse, pre_out, pre_lse):
+def merge_states(own_out, own_lse, pre_out, pre_lse):
     """Two attention states over disjoint keys -> one (fp32 log-sum-exp weighting). ``pre_lse`` is
     finite (a prefix row sees at least one key), so the shared maximum is finite too."""
     top = torch.maximum(own_lse, pre_lse)
@@ -254,7 +255,7 @@ def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     # GQA heads of a kv head are stacked into query rows: [B, Hkv, G*Sq, D], K/V never repeated.
     q = x.q.to(f32).reshape(B, Hkv, M, D)
     if Skv:
-        out, lse = _flash(q, x.k.to(f32), x.v.to(f32), x.scale, plan.own_bias)
+        out, lse = cpu_flash(q, x.k.to(f32), x.v.to(f32), x.scale, plan.own_bias)
         if plan.own_blind is not None:
             lse = lse.masked_fill(plan.own_blind, float("-inf"))
     else:
@@ -262,23 +263,23 @@ def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     for part in plan.prefixes:
         bucket = part.bucket
         Gb, W, P = bucket.tasks.shape[0], bucket.width, bucket.rows
-        pk = _read_prefix(x.prefix_k, part.table, P).to(f32)
-        pv = _read_prefix(x.prefix_v, part.table, P).to(f32)
+        pk = read_prefixes(x.prefix_k, part.table, P).to(f32)
+        pv = read_prefixes(x.prefix_v, part.table, P).to(f32)
         rows = q[part.span[0]: part.span[1]] if part.span else q[bucket.seqs]
         stacked = rows.view(Gb, W, Hkv, M, D) if part.span else _to_groups(rows, bucket)
         stacked = stacked.transpose(1, 2).reshape(Gb, Hkv, W * M, D)
-        p_out, p_lse = _flash(stacked, pk, pv, x.scale, part.bias)
+        p_out, p_lse = cpu_flash(stacked, pk, pv, x.scale, part.bias)
         p_out = p_out.view(Gb, Hkv, W, M, D).transpose(1, 2)
         p_lse = p_lse.view(Gb, Hkv, W, M).transpose(1, 2)
         if part.span:
             start, stop = part.span
-            merged, merged_lse = _merge(out[start:stop], lse[start:stop],
+            merged, merged_lse = merge_states(out[start:stop], lse[start:stop],
                                         p_out.reshape(stop - start, Hkv, M, D), p_lse.reshape(stop - start, Hkv, M))
             out[start:stop] = merged
             lse[start:stop] = merged_lse
         else:
             pick = (bucket.group, bucket.slot)
-            merged, merged_lse = _merge(out[bucket.seqs], lse[bucket.seqs], p_out[pick], p_lse[pick])
+            merged, merged_lse = merge_states(out[bucket.seqs], lse[bucket.seqs], p_out[pick], p_lse[pick])
             out = out.index_copy(0, bucket.seqs, merged)
             lse = lse.index_copy(0, bucket.seqs, merged_lse)
     if plan.sees_nothing is not None:
@@ -289,8 +290,9 @@ def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     return out.to(x.q.dtype)
 
 
-def _read_prefix(pool: torch.Tensor, table: torch.Tensor, rows: int) -> torch.Tensor:
+def read_prefixes(pool: torch.Tensor, table: torch.Tensor, rows: int) -> torch.Tensor:
     """Prefixes read out of the block pool through ``table`` ``[Gb, blocks]``: ``[Gb, Hkv, rows, D]``."""
-    g = pool[table]                                                     # [Gb, blocks, Hkv, bs, D]
-    Gb, n, Hkv, bs, D = g.shape
-    return g.permute(0, 2, 1, 3, 4).reshape(Gb, Hkv, n * bs, D)[:, :, :rows]
+    Gb, n = table.shape
+    g = pool.index_select(0, table.reshape(-1))                         # [Gb * blocks, Hkv, bs, D]
+    _, Hkv, bs, D = g.shape
+    return g.view(Gb, n, Hkv, bs, D).permute(0, 2, 1, 3, 4).reshape(Gb, Hkv, n * bs, D)[:, :, :rows]

@@ -93,6 +93,23 @@ def test_decode_attention_rejects_rows_without_own_keys():
                         torch.tensor([0, 3]), 3, num_kv_heads=1, group_size=1, scale=1.0)
 
 
+def _fast_then_hf(eng, model, fast, args, hf_batches):
+    """Run the CpuDecoder call ``fast(*args)``, put the KV pages back as they were, run the HF
+    forward of each ``(ids, cache, task_ids)`` batch, and check logits and written K/V agree."""
+    k0, v0 = eng.kv.k.clone(), eng.kv.v.clone()
+    got = fast(*args)
+    k1, v1 = eng.kv.k.clone(), eng.kv.v.clone()
+    eng.kv.k.copy_(k0)
+    eng.kv.v.copy_(v0)
+    for (ids, cache, task_ids), logits in zip(hf_batches, got if isinstance(got, list) else [got]):
+        out = model(input_ids=ids, attention_mask=cache.attention_mask, position_ids=cache.position_ids,
+                    cache=cache, use_cache=True, task_ids=task_ids, logits_to_keep=1)
+        torch.testing.assert_close(logits, out.logits[:, -1], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(k1, eng.kv.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v1, eng.kv.v, atol=1e-5, rtol=1e-5)
+    return got
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_decode_step_equals_hf_forward(family):
     """Run a mixed-task engine; at every decode step compare CpuDecoder's logits and the K/V it
@@ -105,19 +122,9 @@ def test_decode_step_equals_hf_forward(family):
     fast_step, checked = decoder.step, []
 
     def both(token_ids, cache, task_ids):
-        k0, v0 = eng.kv.k.clone(), eng.kv.v.clone()
-        fast = fast_step(token_ids, cache, task_ids)
-        k1, v1 = eng.kv.k.clone(), eng.kv.v.clone()
-        eng.kv.k.copy_(k0)
-        eng.kv.v.copy_(v0)
-        out = model(input_ids=token_ids[:, None], attention_mask=cache.attention_mask,
-                    position_ids=cache.position_ids, cache=cache, use_cache=True, task_ids=task_ids,
-                    logits_to_keep=1)
-        torch.testing.assert_close(fast, out.logits[:, -1], atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(k1, eng.kv.k, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(v1, eng.kv.v, atol=1e-5, rtol=1e-5)
         checked.append(len(token_ids))
-        return fast
+        return _fast_then_hf(eng, model, fast_step, (token_ids, cache, task_ids),
+                             [(token_ids[:, None], cache, task_ids)])
 
     decoder.step = both
     rows = random_rows([6, 3, 9, 4, 5])
@@ -155,19 +162,8 @@ def test_packed_prefill_equals_hf_forward(family):
     fast_prefill, checked = decoder.prefill, []
 
     def both(parts):
-        k0, v0 = eng.kv.k.clone(), eng.kv.v.clone()
-        fast = fast_prefill(parts)
-        k1, v1 = eng.kv.k.clone(), eng.kv.v.clone()
-        eng.kv.k.copy_(k0)
-        eng.kv.v.copy_(v0)
-        for (cache, ids, task_ids), got in zip(parts, fast):
-            out = model(input_ids=ids, attention_mask=cache.attention_mask, position_ids=cache.position_ids,
-                        cache=cache, use_cache=True, task_ids=task_ids, logits_to_keep=1)
-            torch.testing.assert_close(got, out.logits[:, -1], atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(k1, eng.kv.k, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(v1, eng.kv.v, atol=1e-5, rtol=1e-5)
         checked.append(len(parts))
-        return fast
+        return _fast_then_hf(eng, model, fast_prefill, (parts,), [(ids, cache, t) for cache, ids, t in parts])
 
     decoder.prefill = both
     rows = random_rows([6, 3, 17, 4, 9, 2])

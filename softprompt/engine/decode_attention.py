@@ -29,14 +29,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _flash(q, k, v, scale, bias=None):
-    # The CPU kernel reads rows as if the last dimension were dense.
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-
+from kernels.torch_backend import HAS_CPU_FLASH, cpu_flash, merge_states, read_prefixes
 
 @dataclass
 class _OwnPart:
@@ -95,7 +88,7 @@ class DecodeAttention:
     def __init__(self, task_ids: Optional[torch.Tensor], block_table: torch.Tensor, prefix_lens: torch.Tensor,
                  block_size: int, own_lens: torch.Tensor, kv_len: int, *, num_kv_heads: int, group_size: int,
                  scale: float, window: Optional[int] = None, parts=None):
-        if _FLASH_CPU is None:
+        if not HAS_CPU_FLASH:
             raise RuntimeError("DecodeAttention needs torch's CPU flash-attention operator")
         B = own_lens.shape[0]
         if int(own_lens.min()) < 1 or int(own_lens.max()) > kv_len:
@@ -169,34 +162,16 @@ class DecodeAttention:
             n, W, P = g.tasks, g.width, g.length
             rows = q[g.span[0]: g.span[1]] if g.span else q.index_select(0, g.rows)
             stacked = rows.view(n, W, Hkv, G, D).transpose(1, 2).reshape(n, Hkv, W * G, D)
-            pk = _read(prefix_k, g.blocks, P)
-            pv = _read(prefix_v, g.blocks, P)
-            p_out, p_lse = _flash(stacked, pk, pv, self.scale)
+            pk = read_prefixes(prefix_k, g.blocks, P)
+            pv = read_prefixes(prefix_v, g.blocks, P)
+            p_out, p_lse = cpu_flash(stacked, pk, pv, self.scale)
             p_out = p_out.view(n, Hkv, W, G, D).transpose(1, 2).reshape(n * W, Hkv, G, D)
             p_lse = p_lse.view(n, Hkv, W, G).transpose(1, 2).reshape(n * W, Hkv, G)
             if g.span:
                 start, stop = g.span
-                out[start:stop], lse[start:stop] = _merge(out[start:stop], lse[start:stop], p_out, p_lse)
+                out[start:stop], lse[start:stop] = merge_states(out[start:stop], lse[start:stop], p_out, p_lse)
             else:
-                merged, merged_lse = _merge(out.index_select(0, g.rows), lse.index_select(0, g.rows), p_out, p_lse)
+                merged, merged_lse = merge_states(out.index_select(0, g.rows), lse.index_select(0, g.rows), p_out, p_lse)
                 out.index_copy_(0, g.rows, merged)
                 lse.index_copy_(0, g.rows, merged_lse)
         return out
-
-
-def _read(pool: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
-    """Prefixes of ``blocks [n, nb]`` out of a block pool: ``[n, Hkv, rows, D]``."""
-    n, nb = blocks.shape
-    g = pool.index_select(0, blocks.reshape(-1))                        # [n * nb, Hkv, bs, D]
-    _, Hkv, bs, D = g.shape
-    g = g.view(n, nb, Hkv, bs, D)
-    return g.permute(0, 2, 1, 3, 4).reshape(n, Hkv, nb * bs, D)[:, :, :rows]
-
-
-def _merge(own_out, own_lse, pre_out, pre_lse):
-    """Two attention states over disjoint keys -> one (both log-sum-exps finite)."""
-    top = torch.maximum(own_lse, pre_lse)
-    w_own, w_pre = torch.exp(own_lse - top), torch.exp(pre_lse - top)
-    total = w_own + w_pre
-    merged = (own_out * w_own[..., None] + pre_out * w_pre[..., None]) / total[..., None]
-    return merged, top + torch.log(total)
