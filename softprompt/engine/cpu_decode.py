@@ -15,6 +15,10 @@ per step (:mod:`~softprompt.engine.decode_attention`: the prefix read in place f
 on the HF path), output projection, gated MLP. The result equals the HF forward up to floating-point summation order;
 the engine's greedy-parity tests run through it.
 
+:meth:`CpuDecoder.prefill` serves a step's prefills the same way but token-major (``[N, hidden]``
+through the model's own modules, ``x W^T`` being the fast form at prefill row counts) with the real
+tokens of every row packed, so the linear layers see no padding; only the attention unpacks them.
+
 Only the families whose decoder layer is exactly that computation are taken (Llama, Mistral,
 Qwen2 — see :func:`unsupported_reason`); every other model, every prefill and every GPU step keep
 the HF forward.
@@ -63,7 +67,8 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
 
 
 class CpuDecoder:
-    """One decode step (one new token per row) of a supported model, feature-major, on the CPU.
+    """The engine's CPU forwards of a supported model: :meth:`step` (a decode step, one new token
+    per row, feature-major) and :meth:`prefill` (a step's prefills, packed token-major).
 
     Args:
         model: a supported causal LM (:func:`unsupported_reason` is None), attached to ``store``.
