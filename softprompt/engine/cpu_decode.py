@@ -20,8 +20,8 @@ through the model's own modules, ``x W^T`` being the fast form at prefill row co
 tokens of every row packed, so the linear layers see no padding; only the attention unpacks them.
 
 Only the families whose decoder layer is exactly that computation are taken (Llama, Mistral,
-Qwen2 — see :func:`unsupported_reason`); every other model, every prefill and every GPU step keep
-the HF forward.
+Qwen2 — see :func:`unsupported_reason`); every other model, a model in training mode, and every
+GPU step keep the HF forward.
 """
 from __future__ import annotations
 
