@@ -20,7 +20,7 @@ import dataclasses
 import resource
 import sys
 import time
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence as Seq, Union
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -29,8 +29,8 @@ from ..integration.attach import attached_store
 from . import sampling as S
 from .cpu_decode import CpuDecoder, unsupported_reason
 from .kv_cache import PagedKVCache
-from .requests import Prompt, Request, RequestError, Result, SamplingParams, StreamEvent, new_request_id
-from .scheduler import Scheduler, Sequence, StepPlan
+from .requests import Prompt, RequestError, Result, SamplingParams, StreamEvent, new_request_id
+from .scheduler import Scheduler, Sequence
 from .small_gemm import small_batch_linears
 
 NO_PROMPT_TASK = "__softprompt_engine_no_prompt__"
