@@ -1,4 +1,4 @@
-"""Decode steps of Llama-family models on the CPU, computed feature-major without the HF forward.
+"""The engine's forwards of Llama-family models on the CPU, computed without the HF forward.
 
 A decode step feeds one token per running sequence. On the CPU its cost is the weight GEMMs plus
 everything around them, and with a few dozen rows "everything around them" is most of it: the HF
@@ -107,11 +107,12 @@ class CpuDecoder:
         return norm.weight[:, None] * h.to(x.dtype)
 
     @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x [H, D, B]`` rotated (rotate_half layout) by ``cos, sin [D, B]``."""
-        half = x.shape[1] // 2
-        rotated = torch.cat([-x[:, half:], x[:, :half]], dim=1)
-        return x * cos + rotated * sin
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
+        """``x`` rotated (rotate_half layout) along its head dimension ``dim`` by ``cos, sin``
+        (broadcastable to ``x``): ``[H, D, B]`` with ``dim=1`` when decoding, ``[N, H, D]`` with
+        ``dim=-1`` in a packed prefill."""
+        first, second = x.chunk(2, dim=dim)
+        return x * cos + torch.cat([-second, first], dim=dim) * sin
 
     def step(self, token_ids: torch.Tensor, cache, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits ``[B, vocab]`` of one decode step; writes the new K/V into ``cache``'s slots.
@@ -143,8 +144,8 @@ class CpuDecoder:
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = self._rms_norm(layer.input_layernorm, x)
-            q = self._rope(self._linear(attn.q_proj, h).view(Hq, D, B), cos, sin)
-            k = self._rope(self._linear(attn.k_proj, h).view(Hkv, D, B), cos, sin)
+            q = self._rope(self._linear(attn.q_proj, h).view(Hq, D, B), cos, sin, dim=1)
+            k = self._rope(self._linear(attn.k_proj, h).view(Hkv, D, B), cos, sin, dim=1)
             v = self._linear(attn.v_proj, h)
             pool_k, pool_v = self.kv.k[i], self.kv.v[i]
             pool_k.view(slots, Hkv * D).index_copy_(0, cache.write_dst, k.view(Hkv * D, B).t().to(pool_k.dtype))
@@ -189,30 +190,32 @@ class CpuDecoder:
         cos, sin = cos[0, :, None], sin[0, :, None]                          # [N, 1, D]
         _, _, block_table, prefix_lens = self.store.layer(0)
         backend = self.store.backend or "torch"
-        shapes = []                       # per batch: kv_starts/kv_lens and the empty-prefix fallback
+        shapes = []            # per batch, for every layer: own-key ranges and its prefix table
         for cache, _, task_ids in parts:
             starts = cache.Skv - cache.own_lens
-            shapes.append((starts, torch.full_like(starts, cache.Skv),
-                           task_ids if task_ids is not None else torch.zeros(cache.batch, dtype=torch.long)))
+            if task_ids is None:                                 # no row has a prefix: an empty table
+                prefix = (block_table.new_zeros(1, 0), prefix_lens.new_zeros(1),
+                          torch.zeros(cache.batch, dtype=torch.long))
+            else:
+                prefix = (block_table, prefix_lens, task_ids)
+            shapes.append((starts, torch.full_like(starts, cache.Skv), *prefix))
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = self._rope_rows(attn.q_proj(h).view(N, Hq, D), cos, sin)
-            k = self._rope_rows(attn.k_proj(h).view(N, Hkv, D), cos, sin)
+            q = self._rope(attn.q_proj(h).view(N, Hq, D), cos, sin, dim=-1)
+            k = self._rope(attn.k_proj(h).view(N, Hkv, D), cos, sin, dim=-1)
             v = attn.v_proj(h).view(N, Hkv, D)
             pool_k, pool_v = self.kv.k[i], self.kv.v[i]
             prefix_k, prefix_v, _, _ = self.store.layer(i)
             out = torch.empty(N, Hq, D, dtype=q.dtype)
             at = 0
-            for (cache, _, task_ids), (starts, lens, tids), n in zip(parts, shapes, sizes):
+            for (cache, _, _), (starts, lens, table, plens, tids), n in zip(parts, shapes, sizes):
                 B, Sq, Skv = cache.batch, cache.Sq, cache.Skv
                 pool_k.index_copy_(0, cache.write_dst, k[at: at + n].to(pool_k.dtype))
                 pool_v.index_copy_(0, cache.write_dst, v[at: at + n].to(pool_v.dtype))
                 own_k = pool_k.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
                 own_v = pool_v.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
                 padded = q.new_zeros(B * Sq, Hq, D).index_copy_(0, cache.write_src, q[at: at + n])
-                table, plens = (block_table, prefix_lens) if task_ids is not None else \
-                    (block_table.new_zeros(1, 0), prefix_lens.new_zeros(1))
                 o = prefix_attention(padded.view(B, Sq, Hq, D).transpose(1, 2), own_k.to(q.dtype),
                                      own_v.to(q.dtype), prefix_k.to(q.dtype), prefix_v.to(q.dtype), table, plens,
                                      tids, causal=True, scale=attn.scaling, kv_starts=starts, kv_lens=lens,
@@ -221,10 +224,11 @@ class CpuDecoder:
                 at += n
             x = x + attn.o_proj(out.view(N, Hq * D))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        ends = torch.tensor(sizes).cumsum(0)
-        last = torch.cat([torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1]])[g] + self._last_of(c)
-                          for g, (c, _, _) in enumerate(parts)])
-        logits = self.head(self.final_norm(x.index_select(0, last)))
+        last, at = [], 0                           # packed index of every row's last new token
+        for (cache, _, _), n in zip(parts, sizes):
+            last.append(at + self._last_of(cache))
+            at += n
+        logits = self.head(self.final_norm(x.index_select(0, torch.cat(last))))
         return list(logits.split([c.batch for c, _, _ in parts]))
 
     @staticmethod
@@ -233,12 +237,6 @@ class CpuDecoder:
         per_row = torch.zeros(cache.batch, dtype=torch.long).index_add_(
             0, cache.write_src // cache.Sq, torch.ones_like(cache.write_src))
         return per_row.cumsum(0) - 1
-
-    @staticmethod
-    def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Token-major ``x [N, H, D]`` rotated by ``cos, sin [N, 1, D]`` (rotate_half layout)."""
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
     @staticmethod
     def _window(attn: nn.Module) -> Optional[int]:

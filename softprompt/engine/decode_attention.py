@@ -31,6 +31,7 @@ import torch
 
 from kernels.torch_backend import HAS_CPU_FLASH, cpu_flash, merge_states, read_prefixes
 
+
 @dataclass
 class _OwnPart:
     """Rows whose own keys are gathered together, right-aligned in one width."""
