@@ -149,6 +149,8 @@ def test_which_models_take_the_cpu_decoder():
     attach(model, prefixes)
     assert engine(model).cpu_decoder is not None
     assert engine(model, cpu_decoder=False).cpu_decoder is None
+    with pytest.raises(ValueError, match="cpu_decoder"):
+        engine(model, cpu_decoder="yes")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

@@ -94,6 +94,8 @@ class Engine:
         if isinstance(small_gemm_rows, bool) or not isinstance(small_gemm_rows, int) or small_gemm_rows < 0:
             raise ValueError(f"Engine: `small_gemm_rows` {small_gemm_rows!r} is invalid; expected an int >= 0")
         self.small_gemm_rows = small_gemm_rows if self.device.type == "cpu" else 0
+        if not isinstance(cpu_decoder, bool):
+            raise ValueError(f"Engine: `cpu_decoder` {cpu_decoder!r} is invalid; expected True or False")
         self.cpu_decoder = None
         if (cpu_decoder and self.device.type == "cpu" and self.store.backend in (None, "torch")
                 and unsupported_reason(model) is None):
