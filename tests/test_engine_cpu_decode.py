@@ -113,12 +113,14 @@ def _fast_then_hf(eng, model, fast, args, hf_batches):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_decode_step_equals_hf_forward(family):
     """Run a mixed-task engine; at every decode step compare CpuDecoder's logits and the K/V it
-    writes with the HF forward of the same step (same StepCache, same pages)."""
+    writes with the HF forward of the same step (same StepCache, same pages). The attention goes
+    through torch ops (DecodeAttention) here; test_engine_cpu_kernel.py runs the compiled kernel."""
     model, prefixes, names = setup(family, lengths=[5, 2, 0, 7])
     attach(model, prefixes)
     eng = engine(model)
     decoder = eng.cpu_decoder
     assert decoder is not None
+    decoder.compiled_attention = False
     fast_step, checked = decoder.step, []
 
     def both(token_ids, cache, task_ids):

@@ -32,6 +32,7 @@ from torch import nn
 
 from kernels import prefix_attention
 
+from . import cpu_kernel
 from .decode_attention import DecodeAttention, split_by_length
 
 # Causal-LM classes whose decoder layer is: x += o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)));
@@ -74,9 +75,12 @@ class CpuDecoder:
         model: a supported causal LM (:func:`unsupported_reason` is None), attached to ``store``.
         store: the model's prefix store (``softprompt.attach``).
         kv: the engine's :class:`~softprompt.engine.kv_cache.PagedKVCache`.
+        compiled_attention: decode steps' attention through the compiled kernel
+            (:mod:`~softprompt.engine.cpu_kernel`: prefix and own pages read in place) when it is
+            available and the pools are fp32; False keeps :class:`DecodeAttention` (torch ops).
     """
 
-    def __init__(self, model: nn.Module, store, kv):
+    def __init__(self, model: nn.Module, store, kv, *, compiled_attention: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"CpuDecoder: the model is not supported: {reason}")
@@ -88,6 +92,11 @@ class CpuDecoder:
         self.head_dim = attn.head_dim
         self.num_q_heads = attn.q_proj.out_features // self.head_dim
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
+        self.compiled_attention = bool(compiled_attention) and cpu_kernel.load() is not None
+
+    def _use_kernel(self) -> bool:
+        return (self.compiled_attention and self.kv.k.dtype == torch.float32
+                and self.store.layer(0)[0].dtype == torch.float32)
 
     @staticmethod
     def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -133,14 +142,17 @@ class CpuDecoder:
         cos, sin = cos[:, 0].t().contiguous(), sin[:, 0].t().contiguous()   # [D, B]
         _, _, block_table, prefix_lens = self.store.layer(0)
         plans = {}                                   # one attention plan per (window, scale) in use
-        slots = self.kv.k.shape[1]
-        # the rows' own K/V are gathered in one or two parts (short rows apart when that saves
-        # enough padding); each part's gather index and buffer are reused by every layer
-        parts = split_by_length(cache.own_lens, Skv)
-        table = cache.gather_index.view(B, Skv)
-        gathers = [(cache.gather_index if rows is None else table.index_select(0, rows)[:, Skv - width:].reshape(-1),
-                    torch.empty(2, (B if rows is None else rows.shape[0]) * width, Hkv, D, dtype=self.kv.k.dtype),
-                    width) for rows, width in parts]
+        use_kernel = self._use_kernel()
+        if not use_kernel:
+            slots = self.kv.k.shape[1]
+            # the rows' own K/V are gathered in one or two parts (short rows apart when that saves
+            # enough padding); each part's gather index and buffer are reused by every layer
+            parts = split_by_length(cache.own_lens, Skv)
+            table = cache.gather_index.view(B, Skv)
+            gathers = [(cache.gather_index if rows is None
+                        else table.index_select(0, rows)[:, Skv - width:].reshape(-1),
+                        torch.empty(2, (B if rows is None else rows.shape[0]) * width, Hkv, D, dtype=self.kv.k.dtype),
+                        width) for rows, width in parts]
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = self._rms_norm(layer.input_layernorm, x)
@@ -148,21 +160,29 @@ class CpuDecoder:
             k = self._rope(self._linear(attn.k_proj, h).view(Hkv, D, B), cos, sin, dim=1)
             v = self._linear(attn.v_proj, h)
             pool_k, pool_v = self.kv.k[i], self.kv.v[i]
-            pool_k.view(slots, Hkv * D).index_copy_(0, cache.write_dst, k.view(Hkv * D, B).t().to(pool_k.dtype))
-            pool_v.view(slots, Hkv * D).index_copy_(0, cache.write_dst, v.t().to(pool_v.dtype))
-            own = []
-            for index, buffer, width in gathers:
-                torch.index_select(pool_k, 0, index, out=buffer[0])
-                torch.index_select(pool_v, 0, index, out=buffer[1])
-                own.append([t.view(-1, width, Hkv * D).float() for t in buffer])
-            key = (self._window(attn), attn.scaling)
-            if key not in plans:
-                plans[key] = DecodeAttention(task_ids, block_table, prefix_lens, self.store.block_size,
-                                             cache.own_lens, Skv, num_kv_heads=Hkv, group_size=Hq // Hkv,
-                                             scale=key[1], window=key[0], parts=parts)
+            pool_k.view(-1, Hkv * D).index_copy_(0, cache.write_dst, k.view(Hkv * D, B).t().to(pool_k.dtype))
+            pool_v.view(-1, Hkv * D).index_copy_(0, cache.write_dst, v.t().to(pool_v.dtype))
             prefix_k, prefix_v, _, _ = self.store.layer(i)
             q4 = q.permute(2, 0, 1).reshape(B, Hkv, Hq // Hkv, D).float()    # [B, Hkv, G, D]
-            out = plans[key](q4, own, prefix_k.float(), prefix_v.float())
+            key = (self._window(attn), attn.scaling)
+            if use_kernel:
+                if key not in plans:
+                    plans[key] = cpu_kernel.PagedDecodeKernel(
+                        cache.page_table, cache.own_lens, self.kv.page_size, task_ids, block_table, prefix_lens,
+                        self.store.block_size, num_kv_heads=Hkv, group_size=Hq // Hkv, head_dim=D,
+                        scale=key[1], window=key[0])
+                out = plans[key](q4, pool_k, pool_v, prefix_k, prefix_v)
+            else:
+                own = []
+                for index, buffer, width in gathers:
+                    torch.index_select(pool_k, 0, index, out=buffer[0])
+                    torch.index_select(pool_v, 0, index, out=buffer[1])
+                    own.append([t.view(-1, width, Hkv * D).float() for t in buffer])
+                if key not in plans:
+                    plans[key] = DecodeAttention(task_ids, block_table, prefix_lens, self.store.block_size,
+                                                 cache.own_lens, Skv, num_kv_heads=Hkv, group_size=Hq // Hkv,
+                                                 scale=key[1], window=key[0], parts=parts)
+                out = plans[key](q4, own, prefix_k.float(), prefix_v.float())
             x = x + self._linear(attn.o_proj, out.view(B, Hq * D).t().to(dtype))
             h = self._rms_norm(layer.post_attention_layernorm, x)
             gated = mlp.act_fn(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h)

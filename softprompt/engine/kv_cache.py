@@ -185,6 +185,7 @@ class StepCache(Cache):
         valid = t >= 0
         tc = t.clamp_min(0)
         slots = table.gather(1, tc // ps) * ps + tc % ps
+        self.page_table = table                                    # [B, W] each row's pages in token order
         self.gather_index = torch.where(valid, slots, torch.zeros_like(slots)).reshape(-1).to(device)
         self.attention_mask = valid.to(torch.long).to(device)      # [B, Skv] 2D padding mask
         # Write: row b's real new tokens are its last new_b query columns.

@@ -1,0 +1,212 @@
+"""The compiled CPU decode-attention kernel (``csrc/paged_decode.c``): build, load, call.
+
+On the CPU a decode step's attention through torch ops must first gather every row's own K/V out
+of the pages into a padded batch (a copy of the whole running cache per layer) and then run the
+prefix and own parts separately. The kernel reads both in place — the prefix from the store's
+blocks, the own tokens from the engine's pages — in one softmax per (row, KV head), split over the
+intra-op threads. It is plain C, built with the system compiler on first use (about a second) into
+a per-user cache, and loaded with ``ctypes`` (which releases the GIL during the call).
+
+Where there is no compiler, the build fails, or ``SOFTPROMPT_CPU_KERNEL=0`` is set, :func:`load`
+returns None (``unavailable_reason()`` says why) and the CPU decoder keeps the torch path
+(:class:`~softprompt.engine.decode_attention.DecodeAttention`). Tests check the kernel against
+the ``reference`` backend.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
+MAX_HEADS = 256                     # query heads per row the kernel's stack arrays hold
+
+_lib = None
+_reason: Optional[str] = None
+_tried = False
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def compile_flags() -> list:
+    """Optimised, vectorisable, IEEE-safe where it matters (no -ffast-math: the kernel relies on
+    exact rounding in its exp range reduction); AVX2/FMA only where this CPU reports them."""
+    flags = ["-O3", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-fno-trapping-math"]
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SOFTPROMPT_CACHE_DIR")
+    if root:
+        return Path(root) / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softprompt" / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    flags = compile_flags()
+    key = hashlib.sha256(source + " ".join([compiler] + flags).encode() + platform.machine().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"paged_decode-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build under a temporary name and rename: a concurrent process never loads a half-written file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+        for old in target.parent.glob("paged_decode-*.so"):     # builds of older sources or flags
+            if old != target:
+                old.unlink(missing_ok=True)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def load():
+    """The loaded kernel library, or None when it cannot be used here (see :func:`unavailable_reason`)."""
+    global _lib, _reason, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("SOFTPROMPT_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+        _reason = "disabled by SOFTPROMPT_CPU_KERNEL"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        _reason = "no C compiler found (set CC)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _reason = f"could not build or load {SOURCE.name}: {err}"
+        return None
+    fn = lib.paged_decode_attention
+    fn.restype = ctypes.c_int
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, p, p, p, i64, p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64,
+                   p, i64]
+    _lib = lib
+    return _lib
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why :func:`load` returned None (None when the kernel is available)."""
+    load()
+    return _reason
+
+
+def _index(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.device.type != "cpu" or t.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"PagedDecodeKernel: `{name}` must be an integer CPU tensor; got {t.dtype} on {t.device}")
+    return t.to(torch.int64).contiguous()
+
+
+class PagedDecodeKernel:
+    """The attention of one decode step for every layer, through the compiled kernel; built once
+    per step (the step's page table, lengths and prefix tables), then called per layer.
+
+    Args:
+        page_table: ``[B, W]`` page ids of each row's own tokens, in token order.
+        own_lens: ``[B]`` own tokens per row (the new one included, >= 1).
+        page_size: slots per page of the pools.
+        task_ids: ``[B]`` store task ids (None: no row has a prefix).
+        block_table, prefix_lens, block_size: the prefix store's (``[T, nb]``, ``[T]``).
+        num_kv_heads, group_size, head_dim, scale: the layer's attention shape.
+        window: sliding window over own keys (None: none), as in ``DecodeAttention``.
+        num_threads: threads for the call (default torch's intra-op count).
+    """
+
+    def __init__(self, page_table: torch.Tensor, own_lens: torch.Tensor, page_size: int,
+                 task_ids: Optional[torch.Tensor], block_table: torch.Tensor, prefix_lens: torch.Tensor,
+                 block_size: int, *, num_kv_heads: int, group_size: int, head_dim: int, scale: float,
+                 window: Optional[int] = None, num_threads: Optional[int] = None):
+        self.lib = load()
+        if self.lib is None:
+            raise RuntimeError(f"PagedDecodeKernel: the compiled kernel is unavailable: {_reason}")
+        if not 1 <= num_kv_heads * group_size <= MAX_HEADS:
+            raise ValueError(f"PagedDecodeKernel: {num_kv_heads} x {group_size} query heads; the kernel takes 1 .. {MAX_HEADS}")
+        self.page_table, self.own_lens = _index(page_table, "page_table"), _index(own_lens, "own_lens")
+        B = self.own_lens.shape[0]
+        if self.page_table.dim() != 2 or self.page_table.shape[0] != B:
+            raise ValueError(f"PagedDecodeKernel: `page_table` must be [B={B}, W]; got {list(page_table.shape)}")
+        if B and (int(self.own_lens.min()) < 1 or int(self.own_lens.max()) > self.page_table.shape[1] * page_size):
+            raise ValueError("PagedDecodeKernel: every row needs 1 .. pages*page_size own tokens")
+        self.block_table, self.prefix_lens = _index(block_table, "block_table"), _index(prefix_lens, "prefix_lens")
+        own_seen = self.own_lens if window is None else self.own_lens.clamp_max(window)
+        if task_ids is None:
+            self.task_ids = None
+            max_keys = int(own_seen.max()) if B else 0
+        else:
+            self.task_ids = _index(task_ids, "task_ids")
+            if self.task_ids.shape != (B,) or (B and (int(self.task_ids.min()) < 0
+                                                    or int(self.task_ids.max()) >= self.prefix_lens.shape[0])):
+                raise ValueError(f"PagedDecodeKernel: `task_ids` must be [B={B}] ids of the store's tasks")
+            max_keys = int((self.prefix_lens.index_select(0, self.task_ids) + own_seen).max()) if B else 0
+        self.batch, self.page_size, self.block_size = B, page_size, block_size
+        self.num_kv_heads, self.group_size, self.head_dim = num_kv_heads, group_size, head_dim
+        self.scale, self.window, self.max_keys = float(scale), int(window or 0), max_keys
+        self.num_threads = num_threads or torch.get_num_threads()
+        # bounds the kernel relies on, checked against each layer's pools
+        self.slots_needed = (int(self.page_table.max()) + 1) * page_size if B else 0
+        used = self.block_table if self.task_ids is None else self.block_table.index_select(0, self.task_ids)
+        self.blocks_needed = int(used.max()) + 1 if used.numel() and self.task_ids is not None else 0
+
+    def __call__(self, q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
+                 prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> torch.Tensor:
+        """``q [B, Hkv, G, D]``; own pools ``[slots, Hkv, D]``; prefix pools ``[blocks, Hkv, block_size, D]``
+        (all fp32 CPU) -> ``[B, Hkv, G, D]``."""
+        B, Hkv, G, D = self.batch, self.num_kv_heads, self.group_size, self.head_dim
+        if tuple(q.shape) != (B, Hkv, G, D):
+            raise ValueError(f"PagedDecodeKernel: `q` must be {[B, Hkv, G, D]}; got {list(q.shape)}")
+        for name, t, tail in (("pool_k", pool_k, (Hkv, D)), ("pool_v", pool_v, (Hkv, D)),
+                              ("prefix_k", prefix_k, (Hkv, self.block_size, D)),
+                              ("prefix_v", prefix_v, (Hkv, self.block_size, D))):
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() \
+                    or tuple(t.shape[1:]) != tail:
+                raise ValueError(f"PagedDecodeKernel: `{name}` must be a contiguous fp32 CPU tensor [*, "
+                                 f"{', '.join(map(str, tail))}]; got {t.dtype} {list(t.shape)} on {t.device}")
+        if pool_k.shape[0] != pool_v.shape[0] or pool_k.shape[0] < self.slots_needed:
+            raise ValueError(f"PagedDecodeKernel: the page table reaches slot {self.slots_needed - 1}; the pools "
+                             f"hold {pool_k.shape[0]} / {pool_v.shape[0]}")
+        if prefix_k.shape[0] != prefix_v.shape[0] or prefix_k.shape[0] < self.blocks_needed:
+            raise ValueError(f"PagedDecodeKernel: the block table reaches block {self.blocks_needed - 1}; the "
+                             f"prefix pools hold {prefix_k.shape[0]} / {prefix_v.shape[0]}")
+        q = q.to(torch.float32).contiguous()
+        out = torch.empty_like(q)
+        tasks = self.task_ids
+        status = self.lib.paged_decode_attention(
+            q.data_ptr(), pool_k.data_ptr(), pool_v.data_ptr(), self.page_table.data_ptr(),
+            self.page_table.shape[1], self.own_lens.data_ptr(), self.page_size,
+            prefix_k.data_ptr(), prefix_v.data_ptr(), self.block_table.data_ptr(),
+            self.block_table.shape[1] if self.block_table.dim() == 2 else 0, self.prefix_lens.data_ptr(),
+            tasks.data_ptr() if tasks is not None else None, self.block_size, B, Hkv, G, D, self.scale,
+            self.window, self.max_keys, out.data_ptr(), self.num_threads)
+        if status != 0:
+            raise RuntimeError(f"PagedDecodeKernel: the kernel failed (status {status}: "
+                               f"{'out of memory' if status == 1 else 'a thread could not start'})")
+        return out

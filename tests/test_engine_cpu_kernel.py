@@ -1,0 +1,147 @@
+"""The compiled CPU decode-attention kernel against the reference backend on fresh random inputs
+(own tokens in scattered pages, prefixes in scattered blocks), its input checks, and the CPU
+decoder's decode step through it against the HF forward."""
+import random
+
+import pytest
+import torch
+
+from kernels import prefix_attention
+from softprompt.engine import cpu_kernel
+from softprompt.engine.cpu_decode import CpuDecoder
+from softprompt.engine.cpu_kernel import PagedDecodeKernel
+from test_engine_cpu_decode import CASES, _fast_then_hf, _problem
+from test_engine_common import attach, engine, greedy, random_rows, setup
+
+pytestmark = pytest.mark.skipif(cpu_kernel.load() is None,
+                                reason=f"compiled kernel unavailable: {cpu_kernel.unavailable_reason()}")
+
+
+def _paged(seed, k, v, own, page_size):
+    """Row b's last ``own[b]`` keys of ``k, v [B, Hkv, Skv, D]`` (right-aligned) written in token
+    order into pages scattered over a token-major pool ``[slots, Hkv, D]``; its page table."""
+    B, Hkv, Skv, D = k.shape
+    per_row = [-(-int(n) // page_size) for n in own]
+    order = list(range(1, sum(per_row) + 3))               # page 0 and two more stay unused
+    random.Random(seed).shuffle(order)
+    table = torch.zeros(B, max(per_row), dtype=torch.long)
+    pool_k = torch.randn((len(order) + 1) * page_size, Hkv, D)  # garbage outside the written slots
+    pool_v = torch.randn_like(pool_k)
+    at = 0
+    for b, n in enumerate(own.tolist()):
+        table[b, :per_row[b]] = torch.tensor(order[at:at + per_row[b]])
+        at += per_row[b]
+        for t in range(n):
+            slot = int(table[b, t // page_size]) * page_size + t % page_size
+            pool_k[slot] = k[b, :, Skv - n + t]
+            pool_v[slot] = v[b, :, Skv - n + t]
+    return pool_k, pool_v, table
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference(name, page_size, window, seed):
+    c = CASES[name]
+    q, k, v, pk, pv, table, lens, tids, own = _problem(seed, **c)
+    B, Hq, Hkv, Skv, D = c["B"], c["Hq"], c["Hkv"], c["Skv"], c["D"]
+    scale = D ** -0.5
+    pool_k, pool_v, pages = _paged(seed, k, v, own, page_size)
+    table = table.clamp_min(0)                             # unused columns: any valid block
+    common = dict(causal=False, scale=scale, kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=window,
+                  backend="reference")
+    for threads in (1, 3):
+        kernel = PagedDecodeKernel(pages, own, page_size, tids, table, lens, c["block_size"], num_kv_heads=Hkv,
+                                   group_size=Hq // Hkv, head_dim=D, scale=scale, window=window, num_threads=threads)
+        got = kernel(q.view(B, Hkv, Hq // Hkv, D), pool_k, pool_v, pk, pv)
+        want = prefix_attention(q, k, v, pk, pv, table, lens, tids, **common)
+        torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name} (seed {seed}, window {window}, threads {threads}): {m}")
+    no_prefix = PagedDecodeKernel(pages, own, page_size, None, table, lens, c["block_size"], num_kv_heads=Hkv,
+                                  group_size=Hq // Hkv, head_dim=D, scale=scale, window=window)
+    got = no_prefix(q.view(B, Hkv, Hq // Hkv, D), pool_k, pool_v, pk, pv)
+    want = prefix_attention(q, k, v, pk, pv, table[:1, :0], lens[:1] * 0, tids * 0, **common)
+    torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_long_rows_and_large_scores(seed):
+    """Rows of hundreds of keys over many pages, scores far from zero (the exp range reduction)."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, Skv, D = 3, 8, 2, 300, 32
+    q = torch.randn(B, Hq, 1, D, generator=g) * 4
+    k = torch.randn(B, Hkv, Skv, D, generator=g) * 4
+    v = torch.randn(B, Hkv, Skv, D, generator=g)
+    own = torch.tensor([300, 1, 157])
+    pool_k, pool_v, pages = _paged(seed, k, v, own, 16)
+    pk = torch.randn(3, Hkv, 16, D, generator=g)
+    table, lens, tids = torch.tensor([[1, 2]]), torch.tensor([20]), torch.zeros(B, dtype=torch.long)
+    kernel = PagedDecodeKernel(pages, own, 16, tids, table, lens, 16, num_kv_heads=Hkv, group_size=Hq // Hkv,
+                               head_dim=D, scale=D ** -0.5)
+    got = kernel(q.view(B, Hkv, Hq // Hkv, D), pool_k, pool_v, pk, pk * 0.5)
+    want = prefix_attention(q, k, v, pk, pk * 0.5, table, lens, tids, causal=False, scale=D ** -0.5,
+                            kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), backend="reference")
+    torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_rejects_bad_inputs():
+    pages, own = torch.tensor([[1], [2]]), torch.tensor([3, 4])
+    table, lens = torch.tensor([[1]]), torch.tensor([4])
+    kw = dict(num_kv_heads=1, group_size=2, head_dim=8, scale=1.0)
+    with pytest.raises(ValueError, match="own tokens"):
+        PagedDecodeKernel(pages, torch.tensor([3, 5]), 4, None, table, lens, 4, **kw)       # 5 > one page of 4
+    with pytest.raises(ValueError, match="own tokens"):
+        PagedDecodeKernel(pages, torch.tensor([0, 2]), 4, None, table, lens, 4, **kw)       # no new token
+    with pytest.raises(ValueError, match="task_ids"):
+        PagedDecodeKernel(pages, own, 4, torch.tensor([0, 1]), table, lens, 4, **kw)        # task 1 of 1
+    with pytest.raises(ValueError, match="integer"):
+        PagedDecodeKernel(pages.float(), own, 4, None, table, lens, 4, **kw)
+    kernel = PagedDecodeKernel(pages, own, 4, torch.tensor([0, 0]), table, lens, 4, **kw)
+    q, pool, prefix = torch.zeros(2, 1, 2, 8), torch.zeros(12, 1, 8), torch.zeros(2, 1, 4, 8)
+    assert kernel(q, pool, pool, prefix, prefix).shape == (2, 1, 2, 8)
+    with pytest.raises(ValueError, match="pools hold"):
+        kernel(q, pool[:8], pool[:8], prefix, prefix)                    # page 2 is slots 8..11
+    with pytest.raises(ValueError, match="prefix pools hold"):
+        kernel(q, pool, pool, prefix[:1], prefix[:1])                    # block 1 is missing
+    with pytest.raises(ValueError, match="fp32"):
+        kernel(q, pool.double(), pool, prefix, prefix)
+    with pytest.raises(ValueError, match="`q`"):
+        kernel(q[:1], pool, pool, prefix, prefix)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decode_step_through_kernel_equals_hf_forward(family):
+    """Every decode step of a mixed-task engine run through the kernel: logits and written K/V
+    equal the HF forward of the same step."""
+    model, prefixes, names = setup(family, lengths=[5, 2, 0, 7])
+    attach(model, prefixes)
+    eng = engine(model)
+    decoder = eng.cpu_decoder
+    assert decoder is not None and decoder._use_kernel()
+    fast_step, checked = decoder.step, []
+
+    def both(token_ids, cache, task_ids):
+        checked.append(len(token_ids))
+        return _fast_then_hf(eng, model, fast_step, (token_ids, cache, task_ids),
+                             [(token_ids[:, None], cache, task_ids)])
+
+    decoder.step = both
+    rows = random_rows([6, 3, 9, 4, 5])
+    results = eng.generate(rows, [names[0], names[1], None, names[3], names[0]], greedy(4))
+    assert all(r.ok for r in results) and checked and max(checked) == len(rows)
+
+
+def test_kernel_can_be_turned_off(monkeypatch):
+    model, prefixes, _ = setup("llama")
+    attach(model, prefixes)
+    eng = engine(model)
+    assert eng.cpu_decoder._use_kernel()
+    assert not CpuDecoder(model, eng.store, eng.kv, compiled_attention=False)._use_kernel()
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setenv("SOFTPROMPT_CPU_KERNEL", "0")
+    assert cpu_kernel.load() is None and "SOFTPROMPT_CPU_KERNEL" in cpu_kernel.unavailable_reason()
+    assert not engine(model).cpu_decoder._use_kernel()                  # the torch path serves instead
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_reason", None)
+    monkeypatch.delenv("SOFTPROMPT_CPU_KERNEL")
+    assert cpu_kernel.load() is not None
