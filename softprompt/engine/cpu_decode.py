@@ -160,8 +160,9 @@ class CpuDecoder:
             k = self._rope(self._linear(attn.k_proj, h).view(Hkv, D, B), cos, sin, dim=1)
             v = self._linear(attn.v_proj, h)
             pool_k, pool_v = self.kv.k[i], self.kv.v[i]
-            pool_k.view(-1, Hkv * D).index_copy_(0, cache.write_dst, k.view(Hkv * D, B).t().to(pool_k.dtype))
-            pool_v.view(-1, Hkv * D).index_copy_(0, cache.write_dst, v.t().to(pool_v.dtype))
+            # token-major copies first: index_copy_ from a transposed source is slower
+            pool_k.view(-1, Hkv * D).index_copy_(0, cache.write_dst, k.view(Hkv * D, B).t().to(pool_k.dtype).contiguous())
+            pool_v.view(-1, Hkv * D).index_copy_(0, cache.write_dst, v.t().to(pool_v.dtype).contiguous())
             prefix_k, prefix_v, _, _ = self.store.layer(i)
             q4 = q.permute(2, 0, 1).reshape(B, Hkv, Hq // Hkv, D).float()    # [B, Hkv, G, D]
             key = (self._window(attn), attn.scaling)
@@ -187,8 +188,22 @@ class CpuDecoder:
             h = self._rms_norm(layer.post_attention_layernorm, x)
             gated = mlp.act_fn(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h)
             x = x + self._linear(mlp.down_proj, gated)
-        h = self._rms_norm(self.final_norm, x)
-        return self._linear(self.head, h).t().contiguous()                  # [B, vocab]
+        return self._head_rows(self._rms_norm(self.final_norm, x))
+
+    HEAD_CHUNK = 1024       # vocabulary rows per product: each [chunk, B] result is transposed while in cache
+
+    def _head_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of feature-major ``h [hidden, B]``. One ``W @ h`` then a transpose
+        would copy the whole ``[vocab, B]`` result through memory with a cache-hostile stride
+        (~10 ms for SmolLM2 at 64 rows); a chunk of vocabulary rows at a time transposes each small
+        result while it is still in cache (the products are the same rows of the same GEMM)."""
+        weight, bias = self.head.weight, self.head.bias
+        out = h.new_empty(h.shape[1], weight.shape[0])
+        for start in range(0, weight.shape[0], self.HEAD_CHUNK):
+            rows = slice(start, start + self.HEAD_CHUNK)
+            part = torch.mm(weight[rows], h) if bias is None else torch.addmm(bias[rows, None], weight[rows], h)
+            out[:, rows].copy_(part.t())
+        return out
 
     def prefill(self, parts) -> List[torch.Tensor]:
         """One forward over several prefill batches; returns each batch's logits ``[B_g, vocab]``

@@ -338,7 +338,9 @@ class Engine:
         t1 = time.perf_counter()
         picked = [seqs[b] for b in ready]
         suppress = [self._suppressed(s) for s in picked]
-        tokens = S.choose_tokens(logits[ready], [s.sampling for s in picked], [s.generator for s in picked],
+        if len(ready) < len(seqs):                  # (indexing copies the logits: skip it when all are ready)
+            logits = logits[ready]
+        tokens = S.choose_tokens(logits, [s.sampling for s in picked], [s.generator for s in picked],
                                  suppress)
         self._stats["sample_seconds"] += time.perf_counter() - t1
         for s, tok in zip(picked, tokens):
