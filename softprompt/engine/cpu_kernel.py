@@ -48,7 +48,7 @@ def _cpu_flags() -> set:
 def compile_flags() -> list:
     """Optimised, vectorisable, IEEE-safe where it matters (no -ffast-math: the kernel relies on
     exact rounding in its exp range reduction); AVX2/FMA only where this CPU reports them."""
-    flags = ["-O3", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-fno-trapping-math"]
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma"]
     return flags
@@ -207,6 +207,5 @@ class PagedDecodeKernel:
             tasks.data_ptr() if tasks is not None else None, self.block_size, B, Hkv, G, D, self.scale,
             self.window, self.max_keys, out.data_ptr(), self.num_threads)
         if status != 0:
-            raise RuntimeError(f"PagedDecodeKernel: the kernel failed (status {status}: "
-                               f"{'out of memory' if status == 1 else 'a thread could not start'})")
+            raise RuntimeError(f"PagedDecodeKernel: the kernel could not allocate its scratch memory (status {status})")
         return out

@@ -8,13 +8,12 @@
  * Work item = one row, all heads: its keys are read slot by slot (a slot's heads are adjacent in
  * the pages), so each page streams through the cache once. Per row: scores of all visible keys
  * into a scratch buffer, max, exp, sum, then V accumulated in fp32. Rows are split over
- * `num_threads` pthreads (the caller's intra-op thread count).
+ * `num_threads` OpenMP threads (the caller's intra-op thread count).
  *
  * Plain C so it builds in about a second with the system compiler (softprompt/engine/cpu_kernel.py
  * compiles it on first use and falls back to the torch path when it cannot). Only fp32.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,11 +35,6 @@ typedef struct {
     float *out;                     /* [B, Hkv, G, D] */
 } problem_t;
 
-typedef struct {
-    const problem_t *p;
-    int64_t first, last;            /* work items [first, last) */
-    int status;
-} job_t;
 
 /* exp(x) for x <= 0 as a loop the compiler vectorises: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
  * polynomial for e^r (Cephes' expf coefficients) and 2^n through the exponent bits. */
@@ -78,6 +72,13 @@ static inline void axpy(float *acc, float w, const float *v, int64_t D) {
     for (int64_t d = 0; d < D; d++) acc[d] += w * v[d];
 }
 
+/* acc += w[0] v[0] + ... + w[3] v[3], the four rows of v `stride` floats apart */
+static inline void axpy4(float *restrict acc, const float *w, const float *v, int64_t stride, int64_t D) {
+    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+    const float *v0 = v, *v1 = v + stride, *v2 = v + 2 * stride, *v3 = v + 3 * stride;
+    for (int64_t d = 0; d < D; d++) acc[d] += (w0 * v0[d] + w1 * v1[d]) + (w2 * v2[d] + w3 * v3[d]);
+}
+
 /* The keys of one row come in runs of consecutive slots (a prefix block, an own page): `count`
  * keys from `base`; head h of key i is at base + i * key_stride + h * head_stride. */
 typedef struct {
@@ -104,16 +105,18 @@ static int64_t key_runs(const problem_t *p, int which, int64_t b, int64_t task, 
     return n;
 }
 
-/* Asks for key i of `run` (every head) to be brought into the cache: the next page is fetched
- * while the current one is computed on (pages are scattered, so the hardware prefetcher cannot
- * guess them). */
-static inline void prefetch_key(const run_t *run, int64_t i, int64_t Hkv, int64_t D) {
-    if (i >= run->count) return;
-    for (int64_t h = 0; h < Hkv; h++) {
-        const char *at = (const char *)(run->base + i * run->key_stride + h * run->head_stride);
-        for (int64_t byte = 0; byte < D * (int64_t)sizeof(float); byte += 64) __builtin_prefetch(at + byte, 0, 1);
-    }
+/* Asks for every key of `run` (all heads) to be brought into the cache. The pages are scattered,
+ * so the hardware prefetcher cannot guess them; memory, not arithmetic, bounds this kernel once
+ * the pools outgrow the cache. */
+static inline void prefetch_run(const run_t *run, int64_t Hkv, int64_t D) {
+    for (int64_t i = 0; i < run->count; i++)
+        for (int64_t h = 0; h < Hkv; h++) {
+            const char *at = (const char *)(run->base + i * run->key_stride + h * run->head_stride);
+            for (int64_t byte = 0; byte < D * (int64_t)sizeof(float); byte += 64) __builtin_prefetch(at + byte, 0, 3);
+        }
 }
+
+#define PREFETCH_AHEAD 2            /* runs (pages) ahead of the one being computed on */
 
 /* One row, every head: keys are visited slot by slot (each slot's heads side by side in memory
  * for the own pages), so the pages stream through the cache once. */
@@ -126,15 +129,27 @@ static void run_row(const problem_t *p, int64_t b, float *scores, float *acc, ru
     const int64_t n = n_prefix + (len - own_first);
     const float *q = p->q + b * Hq * D;              /* [Hkv, G, D]: query head h*G+g */
 
+    /* K runs, then V runs: while the scores of K page r are computed, K and V pages r + AHEAD are
+     * fetched, so the V pass below finds its pages in cache */
     int64_t n_runs = key_runs(p, 0, b, task, n_prefix, own_first, len, runs);
-    for (int64_t r = 0, j = 0; r < n_runs; r++)
+    key_runs(p, 1, b, task, n_prefix, own_first, len, runs + n_runs);
+    run_t *v_runs = runs + n_runs;
+    for (int64_t r = 0; r < PREFETCH_AHEAD && r < n_runs; r++) {
+        prefetch_run(&runs[r], Hkv, D);
+        prefetch_run(&v_runs[r], Hkv, D);
+    }
+    for (int64_t r = 0, j = 0; r < n_runs; r++) {
+        if (r + PREFETCH_AHEAD < n_runs) {
+            prefetch_run(&runs[r + PREFETCH_AHEAD], Hkv, D);
+            prefetch_run(&v_runs[r + PREFETCH_AHEAD], Hkv, D);
+        }
         for (int64_t i = 0; i < runs[r].count; i++, j++) {
             const float *k = runs[r].base + i * runs[r].key_stride;
-            if (r + 1 < n_runs) prefetch_key(&runs[r + 1], i, Hkv, D);
             for (int64_t h = 0; h < Hkv; h++)
                 for (int64_t g = 0; g < G; g++)
                     scores[(h * G + g) * n + j] = p->scale * dot(q + (h * G + g) * D, k + h * runs[r].head_stride, D);
         }
+    }
     float total[MAX_HEADS];
     for (int64_t hg = 0; hg < Hq; hg++) {
         float *s = scores + hg * n, top = s[0];
@@ -146,44 +161,50 @@ static void run_row(const problem_t *p, int64_t b, float *scores, float *acc, ru
         total[hg] = sum;
     }
     memset(acc, 0, sizeof(float) * Hq * D);
-    n_runs = key_runs(p, 1, b, task, n_prefix, own_first, len, runs);
-    for (int64_t r = 0, j = 0; r < n_runs; r++)
-        for (int64_t i = 0; i < runs[r].count; i++, j++) {
-            const float *v = runs[r].base + i * runs[r].key_stride;
-            if (r + 1 < n_runs) prefetch_key(&runs[r + 1], i, Hkv, D);
+    for (int64_t r = 0, j = 0; r < n_runs; r++) {
+        const run_t *run = &v_runs[r];
+        int64_t i = 0;
+        /* four keys per pass over the accumulators: a quarter of their loads and stores */
+        for (; i + 4 <= run->count; i += 4, j += 4) {
+            for (int64_t h = 0; h < Hkv; h++) {
+                const float *v = run->base + i * run->key_stride + h * run->head_stride;
+                for (int64_t g = 0; g < G; g++) {
+                    const float *w = scores + (h * G + g) * n + j;
+                    axpy4(acc + (h * G + g) * D, w, v, run->key_stride, D);
+                }
+            }
+        }
+        for (; i < run->count; i++, j++) {
+            const float *v = run->base + i * run->key_stride;
             for (int64_t h = 0; h < Hkv; h++)
                 for (int64_t g = 0; g < G; g++)
-                    axpy(acc + (h * G + g) * D, scores[(h * G + g) * n + j], v + h * runs[r].head_stride, D);
+                    axpy(acc + (h * G + g) * D, scores[(h * G + g) * n + j], v + h * run->head_stride, D);
         }
+    }
     float *o = p->out + b * Hq * D;
     for (int64_t hg = 0; hg < Hq; hg++)
         for (int64_t d = 0; d < D; d++) o[hg * D + d] = acc[hg * D + d] / total[hg];
 }
 
-static void *run_job(void *arg) {
-    job_t *job = (job_t *)arg;
-    const problem_t *p = job->p;
+/* Rows first..last-1 with this thread's scratch; 0 on success, 1 when scratch memory is short. */
+static int run_rows(const problem_t *p, int64_t first, int64_t last) {
     const int64_t Hq = p->Hkv * p->G;
     float *scores = (float *)malloc(sizeof(float) * (size_t)(Hq * (p->max_keys > 0 ? p->max_keys : 1)));
     float *acc = (float *)malloc(sizeof(float) * (size_t)(Hq * p->D));
-    /* runs: one per prefix block and per own page touched, bounded by max_keys + 2 */
-    run_t *runs = (run_t *)malloc(sizeof(run_t) * (size_t)(p->max_keys + 2));
-    if (!scores || !acc || !runs) {
-        free(scores);
-        free(acc);
-        free(runs);
-        job->status = 1;
-        return NULL;
-    }
-    for (int64_t b = job->first; b < job->last; b++) run_row(p, b, scores, acc, runs);
+    /* runs: one per prefix block and per own page touched (at most max_keys + 2), for K and for V */
+    run_t *runs = (run_t *)malloc(sizeof(run_t) * (size_t)(2 * (p->max_keys + 2)));
+    int status = 0;
+    if (scores && acc && runs)
+        for (int64_t b = first; b < last; b++) run_row(p, b, scores, acc, runs);
+    else
+        status = 1;
     free(scores);
     free(acc);
     free(runs);
-    job->status = 0;
-    return NULL;
+    return status;
 }
 
-/* Returns 0 on success, 1 when scratch memory could not be allocated, 2 when a thread could not start. */
+/* Returns 0 on success, 1 when scratch memory could not be allocated. */
 int paged_decode_attention(const float *q, const float *pool_k, const float *pool_v, const int64_t *page_table,
                            int64_t table_width, const int64_t *own_lens, int64_t page_size,
                            const float *prefix_k, const float *prefix_v, const int64_t *block_table,
@@ -193,28 +214,14 @@ int paged_decode_attention(const float *q, const float *pool_k, const float *poo
     problem_t p = {q, pool_k, pool_v, page_table, own_lens, prefix_k, prefix_v, block_table, prefix_lens,
                    task_ids, table_width, page_size, block_width, block_size, B, Hkv, G, D, window, max_keys,
                    scale, out};
-    const int64_t items = B;                      /* one work item per row */
     if (num_threads < 1) num_threads = 1;
-    if (num_threads > 64) num_threads = 64;
-    if (num_threads > items) num_threads = items > 0 ? items : 1;
-    job_t jobs[64];
-    pthread_t threads[64];
-    for (int64_t t = 0; t < num_threads; t++) {
-        jobs[t].p = &p;
-        jobs[t].first = items * t / num_threads;
-        jobs[t].last = items * (t + 1) / num_threads;
-        jobs[t].status = 0;
-    }
-    int started[64] = {0};
+    if (num_threads > B) num_threads = B > 0 ? B : 1;
     int status = 0;
-    for (int64_t t = 1; t < num_threads; t++) {     /* job 0 runs on the calling thread */
-        if (pthread_create(&threads[t], NULL, run_job, &jobs[t]) == 0) started[t] = 1;
-        else status = 2;
-    }
-    run_job(&jobs[0]);
-    for (int64_t t = 1; t < num_threads; t++)
-        if (started[t]) pthread_join(threads[t], NULL);
-    for (int64_t t = 0; t < num_threads; t++)
-        if (jobs[t].status) status = 1;
+#ifdef _OPENMP
+    /* In a torch process this is torch's own OpenMP runtime (already loaded under the same
+     * soname), so the work goes to its thread pool instead of competing with it. */
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : status)
+#endif
+    for (int64_t t = 0; t < num_threads; t++) status |= run_rows(&p, B * t / num_threads, B * (t + 1) / num_threads);
     return status;
 }
