@@ -155,14 +155,17 @@ def test_which_models_take_the_cpu_decoder():
         engine(model, cpu_decoder="yes")
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_packed_prefill_equals_hf_forward(family):
+def test_packed_prefill_equals_hf_forward(family, compiled):
     """The step's prefills in one packed CpuDecoder forward (several length groups, a chunked
-    prompt) give the logits and the K/V of the HF forward of each group."""
+    prompt) give the logits and the K/V of the HF forward of each group, with the attention
+    through the compiled kernel (where it builds) and through torch ops."""
     model, prefixes, names = setup(family, lengths=[5, 2, 0, 7])
     attach(model, prefixes)
     eng = engine(model, max_num_batched_tokens=24, prefill_padding=0.0)   # chunks and several groups
     decoder = eng.cpu_decoder
+    decoder.compiled_attention = compiled and decoder.compiled_attention
     fast_prefill, checked = decoder.prefill, []
 
     def both(parts):

@@ -9,7 +9,7 @@ import torch
 from kernels import prefix_attention
 from softprompt.engine import cpu_kernel
 from softprompt.engine.cpu_decode import CpuDecoder
-from softprompt.engine.cpu_kernel import PagedDecodeKernel
+from softprompt.engine.cpu_kernel import PagedAttention
 from test_engine_cpu_decode import CASES, _fast_then_hf, _problem
 from test_engine_common import attach, engine, greedy, random_rows, setup
 
@@ -51,13 +51,13 @@ def test_kernel_matches_reference(name, page_size, window, seed):
     common = dict(causal=False, scale=scale, kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=window,
                   backend="reference")
     for threads in (1, 3):
-        kernel = PagedDecodeKernel(pages, own, page_size, tids, table, lens, c["block_size"], num_kv_heads=Hkv,
+        kernel = PagedAttention(pages, own, page_size, tids, table, lens, c["block_size"], num_kv_heads=Hkv,
                                    group_size=Hq // Hkv, head_dim=D, scale=scale, window=window, num_threads=threads)
         got = kernel(q.view(B, Hkv, Hq // Hkv, D), pool_k, pool_v, pk, pv)
         want = prefix_attention(q, k, v, pk, pv, table, lens, tids, **common)
         torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4,
                                    msg=lambda m: f"{name} (seed {seed}, window {window}, threads {threads}): {m}")
-    no_prefix = PagedDecodeKernel(pages, own, page_size, None, table, lens, c["block_size"], num_kv_heads=Hkv,
+    no_prefix = PagedAttention(pages, own, page_size, None, table, lens, c["block_size"], num_kv_heads=Hkv,
                                   group_size=Hq // Hkv, head_dim=D, scale=scale, window=window)
     got = no_prefix(q.view(B, Hkv, Hq // Hkv, D), pool_k, pool_v, pk, pv)
     want = prefix_attention(q, k, v, pk, pv, table[:1, :0], lens[:1] * 0, tids * 0, **common)
@@ -75,7 +75,7 @@ def test_kernel_long_rows_and_large_scores(seed):
     pool_k, pool_v, pages = _paged(seed, k, v, own, 16)
     pk = torch.randn(3, Hkv, 16, D, generator=g)
     table, lens, tids = torch.tensor([[1, 2]]), torch.tensor([20]), torch.zeros(B, dtype=torch.long)
-    kernel = PagedDecodeKernel(pages, own, 16, tids, table, lens, 16, num_kv_heads=Hkv, group_size=Hq // Hkv,
+    kernel = PagedAttention(pages, own, 16, tids, table, lens, 16, num_kv_heads=Hkv, group_size=Hq // Hkv,
                                head_dim=D, scale=D ** -0.5)
     got = kernel(q.view(B, Hkv, Hq // Hkv, D), pool_k, pool_v, pk, pk * 0.5)
     want = prefix_attention(q, k, v, pk, pk * 0.5, table, lens, tids, causal=False, scale=D ** -0.5,
@@ -88,14 +88,14 @@ def test_kernel_rejects_bad_inputs():
     table, lens = torch.tensor([[1]]), torch.tensor([4])
     kw = dict(num_kv_heads=1, group_size=2, head_dim=8, scale=1.0)
     with pytest.raises(ValueError, match="own tokens"):
-        PagedDecodeKernel(pages, torch.tensor([3, 5]), 4, None, table, lens, 4, **kw)       # 5 > one page of 4
+        PagedAttention(pages, torch.tensor([3, 5]), 4, None, table, lens, 4, **kw)       # 5 > one page of 4
     with pytest.raises(ValueError, match="own tokens"):
-        PagedDecodeKernel(pages, torch.tensor([0, 2]), 4, None, table, lens, 4, **kw)       # no new token
+        PagedAttention(pages, torch.tensor([0, 2]), 4, None, table, lens, 4, **kw)       # no new token
     with pytest.raises(ValueError, match="task_ids"):
-        PagedDecodeKernel(pages, own, 4, torch.tensor([0, 1]), table, lens, 4, **kw)        # task 1 of 1
+        PagedAttention(pages, own, 4, torch.tensor([0, 1]), table, lens, 4, **kw)        # task 1 of 1
     with pytest.raises(ValueError, match="integer"):
-        PagedDecodeKernel(pages.float(), own, 4, None, table, lens, 4, **kw)
-    kernel = PagedDecodeKernel(pages, own, 4, torch.tensor([0, 0]), table, lens, 4, **kw)
+        PagedAttention(pages.float(), own, 4, None, table, lens, 4, **kw)
+    kernel = PagedAttention(pages, own, 4, torch.tensor([0, 0]), table, lens, 4, **kw)
     q, pool, prefix = torch.zeros(2, 1, 2, 8), torch.zeros(12, 1, 8), torch.zeros(2, 1, 4, 8)
     assert kernel(q, pool, pool, prefix, prefix).shape == (2, 1, 2, 8)
     with pytest.raises(ValueError, match="pools hold"):
@@ -145,3 +145,39 @@ def test_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_reason", None)
     monkeypatch.delenv("SOFTPROMPT_CPU_KERNEL")
     assert cpu_kernel.load() is not None
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_kernel_causal_queries_match_reference(window, seed):
+    """Prefill-style: every new token of every row is a query seeing its row's prefix and own
+    tokens up to itself (rows with earlier tokens cached, one row without a prefix)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, Hq, Hkv, D, Sq, page_size = 4, 3, 6, 2, 16, 5, 4
+    past = torch.tensor([0, 3, 7, 1])
+    new = torch.tensor([5, 2, 5, 1])
+    Skv = int((past + new).max())
+    q = torch.randn(B, Hq, Sq, D, generator=g)
+    k = torch.randn(B, Hkv, Skv, D, generator=g)
+    v = torch.randn(B, Hkv, Skv, D, generator=g)
+    own = past + new
+    pool_k, pool_v, pages = _paged(seed, k, v, own, page_size)
+    prefix_k, prefix_v = torch.randn(6, Hkv, 4, D, generator=g), torch.randn(6, Hkv, 4, D, generator=g)
+    table, lens = torch.tensor([[1, 2], [3, 0], [4, 5]]), torch.tensor([6, 3, 0])
+    tasks = torch.tensor([0, 2, 1, 0])
+    # reference: queries left-padded in Sq columns (the row's last new_b), own keys right-aligned
+    want = prefix_attention(q, k, v, prefix_k, prefix_v, table, lens, tasks, causal=True, scale=D ** -0.5,
+                            kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=window,
+                            backend="reference")                               # [B, Hq, Sq, D]
+    rows = torch.cat([torch.full((int(n),), b) for b, n in enumerate(new)])
+    cols = torch.cat([torch.arange(Sq - int(n), Sq) for n in new])
+    visible = torch.cat([torch.arange(int(p) + 1, int(p) + int(n) + 1) for p, n in zip(past, new)])
+    packed_q = q[rows, :, cols].reshape(-1, Hkv, Hq // Hkv, D)
+    # row 1's task 2 has an empty prefix in the reference; the kernel gets -1 (no prefix) for it
+    task_ids = torch.where(tasks == 2, -1, tasks)
+    attention = PagedAttention(pages, visible, page_size, task_ids, table, lens, 4, query_rows=rows, num_kv_heads=Hkv,
+                               group_size=Hq // Hkv, head_dim=D, scale=D ** -0.5, window=window, num_threads=2)
+    got = attention(packed_q, pool_k, pool_v, prefix_k, prefix_v)
+    torch.testing.assert_close(got.reshape(-1, Hq, D), want[rows, :, cols], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="query_rows"):
+        PagedAttention(pages, visible, page_size, task_ids, table, lens, 4, num_kv_heads=Hkv, group_size=Hq // Hkv,
+                       head_dim=D, scale=1.0)

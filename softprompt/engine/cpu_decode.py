@@ -168,7 +168,7 @@ class CpuDecoder:
             key = (self._window(attn), attn.scaling)
             if use_kernel:
                 if key not in plans:
-                    plans[key] = cpu_kernel.PagedDecodeKernel(
+                    plans[key] = cpu_kernel.PagedAttention(
                         cache.page_table, cache.own_lens, self.kv.page_size, task_ids, block_table, prefix_lens,
                         self.store.block_size, num_kv_heads=Hkv, group_size=Hq // Hkv, head_dim=D,
                         scale=key[1], window=key[0])
@@ -212,8 +212,9 @@ class CpuDecoder:
         ``parts``: ``[(cache, token_ids [B_g, Sq_g] left-padded, task_ids or None)]``, one
         :class:`~softprompt.engine.kv_cache.StepCache` per batch. The real new tokens of all batches
         are packed token-major ``[N, hidden]`` and go through the model's own norm, linear and MLP
-        modules (``x W^T``, the fast form at prefill row counts) with no padding; only the
-        attention unpacks each batch into its left-padded ``[B_g, Hq, Sq_g, D]`` layout.
+        modules (``x W^T``, the fast form at prefill row counts) with no padding. The compiled
+        kernel attends each packed query in place (its row's prefix and own pages up to itself);
+        the torch path unpacks each batch into its left-padded ``[B_g, Hq, Sq_g, D]`` layout.
         """
         Hq, Hkv, D = self.num_q_heads, self.num_kv_heads, self.head_dim
         ids = torch.cat([t.reshape(-1).index_select(0, c.write_src) for c, t, _ in parts])       # [N]
@@ -224,16 +225,12 @@ class CpuDecoder:
         cos, sin = self.rotary(x, positions[None])                           # [1, N, D]
         cos, sin = cos[0, :, None], sin[0, :, None]                          # [N, 1, D]
         _, _, block_table, prefix_lens = self.store.layer(0)
-        backend = self.store.backend or "torch"
-        shapes = []            # per batch, for every layer: own-key ranges and its prefix table
-        for cache, _, task_ids in parts:
-            starts = cache.Skv - cache.own_lens
-            if task_ids is None:                                 # no row has a prefix: an empty table
-                prefix = (block_table.new_zeros(1, 0), prefix_lens.new_zeros(1),
-                          torch.zeros(cache.batch, dtype=torch.long))
-            else:
-                prefix = (block_table, prefix_lens, task_ids)
-            shapes.append((starts, torch.full_like(starts, cache.Skv), *prefix))
+        use_kernel = self._use_kernel()
+        if use_kernel:
+            packed = self._packed_queries(parts)
+            plans = {}
+        else:
+            shapes = self._padded_shapes(parts, block_table, prefix_lens)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -242,21 +239,21 @@ class CpuDecoder:
             v = attn.v_proj(h).view(N, Hkv, D)
             pool_k, pool_v = self.kv.k[i], self.kv.v[i]
             prefix_k, prefix_v, _, _ = self.store.layer(i)
-            out = torch.empty(N, Hq, D, dtype=q.dtype)
-            at = 0
-            for (cache, _, _), (starts, lens, table, plens, tids), n in zip(parts, shapes, sizes):
-                B, Sq, Skv = cache.batch, cache.Sq, cache.Skv
-                pool_k.index_copy_(0, cache.write_dst, k[at: at + n].to(pool_k.dtype))
-                pool_v.index_copy_(0, cache.write_dst, v[at: at + n].to(pool_v.dtype))
-                own_k = pool_k.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
-                own_v = pool_v.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
-                padded = q.new_zeros(B * Sq, Hq, D).index_copy_(0, cache.write_src, q[at: at + n])
-                o = prefix_attention(padded.view(B, Sq, Hq, D).transpose(1, 2), own_k.to(q.dtype),
-                                     own_v.to(q.dtype), prefix_k.to(q.dtype), prefix_v.to(q.dtype), table, plens,
-                                     tids, causal=True, scale=attn.scaling, kv_starts=starts, kv_lens=lens,
-                                     window=self._window(attn), backend=backend)            # [B, Hq, Sq, D]
-                out[at: at + n] = o.transpose(1, 2).reshape(B * Sq, Hq, D).index_select(0, cache.write_src)
-                at += n
+            if use_kernel:
+                # every query in place: its row's prefix and own pages up to itself, no unpacking
+                page_table, visible, query_rows, task_ids, write_dst = packed
+                pool_k.index_copy_(0, write_dst, k)
+                pool_v.index_copy_(0, write_dst, v)
+                key = (self._window(attn), attn.scaling)
+                if key not in plans:
+                    plans[key] = cpu_kernel.PagedAttention(
+                        page_table, visible, self.kv.page_size, task_ids, block_table, prefix_lens,
+                        self.store.block_size, query_rows=query_rows, num_kv_heads=Hkv, group_size=Hq // Hkv,
+                        head_dim=D, scale=key[1], window=key[0])
+                out = plans[key](q.view(N, Hkv, Hq // Hkv, D), pool_k, pool_v, prefix_k, prefix_v).view(N, Hq, D)
+            else:
+                out = self._padded_attention(parts, shapes, sizes, q, k, v, pool_k, pool_v, prefix_k, prefix_v,
+                                             attn)
             x = x + attn.o_proj(out.view(N, Hq * D))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         last, at = [], 0                           # packed index of every row's last new token
@@ -265,6 +262,61 @@ class CpuDecoder:
             at += n
         logits = self.head(self.final_norm(x.index_select(0, torch.cat(last))))
         return list(logits.split([c.batch for c, _, _ in parts]))
+
+    @staticmethod
+    def _packed_queries(parts):
+        """For the kernel: one page table over the rows of every batch, and per packed query its
+        row, how many own tokens it sees (its position + 1) and where its K/V go."""
+        width = max(cache.page_table.shape[1] for cache, _, _ in parts)
+        tables, tasks, rows, visible, dst = [], [], [], [], []
+        first = 0
+        for cache, _, task_ids in parts:
+            tables.append(nn.functional.pad(cache.page_table, (0, width - cache.page_table.shape[1])))
+            tasks.append(task_ids.cpu() if task_ids is not None else torch.full((cache.batch,), -1, dtype=torch.long))
+            rows.append(cache.write_src // cache.Sq + first)
+            visible.append(cache.position_ids.reshape(-1).index_select(0, cache.write_src) + 1)
+            dst.append(cache.write_dst)
+            first += cache.batch
+        any_task = any(task_ids is not None for _, _, task_ids in parts)
+        return (torch.cat(tables), torch.cat(visible), torch.cat(rows), torch.cat(tasks) if any_task else None,
+                torch.cat(dst))
+
+    @staticmethod
+    def _padded_shapes(parts, block_table, prefix_lens):
+        """For the torch path, per batch: own-key ranges and its prefix table."""
+        shapes = []
+        for cache, _, task_ids in parts:
+            starts = cache.Skv - cache.own_lens
+            if task_ids is None:                                 # no row has a prefix: an empty table
+                prefix = (block_table.new_zeros(1, 0), prefix_lens.new_zeros(1),
+                          torch.zeros(cache.batch, dtype=torch.long))
+            else:
+                prefix = (block_table, prefix_lens, task_ids)
+            shapes.append((starts, torch.full_like(starts, cache.Skv), *prefix))
+        return shapes
+
+    def _padded_attention(self, parts, shapes, sizes, q, k, v, pool_k, pool_v, prefix_k, prefix_v, attn):
+        """The torch path: each batch's K/V written and gathered, its queries unpacked into their
+        left-padded layout for ``kernels.prefix_attention``, the result packed again."""
+        Hq, D = q.shape[1], q.shape[2]
+        Hkv = k.shape[1]
+        backend = self.store.backend or "torch"
+        out = torch.empty_like(q)
+        at = 0
+        for (cache, _, _), (starts, lens, table, plens, tids), n in zip(parts, shapes, sizes):
+            B, Sq, Skv = cache.batch, cache.Sq, cache.Skv
+            pool_k.index_copy_(0, cache.write_dst, k[at: at + n].to(pool_k.dtype))
+            pool_v.index_copy_(0, cache.write_dst, v[at: at + n].to(pool_v.dtype))
+            own_k = pool_k.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
+            own_v = pool_v.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
+            padded = q.new_zeros(B * Sq, Hq, D).index_copy_(0, cache.write_src, q[at: at + n])
+            o = prefix_attention(padded.view(B, Sq, Hq, D).transpose(1, 2), own_k.to(q.dtype),
+                                 own_v.to(q.dtype), prefix_k.to(q.dtype), prefix_v.to(q.dtype), table, plens,
+                                 tids, causal=True, scale=attn.scaling, kv_starts=starts, kv_lens=lens,
+                                 window=self._window(attn), backend=backend)            # [B, Hq, Sq, D]
+            out[at: at + n] = o.transpose(1, 2).reshape(B * Sq, Hq, D).index_select(0, cache.write_src)
+            at += n
+        return out
 
     @staticmethod
     def _last_of(cache) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The compiled CPU decode-attention kernel (``csrc/paged_decode.c``): build, load, call.
+"""The compiled CPU paged-attention kernel (``csrc/paged_decode.c``): build, load, call.
 
 On the CPU a decode step's attention through torch ops must first gather every row's own K/V out
 of the pages into a padded batch (a copy of the whole running cache per layer) and then run the
@@ -108,8 +108,8 @@ def load():
     fn = lib.paged_decode_attention
     fn.restype = ctypes.c_int
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, i64, p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64,
-                   p, i64]
+    fn.argtypes = [p, p, p, p, i64, p, p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64,
+                   i64, p, i64]
     _lib = lib
     return _lib
 
@@ -122,90 +122,107 @@ def unavailable_reason() -> Optional[str]:
 
 def _index(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.device.type != "cpu" or t.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"PagedDecodeKernel: `{name}` must be an integer CPU tensor; got {t.dtype} on {t.device}")
+        raise ValueError(f"PagedAttention: `{name}` must be an integer CPU tensor; got {t.dtype} on {t.device}")
     return t.to(torch.int64).contiguous()
 
 
-class PagedDecodeKernel:
-    """The attention of one decode step for every layer, through the compiled kernel; built once
-    per step (the step's page table, lengths and prefix tables), then called per layer.
+class PagedAttention:
+    """Prefix + own-token attention through the compiled kernel, planned once per forward (the
+    page table, what each query sees, the prefix tables) and called once per layer.
+
+    Each of the ``N`` queries belongs to a row: it sees its row's task prefix in full and the first
+    ``visible`` own tokens of its row (the last ``window`` of them with a sliding window). A decode
+    step has one query per row, seeing all of the row's tokens; a causal prefill has one query per
+    new token, seeing up to itself.
 
     Args:
         page_table: ``[B, W]`` page ids of each row's own tokens, in token order.
-        own_lens: ``[B]`` own tokens per row (the new one included, >= 1).
+        visible: ``[N]`` own tokens each query sees (>= 1: at least itself).
         page_size: slots per page of the pools.
-        task_ids: ``[B]`` store task ids (None: no row has a prefix).
+        task_ids: ``[B]`` store task ids of the rows, -1 for a row without a prefix (None: no row has one).
         block_table, prefix_lens, block_size: the prefix store's (``[T, nb]``, ``[T]``).
+        query_rows: ``[N]`` row of each query (None: query i is row i, N == B).
         num_kv_heads, group_size, head_dim, scale: the layer's attention shape.
-        window: sliding window over own keys (None: none), as in ``DecodeAttention``.
+        window: sliding window over own keys (None: none), as in the attention contract.
         num_threads: threads for the call (default torch's intra-op count).
     """
 
-    def __init__(self, page_table: torch.Tensor, own_lens: torch.Tensor, page_size: int,
+    def __init__(self, page_table: torch.Tensor, visible: torch.Tensor, page_size: int,
                  task_ids: Optional[torch.Tensor], block_table: torch.Tensor, prefix_lens: torch.Tensor,
-                 block_size: int, *, num_kv_heads: int, group_size: int, head_dim: int, scale: float,
-                 window: Optional[int] = None, num_threads: Optional[int] = None):
+                 block_size: int, *, query_rows: Optional[torch.Tensor] = None, num_kv_heads: int,
+                 group_size: int, head_dim: int, scale: float, window: Optional[int] = None,
+                 num_threads: Optional[int] = None):
         self.lib = load()
         if self.lib is None:
-            raise RuntimeError(f"PagedDecodeKernel: the compiled kernel is unavailable: {_reason}")
+            raise RuntimeError(f"PagedAttention: the compiled kernel is unavailable: {_reason}")
         if not 1 <= num_kv_heads * group_size <= MAX_HEADS:
-            raise ValueError(f"PagedDecodeKernel: {num_kv_heads} x {group_size} query heads; the kernel takes 1 .. {MAX_HEADS}")
-        self.page_table, self.own_lens = _index(page_table, "page_table"), _index(own_lens, "own_lens")
-        B = self.own_lens.shape[0]
-        if self.page_table.dim() != 2 or self.page_table.shape[0] != B:
-            raise ValueError(f"PagedDecodeKernel: `page_table` must be [B={B}, W]; got {list(page_table.shape)}")
-        if B and (int(self.own_lens.min()) < 1 or int(self.own_lens.max()) > self.page_table.shape[1] * page_size):
-            raise ValueError("PagedDecodeKernel: every row needs 1 .. pages*page_size own tokens")
-        self.block_table, self.prefix_lens = _index(block_table, "block_table"), _index(prefix_lens, "prefix_lens")
-        own_seen = self.own_lens if window is None else self.own_lens.clamp_max(window)
-        if task_ids is None:
-            self.task_ids = None
-            max_keys = int(own_seen.max()) if B else 0
+            raise ValueError(f"PagedAttention: {num_kv_heads} x {group_size} query heads; the kernel takes 1 .. {MAX_HEADS}")
+        self.page_table, self.visible = _index(page_table, "page_table"), _index(visible, "visible")
+        if self.page_table.dim() != 2:
+            raise ValueError(f"PagedAttention: `page_table` must be [B, W]; got {list(page_table.shape)}")
+        B, N = self.page_table.shape[0], self.visible.shape[0]
+        if query_rows is None:
+            if N != B:
+                raise ValueError(f"PagedAttention: {N} queries for {B} rows need `query_rows`")
+            self.query_rows, rows = None, torch.arange(B)
         else:
+            self.query_rows = rows = _index(query_rows, "query_rows")
+            if rows.shape != (N,) or (N and (int(rows.min()) < 0 or int(rows.max()) >= B)):
+                raise ValueError(f"PagedAttention: `query_rows` must be [N={N}] rows in [0, {B})")
+        if N and (int(self.visible.min()) < 1 or int(self.visible.max()) > self.page_table.shape[1] * page_size):
+            raise ValueError(f"PagedAttention: every query sees 1 .. {self.page_table.shape[1] * page_size} own tokens "
+                             f"(its row's pages); `visible` holds {int(self.visible.min())} .. {int(self.visible.max())}")
+        self.block_table, self.prefix_lens = _index(block_table, "block_table"), _index(prefix_lens, "prefix_lens")
+        own_seen = self.visible if window is None else self.visible.clamp_max(window)
+        max_keys = int(own_seen.max()) if N else 0
+        self.task_ids, self.blocks_needed = None, 0
+        if task_ids is not None:
             self.task_ids = _index(task_ids, "task_ids")
-            if self.task_ids.shape != (B,) or (B and (int(self.task_ids.min()) < 0
+            if self.task_ids.shape != (B,) or (B and (int(self.task_ids.min()) < -1
                                                     or int(self.task_ids.max()) >= self.prefix_lens.shape[0])):
-                raise ValueError(f"PagedDecodeKernel: `task_ids` must be [B={B}] ids of the store's tasks")
-            max_keys = int((self.prefix_lens.index_select(0, self.task_ids) + own_seen).max()) if B else 0
-        self.batch, self.page_size, self.block_size = B, page_size, block_size
+                raise ValueError(f"PagedAttention: `task_ids` must be [B={B}] ids of the store's tasks (or -1)")
+            has = self.task_ids >= 0
+            lens = torch.where(has, self.prefix_lens.index_select(0, self.task_ids.clamp_min(0)), 0)
+            max_keys = int((lens.index_select(0, rows) + own_seen).max()) if N else 0
+            used = self.block_table.index_select(0, self.task_ids[has])
+            if used.numel():
+                self.blocks_needed = int(used.max()) + 1
+        self.queries, self.page_size, self.block_size = N, page_size, block_size
         self.num_kv_heads, self.group_size, self.head_dim = num_kv_heads, group_size, head_dim
         self.scale, self.window, self.max_keys = float(scale), int(window or 0), max_keys
         self.num_threads = num_threads or torch.get_num_threads()
-        # bounds the kernel relies on, checked against each layer's pools
-        self.slots_needed = (int(self.page_table.max()) + 1) * page_size if B else 0
-        used = self.block_table if self.task_ids is None else self.block_table.index_select(0, self.task_ids)
-        self.blocks_needed = int(used.max()) + 1 if used.numel() and self.task_ids is not None else 0
+        self.slots_needed = (int(self.page_table.max()) + 1) * page_size if B else 0   # checked per layer
 
     def __call__(self, q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                  prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> torch.Tensor:
-        """``q [B, Hkv, G, D]``; own pools ``[slots, Hkv, D]``; prefix pools ``[blocks, Hkv, block_size, D]``
-        (all fp32 CPU) -> ``[B, Hkv, G, D]``."""
-        B, Hkv, G, D = self.batch, self.num_kv_heads, self.group_size, self.head_dim
-        if tuple(q.shape) != (B, Hkv, G, D):
-            raise ValueError(f"PagedDecodeKernel: `q` must be {[B, Hkv, G, D]}; got {list(q.shape)}")
+        """``q [N, Hkv, G, D]``; own pools ``[slots, Hkv, D]``; prefix pools ``[blocks, Hkv, block_size, D]``
+        (all fp32 CPU) -> ``[N, Hkv, G, D]``."""
+        N, Hkv, G, D = self.queries, self.num_kv_heads, self.group_size, self.head_dim
+        if tuple(q.shape) != (N, Hkv, G, D) or q.device.type != "cpu":
+            raise ValueError(f"PagedAttention: `q` must be a CPU tensor {[N, Hkv, G, D]}; got {list(q.shape)} on {q.device}")
         for name, t, tail in (("pool_k", pool_k, (Hkv, D)), ("pool_v", pool_v, (Hkv, D)),
                               ("prefix_k", prefix_k, (Hkv, self.block_size, D)),
                               ("prefix_v", prefix_v, (Hkv, self.block_size, D))):
             if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() \
                     or tuple(t.shape[1:]) != tail:
-                raise ValueError(f"PagedDecodeKernel: `{name}` must be a contiguous fp32 CPU tensor [*, "
+                raise ValueError(f"PagedAttention: `{name}` must be a contiguous fp32 CPU tensor [*, "
                                  f"{', '.join(map(str, tail))}]; got {t.dtype} {list(t.shape)} on {t.device}")
         if pool_k.shape[0] != pool_v.shape[0] or pool_k.shape[0] < self.slots_needed:
-            raise ValueError(f"PagedDecodeKernel: the page table reaches slot {self.slots_needed - 1}; the pools "
+            raise ValueError(f"PagedAttention: the page table reaches slot {self.slots_needed - 1}; the pools "
                              f"hold {pool_k.shape[0]} / {pool_v.shape[0]}")
         if prefix_k.shape[0] != prefix_v.shape[0] or prefix_k.shape[0] < self.blocks_needed:
-            raise ValueError(f"PagedDecodeKernel: the block table reaches block {self.blocks_needed - 1}; the "
+            raise ValueError(f"PagedAttention: the block table reaches block {self.blocks_needed - 1}; the "
                              f"prefix pools hold {prefix_k.shape[0]} / {prefix_v.shape[0]}")
         q = q.to(torch.float32).contiguous()
         out = torch.empty_like(q)
-        tasks = self.task_ids
+        ptr = lambda t: t.data_ptr() if t is not None else None        # noqa: E731
         status = self.lib.paged_decode_attention(
             q.data_ptr(), pool_k.data_ptr(), pool_v.data_ptr(), self.page_table.data_ptr(),
-            self.page_table.shape[1], self.own_lens.data_ptr(), self.page_size,
+            self.page_table.shape[1], self.visible.data_ptr(), ptr(self.query_rows), self.page_size,
             prefix_k.data_ptr(), prefix_v.data_ptr(), self.block_table.data_ptr(),
             self.block_table.shape[1] if self.block_table.dim() == 2 else 0, self.prefix_lens.data_ptr(),
-            tasks.data_ptr() if tasks is not None else None, self.block_size, B, Hkv, G, D, self.scale,
-            self.window, self.max_keys, out.data_ptr(), self.num_threads)
+            ptr(self.task_ids), self.block_size, N, Hkv, G, D, self.scale, self.window, self.max_keys,
+            out.data_ptr(), self.num_threads)
         if status != 0:
-            raise RuntimeError(f"PagedDecodeKernel: the kernel could not allocate its scratch memory (status {status})")
+            raise RuntimeError(f"PagedAttention: the kernel could not allocate its scratch memory (status {status})")
         return out

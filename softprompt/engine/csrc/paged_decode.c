@@ -1,13 +1,15 @@
-/* Prefix + own-token attention of one CPU decode step, read in place from the pages.
+/* Prefix + own-token attention on the CPU, read in place from the pages.
  *
- * One query token per row. Row b attends to its task's prefix (the prefix store's block pool,
- * [num_blocks, Hkv, block_size, D]) and to its own tokens (the engine's page pool, token-major
- * [slots, Hkv, D], page p holding slots p*page_size .. p*page_size + page_size - 1), in one
- * softmax: no gather of the own K/V into a padded batch, no separate prefix pass and merge.
+ * Each query (one per row in a decode step; a row's new tokens in a prefill) attends to its row's
+ * task prefix (the prefix store's block pool, [num_blocks, Hkv, block_size, D]) and to the first
+ * `visible` own tokens of its row (the engine's page pool, token-major [slots, Hkv, D], page p
+ * holding slots p*page_size .. p*page_size + page_size - 1), the last `window` of them when the
+ * model has a sliding window, in one softmax: no gather of the own K/V into a padded batch, no
+ * separate prefix pass and merge. Causal prefills are queries whose `visible` counts up.
  *
- * Work item = one row, all heads: its keys are read slot by slot (a slot's heads are adjacent in
- * the pages), so each page streams through the cache once. Per row: scores of all visible keys
- * into a scratch buffer, max, exp, sum, then V accumulated in fp32. Rows are split over
+ * Work item = one query, all heads: its keys are read slot by slot (a slot's heads are adjacent
+ * in the pages), so each page streams through the cache once. Per query: scores of all visible
+ * keys into a scratch buffer, max, exp, sum, then V accumulated in fp32. Queries are split over
  * `num_threads` OpenMP threads (the caller's intra-op thread count).
  *
  * Plain C so it builds in about a second with the system compiler (softprompt/engine/cpu_kernel.py
@@ -21,18 +23,19 @@
 #define MAX_HEADS 256                   /* query heads per row (checked by the caller) */
 
 typedef struct {
-    const float *q;                 /* [B, Hkv, G, D] */
+    const float *q;                 /* [N, Hkv, G, D] */
     const float *pool_k, *pool_v;   /* [slots, Hkv, D] */
-    const int64_t *page_table;      /* [B, table_width] page ids, left-aligned */
-    const int64_t *own_lens;        /* [B] own tokens (the new one included) */
+    const int64_t *page_table;      /* [B, table_width] each row's page ids in token order */
+    const int64_t *visible;         /* [N] own tokens query i sees: the first visible[i] of its row */
+    const int64_t *query_rows;      /* [N] row of query i, or NULL: query i is row i */
     const float *prefix_k, *prefix_v;   /* [num_blocks, Hkv, block_size, D] or NULL */
     const int64_t *block_table;     /* [T, block_width] */
     const int64_t *prefix_lens;     /* [T] */
-    const int64_t *task_ids;        /* [B] (-1: no prefix) or NULL */
+    const int64_t *task_ids;        /* [B] per row (-1: no prefix) or NULL */
     int64_t table_width, page_size, block_width, block_size;
-    int64_t B, Hkv, G, D, window, max_keys;
+    int64_t N, Hkv, G, D, window, max_keys;
     float scale;
-    float *out;                     /* [B, Hkv, G, D] */
+    float *out;                     /* [N, Hkv, G, D] */
 } problem_t;
 
 
@@ -120,14 +123,15 @@ static inline void prefetch_run(const run_t *run, int64_t Hkv, int64_t D) {
 
 /* One row, every head: keys are visited slot by slot (each slot's heads side by side in memory
  * for the own pages), so the pages stream through the cache once. */
-static void run_row(const problem_t *p, int64_t b, float *scores, float *acc, run_t *runs) {
+static void run_query(const problem_t *p, int64_t i, float *scores, float *acc, run_t *runs) {
     const int64_t G = p->G, D = p->D, Hkv = p->Hkv, Hq = Hkv * G;
+    const int64_t b = p->query_rows ? p->query_rows[i] : i;
     const int64_t task = p->task_ids ? p->task_ids[b] : -1;
     const int64_t n_prefix = task >= 0 ? p->prefix_lens[task] : 0;
-    const int64_t len = p->own_lens[b];
+    const int64_t len = p->visible[i];
     const int64_t own_first = (p->window > 0 && len > p->window) ? len - p->window : 0;
     const int64_t n = n_prefix + (len - own_first);
-    const float *q = p->q + b * Hq * D;              /* [Hkv, G, D]: query head h*G+g */
+    const float *q = p->q + i * Hq * D;              /* [Hkv, G, D]: query head h*G+g */
 
     /* K runs, then V runs: while the scores of K page r are computed, K and V pages r + AHEAD are
      * fetched, so the V pass below finds its pages in cache */
@@ -181,13 +185,13 @@ static void run_row(const problem_t *p, int64_t b, float *scores, float *acc, ru
                     axpy(acc + (h * G + g) * D, scores[(h * G + g) * n + j], v + h * run->head_stride, D);
         }
     }
-    float *o = p->out + b * Hq * D;
+    float *o = p->out + i * Hq * D;
     for (int64_t hg = 0; hg < Hq; hg++)
         for (int64_t d = 0; d < D; d++) o[hg * D + d] = acc[hg * D + d] / total[hg];
 }
 
-/* Rows first..last-1 with this thread's scratch; 0 on success, 1 when scratch memory is short. */
-static int run_rows(const problem_t *p, int64_t first, int64_t last) {
+/* Queries first..last-1 with this thread's scratch; 0 on success, 1 when scratch memory is short. */
+static int run_queries(const problem_t *p, int64_t first, int64_t last) {
     const int64_t Hq = p->Hkv * p->G;
     float *scores = (float *)malloc(sizeof(float) * (size_t)(Hq * (p->max_keys > 0 ? p->max_keys : 1)));
     float *acc = (float *)malloc(sizeof(float) * (size_t)(Hq * p->D));
@@ -195,7 +199,7 @@ static int run_rows(const problem_t *p, int64_t first, int64_t last) {
     run_t *runs = (run_t *)malloc(sizeof(run_t) * (size_t)(2 * (p->max_keys + 2)));
     int status = 0;
     if (scores && acc && runs)
-        for (int64_t b = first; b < last; b++) run_row(p, b, scores, acc, runs);
+        for (int64_t i = first; i < last; i++) run_query(p, i, scores, acc, runs);
     else
         status = 1;
     free(scores);
@@ -206,22 +210,24 @@ static int run_rows(const problem_t *p, int64_t first, int64_t last) {
 
 /* Returns 0 on success, 1 when scratch memory could not be allocated. */
 int paged_decode_attention(const float *q, const float *pool_k, const float *pool_v, const int64_t *page_table,
-                           int64_t table_width, const int64_t *own_lens, int64_t page_size,
+                           int64_t table_width, const int64_t *visible, const int64_t *query_rows,
+                           int64_t page_size,
                            const float *prefix_k, const float *prefix_v, const int64_t *block_table,
                            int64_t block_width, const int64_t *prefix_lens, const int64_t *task_ids,
-                           int64_t block_size, int64_t B, int64_t Hkv, int64_t G, int64_t D, float scale,
+                           int64_t block_size, int64_t N, int64_t Hkv, int64_t G, int64_t D, float scale,
                            int64_t window, int64_t max_keys, float *out, int64_t num_threads) {
-    problem_t p = {q, pool_k, pool_v, page_table, own_lens, prefix_k, prefix_v, block_table, prefix_lens,
-                   task_ids, table_width, page_size, block_width, block_size, B, Hkv, G, D, window, max_keys,
-                   scale, out};
+    problem_t p = {q, pool_k, pool_v, page_table, visible, query_rows, prefix_k, prefix_v, block_table,
+                   prefix_lens, task_ids, table_width, page_size, block_width, block_size, N, Hkv, G, D, window,
+                   max_keys, scale, out};
     if (num_threads < 1) num_threads = 1;
-    if (num_threads > B) num_threads = B > 0 ? B : 1;
+    if (num_threads > N) num_threads = N > 0 ? N : 1;
     int status = 0;
 #ifdef _OPENMP
     /* In a torch process this is torch's own OpenMP runtime (already loaded under the same
      * soname), so the work goes to its thread pool instead of competing with it. */
 #pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : status)
 #endif
-    for (int64_t t = 0; t < num_threads; t++) status |= run_rows(&p, B * t / num_threads, B * (t + 1) / num_threads);
+    for (int64_t t = 0; t < num_threads; t++)
+        status |= run_queries(&p, N * t / num_threads, N * (t + 1) / num_threads);
     return status;
 }
