@@ -181,3 +181,20 @@ def test_kernel_causal_queries_match_reference(window, seed):
     with pytest.raises(ValueError, match="query_rows"):
         PagedAttention(pages, visible, page_size, task_ids, table, lens, 4, num_kv_heads=Hkv, group_size=Hq // Hkv,
                        head_dim=D, scale=1.0)
+
+
+def test_failed_build_falls_back_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setattr(cpu_kernel, "_reason", None)
+    monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")                                      # a "compiler" that always fails
+    assert cpu_kernel.load() is None
+    assert "could not build" in cpu_kernel.unavailable_reason()
+    with pytest.raises(RuntimeError, match="unavailable"):
+        PagedAttention(torch.tensor([[1]]), torch.tensor([1]), 4, None, torch.tensor([[1]]), torch.tensor([4]), 4,
+                       num_kv_heads=1, group_size=1, head_dim=8, scale=1.0)
+    model, prefixes, _ = setup("llama")
+    attach(model, prefixes)
+    assert not engine(model).cpu_decoder._use_kernel()                  # the engine runs the torch path
+    monkeypatch.setattr(cpu_kernel, "_tried", False)                     # let later tests load the real one

@@ -62,13 +62,28 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
+    """The built library: from the cache, else compiled with OpenMP, else (a compiler without
+    OpenMP support) compiled single-threaded."""
     flags = compile_flags()
+    try:
+        return _build_with(compiler, flags)
+    except RuntimeError:
+        return _build_with(compiler, [f for f in flags if f != "-fopenmp"])
+
+
+def _build_with(compiler: str, flags: list) -> Path:
+    source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler] + flags).encode() + platform.machine().encode()).hexdigest()[:16]
     target = _cache_dir() / f"paged_decode-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:                 # no writable home: a per-user folder under the temp dir
+        target = Path(tempfile.gettempdir()) / f"softprompt-kernels-{os.getuid()}" / target.name
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
     # build under a temporary name and rename: a concurrent process never loads a half-written file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
