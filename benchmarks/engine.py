@@ -149,6 +149,7 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
                                      f"{median_baseline / median['engine']:.2f}x (median runs)",
         "engine batch occupancy (mean decode batch / max)": f"{engine_stats['mean_decode_batch']:.1f} / {B} "
                                                             f"= {engine_stats['batch_occupancy']:.0%}",
+        "engine forward path": engine_stats["forward_path"],
         "engine forward share of its time": f"{engine_stats['forward_seconds'] / engine_stats['busy_seconds']:.0%}",
         "engine prefill padding": f"{engine_stats['padded_prefill_tokens']} padded / "
                                   f"{engine_stats['prefill_tokens']} real tokens",

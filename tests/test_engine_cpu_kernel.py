@@ -134,8 +134,11 @@ def test_kernel_can_be_turned_off(monkeypatch):
     model, prefixes, _ = setup("llama")
     attach(model, prefixes)
     eng = engine(model)
-    assert eng.cpu_decoder._use_kernel()
+    assert eng.cpu_decoder._use_kernel() and "compiled" in eng.stats()["forward_path"]
     assert not CpuDecoder(model, eng.store, eng.kv, compiled_attention=False)._use_kernel()
+    eng.cpu_decoder.compiled_attention = False
+    assert "torch ops (compiled kernel: turned off)" in eng.stats()["forward_path"]
+    assert "HF forward" in engine(model, cpu_decoder=False).stats()["forward_path"]
     monkeypatch.setattr(cpu_kernel, "_tried", False)
     monkeypatch.setattr(cpu_kernel, "_lib", None)
     monkeypatch.setenv("SOFTPROMPT_CPU_KERNEL", "0")

@@ -150,7 +150,7 @@ def _generate(opts) -> int:
                "prefill_tokens": st["prefill_tokens"], "batch_occupancy": round(st["batch_occupancy"], 3),
                "mean_decode_batch": round(st["mean_decode_batch"], 2), "kv_cache_peak_bytes": kv["bytes_peak"],
                "prefix_store_bytes": st["prefix_store_bytes"], "peak_rss_bytes": st["peak_rss_bytes"],
-               "tasks_available": available}
+               "forward_path": st["forward_path"], "tasks_available": available}
     errors = sum(1 for r in results if r is not None and not r.ok)
     if opts.json:
         print(json.dumps({"results": [r.__dict__ for r in results if r is not None], "stats": summary}, indent=2))
@@ -164,7 +164,8 @@ def _generate(opts) -> int:
         print(f"{summary['generated_tokens']} tokens in {wall:.2f}s = {summary['tokens_per_s']} tokens/s | "
               f"batch occupancy {st['batch_occupancy']:.0%} (mean decode batch {st['mean_decode_batch']:.1f} of "
               f"{opts.max_batch_size}) | KV cache peak {kv['bytes_peak'] / 2 ** 20:.2f} MiB, prefix store "
-              f"{st['prefix_store_bytes'] / 2 ** 20:.2f} MiB, peak RSS {st['peak_rss_bytes'] / 2 ** 30:.2f} GiB")
+              f"{st['prefix_store_bytes'] / 2 ** 20:.2f} MiB, peak RSS {st['peak_rss_bytes'] / 2 ** 30:.2f} GiB | "
+              f"{st['forward_path']}")
     engine.close()
     return 1 if errors else 0
 

@@ -482,12 +482,26 @@ class Engine:
         st["running"] = len(self.scheduler.running)
         st["waiting"] = len(self.scheduler.waiting)
         st["kv_cache"] = self.kv.stats()
+        st["forward_path"] = self.forward_path()
         st["prefix_store_bytes"] = self.store.memory_stats()["bytes_used"]
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         st["peak_rss_bytes"] = rss * (1 if sys.platform == "darwin" else 1024)
         if self.device.type == "cuda":
             st["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return st
+
+    def forward_path(self) -> str:
+        """Which forward serves the engine's steps now, in words (for reports)."""
+        if not self._use_cpu_decoder():
+            return "HF forward, attention through the patched interface"
+        if self.cpu_decoder._use_kernel():
+            return "CPU decoder, compiled paged attention"
+        from .cpu_kernel import unavailable_reason
+        if not self.cpu_decoder.compiled_attention:
+            why = unavailable_reason() or "turned off"
+        else:
+            why = "the KV pools or the prefix store are not fp32"
+        return f"CPU decoder, attention through torch ops (compiled kernel: {why})"
 
     def close(self) -> None:
         """Drop the engine's bookkeeping (and the hidden no-prompt task it may have added)."""

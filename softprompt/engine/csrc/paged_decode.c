@@ -121,17 +121,17 @@ static inline void prefetch_run(const run_t *run, int64_t Hkv, int64_t D) {
 
 #define PREFETCH_AHEAD 2            /* runs (pages) ahead of the one being computed on */
 
-/* One row, every head: keys are visited slot by slot (each slot's heads side by side in memory
+/* One query, every head: keys are visited slot by slot (each slot's heads side by side in memory
  * for the own pages), so the pages stream through the cache once. */
-static void run_query(const problem_t *p, int64_t i, float *scores, float *acc, run_t *runs) {
+static void run_query(const problem_t *p, int64_t query, float *scores, float *acc, run_t *runs) {
     const int64_t G = p->G, D = p->D, Hkv = p->Hkv, Hq = Hkv * G;
-    const int64_t b = p->query_rows ? p->query_rows[i] : i;
+    const int64_t b = p->query_rows ? p->query_rows[query] : query;
     const int64_t task = p->task_ids ? p->task_ids[b] : -1;
     const int64_t n_prefix = task >= 0 ? p->prefix_lens[task] : 0;
-    const int64_t len = p->visible[i];
+    const int64_t len = p->visible[query];
     const int64_t own_first = (p->window > 0 && len > p->window) ? len - p->window : 0;
     const int64_t n = n_prefix + (len - own_first);
-    const float *q = p->q + i * Hq * D;              /* [Hkv, G, D]: query head h*G+g */
+    const float *q = p->q + query * Hq * D;              /* [Hkv, G, D]: query head h*G+g */
 
     /* K runs, then V runs: while the scores of K page r are computed, K and V pages r + AHEAD are
      * fetched, so the V pass below finds its pages in cache */
@@ -147,8 +147,8 @@ static void run_query(const problem_t *p, int64_t i, float *scores, float *acc, 
             prefetch_run(&runs[r + PREFETCH_AHEAD], Hkv, D);
             prefetch_run(&v_runs[r + PREFETCH_AHEAD], Hkv, D);
         }
-        for (int64_t i = 0; i < runs[r].count; i++, j++) {
-            const float *k = runs[r].base + i * runs[r].key_stride;
+        for (int64_t key = 0; key < runs[r].count; key++, j++) {
+            const float *k = runs[r].base + key * runs[r].key_stride;
             for (int64_t h = 0; h < Hkv; h++)
                 for (int64_t g = 0; g < G; g++)
                     scores[(h * G + g) * n + j] = p->scale * dot(q + (h * G + g) * D, k + h * runs[r].head_stride, D);
@@ -167,25 +167,25 @@ static void run_query(const problem_t *p, int64_t i, float *scores, float *acc, 
     memset(acc, 0, sizeof(float) * Hq * D);
     for (int64_t r = 0, j = 0; r < n_runs; r++) {
         const run_t *run = &v_runs[r];
-        int64_t i = 0;
+        int64_t key = 0;
         /* four keys per pass over the accumulators: a quarter of their loads and stores */
-        for (; i + 4 <= run->count; i += 4, j += 4) {
+        for (; key + 4 <= run->count; key += 4, j += 4) {
             for (int64_t h = 0; h < Hkv; h++) {
-                const float *v = run->base + i * run->key_stride + h * run->head_stride;
+                const float *v = run->base + key * run->key_stride + h * run->head_stride;
                 for (int64_t g = 0; g < G; g++) {
                     const float *w = scores + (h * G + g) * n + j;
                     axpy4(acc + (h * G + g) * D, w, v, run->key_stride, D);
                 }
             }
         }
-        for (; i < run->count; i++, j++) {
-            const float *v = run->base + i * run->key_stride;
+        for (; key < run->count; key++, j++) {
+            const float *v = run->base + key * run->key_stride;
             for (int64_t h = 0; h < Hkv; h++)
                 for (int64_t g = 0; g < G; g++)
                     axpy(acc + (h * G + g) * D, scores[(h * G + g) * n + j], v + h * run->head_stride, D);
         }
     }
-    float *o = p->out + i * Hq * D;
+    float *o = p->out + query * Hq * D;
     for (int64_t hg = 0; hg < Hq; hg++)
         for (int64_t d = 0; d < D; d++) o[hg * D + d] = acc[hg * D + d] / total[hg];
 }
