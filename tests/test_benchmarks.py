@@ -43,3 +43,16 @@ def test_run_writes_json_markdown_and_plot(tmp_path, monkeypatch):
     assert data["environment"]["commit"] and len(data["sweeps"]["prefix"]) == 2
     assert "speed-up vs reference" in (tmp_path / "decode-cpu.md").read_text()
     assert (tmp_path / "decode-cpu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_engine_benchmark_runs_every_method_side_by_side():
+    """The engine benchmark on a tiny model: both baselines, the engine and (on request) the engine
+    with torch-ops attention, every method's tokens equal to the PEFT-style batch."""
+    from benchmarks.engine import TORCH_ATTENTION, run as engine_run
+    from benchmarks.generate import tiny_llama
+    table, summary, _ = engine_run(tiny_llama(), tasks=2, per_task=2, prefix=4, new_tokens=3, repeats=1,
+                                   torch_attention=True)
+    methods = [row["method"] for row in table]
+    assert methods == ["per-task generate", "batch, prefix copied", "engine", TORCH_ATTENTION]
+    assert all(row["tokens = PEFT-style batch"] == "100.0%" for row in table)
+    assert "CPU decoder" in summary["engine forward path"]
