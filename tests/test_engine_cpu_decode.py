@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels import prefix_attention
+from softprompt.engine import cpu_kernel
 from softprompt.engine.cpu_decode import CpuDecoder, unsupported_reason
 from softprompt.engine.decode_attention import DecodeAttention, split_by_length
 from test_engine_common import attach, engine, greedy, one_thread, random_rows, setup
@@ -110,17 +111,21 @@ def _fast_then_hf(eng, model, fast, args, hf_batches):
     return got
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_decode_step_equals_hf_forward(family):
+def test_decode_step_equals_hf_forward(family, compiled):
     """Run a mixed-task engine; at every decode step compare CpuDecoder's logits and the K/V it
-    writes with the HF forward of the same step (same StepCache, same pages). The attention goes
-    through torch ops (DecodeAttention) here; test_engine_cpu_kernel.py runs the compiled kernel."""
+    writes with the HF forward of the same step (same StepCache, same pages), with the attention
+    through the compiled kernel and through torch ops (DecodeAttention)."""
+    if compiled and cpu_kernel.load() is None:
+        pytest.skip(f"compiled kernel unavailable: {cpu_kernel.unavailable_reason()}")
     model, prefixes, names = setup(family, lengths=[5, 2, 0, 7])
     attach(model, prefixes)
     eng = engine(model)
     decoder = eng.cpu_decoder
     assert decoder is not None
-    decoder.compiled_attention = False
+    decoder.compiled_attention = compiled
+    assert decoder._use_kernel() == compiled
     fast_step, checked = decoder.step, []
 
     def both(token_ids, cache, task_ids):

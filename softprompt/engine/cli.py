@@ -111,7 +111,7 @@ def generate_command(argv=None) -> int:
 
 def _generate(opts) -> int:
     import torch
-    from .engine import NO_PROMPT_TASK, Engine
+    from .engine import Engine
     from .requests import SamplingParams
     model, tokenizer = _load_model(opts.model)
     model.eval()

@@ -144,7 +144,6 @@ class CpuDecoder:
         plans = {}                                   # one attention plan per (window, scale) in use
         use_kernel = self._use_kernel()
         if not use_kernel:
-            slots = self.kv.k.shape[1]
             # the rows' own K/V are gathered in one or two parts (short rows apart when that saves
             # enough padding); each part's gather index and buffer are reused by every layer
             parts = split_by_length(cache.own_lens, Skv)
