@@ -10,14 +10,17 @@ makes each ``nn.Linear`` a ``x @ W^T`` product (the slow form for CPU BLAS at th
 ``[hidden, B]``: every projection is ``W @ x`` straight from the module's own weight (no copy of
 the model), its output is already the next product's input, and only the attention transposes
 (small) tensors. Per layer: RMSNorm, Q/K/V projections, RoPE with the model's own rotary module,
-new K/V written into the engine's pages, own K/V gathered, prefix + own attention planned once
-per step (:mod:`~softprompt.engine.decode_attention`: the prefix read in place from the store, as
-on the HF path), output projection, gated MLP. The result equals the HF forward up to floating-point summation order;
-the engine's greedy-parity tests run through it.
+new K/V written into the engine's pages, prefix + own attention planned once per step, output
+projection, gated MLP. The attention is the compiled kernel (:mod:`~softprompt.engine.cpu_kernel`:
+the task's prefix blocks and the row's own pages read in place) where it builds and the pools are
+fp32, else torch ops (:mod:`~softprompt.engine.decode_attention`: own K/V gathered from the pages,
+the prefix read in place from the store). The result equals the HF forward up to floating-point
+summation order; the engine's greedy-parity tests run through it.
 
 :meth:`CpuDecoder.prefill` serves a step's prefills the same way but token-major (``[N, hidden]``
 through the model's own modules, ``x W^T`` being the fast form at prefill row counts) with the real
-tokens of every row packed, so the linear layers see no padding; only the attention unpacks them.
+tokens of every row packed, so the linear layers see no padding; the kernel attends the packed
+tokens where they are, the torch path unpacks them per batch.
 
 Only the families whose decoder layer is exactly that computation are taken (Llama, Mistral,
 Qwen2 — see :func:`unsupported_reason`); every other model, a model in training mode, and every
@@ -75,9 +78,10 @@ class CpuDecoder:
         model: a supported causal LM (:func:`unsupported_reason` is None), attached to ``store``.
         store: the model's prefix store (``softprompt.attach``).
         kv: the engine's :class:`~softprompt.engine.kv_cache.PagedKVCache`.
-        compiled_attention: decode steps' attention through the compiled kernel
+        compiled_attention: attention (decode steps and prefills) through the compiled kernel
             (:mod:`~softprompt.engine.cpu_kernel`: prefix and own pages read in place) when it is
-            available and the pools are fp32; False keeps :class:`DecodeAttention` (torch ops).
+            available and the pools are fp32; False keeps torch ops (:class:`DecodeAttention`,
+            ``kernels.prefix_attention``).
     """
 
     def __init__(self, model: nn.Module, store, kv, *, compiled_attention: bool = True):

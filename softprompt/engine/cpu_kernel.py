@@ -3,9 +3,13 @@
 On the CPU a decode step's attention through torch ops must first gather every row's own K/V out
 of the pages into a padded batch (a copy of the whole running cache per layer) and then run the
 prefix and own parts separately. The kernel reads both in place — the prefix from the store's
-blocks, the own tokens from the engine's pages — in one softmax per (row, KV head), split over the
-intra-op threads. It is plain C, built with the system compiler on first use (about a second) into
-a per-user cache, and loaded with ``ctypes`` (which releases the GIL during the call).
+blocks, the own tokens from the engine's pages — in one softmax per query (all its heads), the
+queries split over OpenMP threads: inside a torch process the runtime already loaded by torch
+(same soname), so the kernel's threads are torch's own pool rather than rivals of its spinning
+workers. It serves decode steps (one query per row) and packed causal prefills (one query per new
+token). It is plain C, built with the system compiler on first use (about a second) into a
+per-user cache, and loaded with ``ctypes`` (which releases the GIL during the call). Inference
+only: it computes no gradients (the engine runs it under ``torch.inference_mode``).
 
 Where there is no compiler, the build fails, or ``SOFTPROMPT_CPU_KERNEL=0`` is set, :func:`load`
 returns None (``unavailable_reason()`` says why) and the CPU decoder keeps the torch path
