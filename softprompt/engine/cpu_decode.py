@@ -35,6 +35,7 @@ from torch import nn
 
 from kernels import prefix_attention
 
+from ..integration.attention import sliding_window_of
 from . import cpu_kernel
 from .decode_attention import DecodeAttention, split_by_length
 
@@ -168,7 +169,7 @@ class CpuDecoder:
             pool_v.view(-1, Hkv * D).index_copy_(0, cache.write_dst, v.t().to(pool_v.dtype).contiguous())
             prefix_k, prefix_v, _, _ = self.store.layer(i)
             q4 = q.permute(2, 0, 1).reshape(B, Hkv, Hq // Hkv, D).float()    # [B, Hkv, G, D]
-            key = (self._window(attn), attn.scaling)
+            key = (sliding_window_of(attn), attn.scaling)
             if use_kernel:
                 if key not in plans:
                     plans[key] = cpu_kernel.PagedAttention(
@@ -247,7 +248,7 @@ class CpuDecoder:
                 page_table, visible, query_rows, task_ids, write_dst = packed
                 pool_k.index_copy_(0, write_dst, k)
                 pool_v.index_copy_(0, write_dst, v)
-                key = (self._window(attn), attn.scaling)
+                key = (sliding_window_of(attn), attn.scaling)
                 if key not in plans:
                     plans[key] = cpu_kernel.PagedAttention(
                         page_table, visible, self.kv.page_size, task_ids, block_table, prefix_lens,
@@ -316,7 +317,7 @@ class CpuDecoder:
             o = prefix_attention(padded.view(B, Sq, Hq, D).transpose(1, 2), own_k.to(q.dtype),
                                  own_v.to(q.dtype), prefix_k.to(q.dtype), prefix_v.to(q.dtype), table, plens,
                                  tids, causal=True, scale=attn.scaling, kv_starts=starts, kv_lens=lens,
-                                 window=self._window(attn), backend=backend)            # [B, Hq, Sq, D]
+                                 window=sliding_window_of(attn), backend=backend)            # [B, Hq, Sq, D]
             out[at: at + n] = o.transpose(1, 2).reshape(B * Sq, Hq, D).index_select(0, cache.write_src)
             at += n
         return out
@@ -328,7 +329,3 @@ class CpuDecoder:
             0, cache.write_src // cache.Sq, torch.ones_like(cache.write_src))
         return per_row.cumsum(0) - 1
 
-    @staticmethod
-    def _window(attn: nn.Module) -> Optional[int]:
-        window = getattr(attn, "sliding_window", None)
-        return int(window) if isinstance(window, int) and window > 0 else None

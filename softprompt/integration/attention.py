@@ -175,6 +175,13 @@ def _backend(store, device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+def sliding_window_of(module, sliding_window: Optional[int] = None) -> Optional[int]:
+    """The attention module's sliding window (the caller's ``sliding_window`` first), None when it
+    has none: transformers marks "no window" with None, 0 or a non-int."""
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
 def softprompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                          scaling: Optional[float] = None, softcap: Optional[float] = None,
                          sliding_window: Optional[int] = None, task_ids=None, **kwargs):
@@ -216,8 +223,7 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
             visible = visible.expand(B, *visible.shape[1:])
             bias = bias.expand(B, *bias.shape[1:]) if bias is not None else None
 
-    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
-    window = int(window) if isinstance(window, int) and window > 0 else None
+    window = sliding_window_of(module, sliding_window)
     use_dense = softcap is not None or bias is not None or (dropout and module.training)
 
     if use_dense:
