@@ -3,7 +3,7 @@ all give the tokens each request gets when run alone; the paged KV cache frees p
 import pytest
 import torch
 
-from softprompt.engine import PagedKVCache
+from softprompt.engine import PagedKVCache, cpu_kernel
 from softprompt.engine.kv_cache import OutOfPages
 from test_engine_common import attach, engine, greedy, one_thread, random_rows, setup, solo_generate
 
@@ -25,6 +25,8 @@ def model_and_solo():
 def test_requests_added_while_others_run(model_and_solo):
     model, rows, tasks, news, solo = model_and_solo
     eng = engine(model)
+    if cpu_kernel.load() is not None:                   # joins go through the compiled CPU attention
+        assert eng.stats()["forward_path"] == "CPU decoder, compiled paged attention"
     ids = {}
     for b in range(3):
         ids[b] = eng.add_request(rows[b], tasks[b], greedy(news[b]))

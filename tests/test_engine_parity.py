@@ -3,6 +3,8 @@ through the attached model's generate() and the PEFT-style reference (tiny rando
 import pytest
 import torch
 
+from softprompt.engine import cpu_kernel
+
 from test_engine_common import (attach, engine, greedy, one_thread, peft_reference, random_rows, setup,
                                 solo_generate)
 
@@ -23,6 +25,8 @@ def test_mixed_task_batch_equals_solo_generate_and_peft_reference(family):
     eng = engine(model)
     # Llama-family decode steps run through the engine's own CPU decoder, the rest through HF
     assert (eng.cpu_decoder is not None) == (family in ("llama", "qwen2", "mistral"))
+    if eng.cpu_decoder is not None and cpu_kernel.load() is not None:   # and their attention through the kernel
+        assert eng.stats()["forward_path"] == "CPU decoder, compiled paged attention"
     results = eng.generate(rows, tasks, greedy(NEW))
     for b, res in enumerate(results):
         assert res.ok and res.finish_reason == "length", res.error
