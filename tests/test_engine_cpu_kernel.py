@@ -96,6 +96,8 @@ def test_kernel_rejects_bad_inputs():
         PagedAttention(pages, own, 4, torch.tensor([0, 1]), table, lens, 4, **kw)        # task 1 of 1
     with pytest.raises(ValueError, match="integer"):
         PagedAttention(pages.float(), own, 4, None, table, lens, 4, **kw)
+    with pytest.raises(ValueError, match="block_table"):
+        PagedAttention(pages, own, 4, None, table[0], lens, 4, **kw)
     kernel = PagedAttention(pages, own, 4, torch.tensor([0, 0]), table, lens, 4, **kw)
     q, pool, prefix = torch.zeros(2, 1, 2, 8), torch.zeros(12, 1, 8), torch.zeros(2, 1, 4, 8)
     assert kernel(q, pool, pool, prefix, prefix).shape == (2, 1, 2, 8)

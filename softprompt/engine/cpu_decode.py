@@ -246,15 +246,16 @@ class CpuDecoder:
             if use_kernel:
                 # every query in place: its row's prefix and own pages up to itself, no unpacking
                 page_table, visible, query_rows, task_ids, write_dst = packed
-                pool_k.index_copy_(0, write_dst, k)
-                pool_v.index_copy_(0, write_dst, v)
+                pool_k.index_copy_(0, write_dst, k.to(pool_k.dtype))
+                pool_v.index_copy_(0, write_dst, v.to(pool_v.dtype))
                 key = (sliding_window_of(attn), attn.scaling)
                 if key not in plans:
                     plans[key] = cpu_kernel.PagedAttention(
                         page_table, visible, self.kv.page_size, task_ids, block_table, prefix_lens,
                         self.store.block_size, query_rows=query_rows, num_kv_heads=Hkv, group_size=Hq // Hkv,
                         head_dim=D, scale=key[1], window=key[0])
-                out = plans[key](q.view(N, Hkv, Hq // Hkv, D), pool_k, pool_v, prefix_k, prefix_v).view(N, Hq, D)
+                out = plans[key](q.view(N, Hkv, Hq // Hkv, D), pool_k, pool_v, prefix_k, prefix_v)
+                out = out.view(N, Hq, D).to(q.dtype)                   # the kernel works in fp32
             else:
                 out = self._padded_attention(parts, shapes, sizes, q, k, v, pool_k, pool_v, prefix_k, prefix_v,
                                              attn)

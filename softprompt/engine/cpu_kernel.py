@@ -192,6 +192,8 @@ class PagedAttention:
             raise ValueError(f"PagedAttention: every query sees 1 .. {self.page_table.shape[1] * page_size} own tokens "
                              f"(its row's pages); `visible` holds {int(self.visible.min())} .. {int(self.visible.max())}")
         self.block_table, self.prefix_lens = _index(block_table, "block_table"), _index(prefix_lens, "prefix_lens")
+        if self.block_table.dim() != 2:
+            raise ValueError(f"PagedAttention: `block_table` must be [T, blocks]; got {list(block_table.shape)}")
         own_seen = self.visible if window is None else self.visible.clamp_max(window)
         max_keys = int(own_seen.max()) if N else 0
         self.task_ids, self.blocks_needed = None, 0
@@ -239,7 +241,7 @@ class PagedAttention:
             q.data_ptr(), pool_k.data_ptr(), pool_v.data_ptr(), self.page_table.data_ptr(),
             self.page_table.shape[1], self.visible.data_ptr(), ptr(self.query_rows), self.page_size,
             prefix_k.data_ptr(), prefix_v.data_ptr(), self.block_table.data_ptr(),
-            self.block_table.shape[1] if self.block_table.dim() == 2 else 0, self.prefix_lens.data_ptr(),
+            self.block_table.shape[1], self.prefix_lens.data_ptr(),
             ptr(self.task_ids), self.block_size, N, Hkv, G, D, self.scale, self.window, self.max_keys,
             out.data_ptr(), self.num_threads)
         if status != 0:

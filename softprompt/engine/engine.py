@@ -311,7 +311,8 @@ class Engine:
 
     def _run_packed_prefill(self, groups) -> None:
         """The prefills of one step in one CpuDecoder forward: linear layers over the packed real
-        tokens of every group (no padding), attention per group."""
+        tokens of every group (no padding); attention over the packed tokens in place (compiled
+        kernel) or per group (torch ops)."""
         batches = [b for b in (self._batch(g) for g in groups) if b is not None]
         if not batches:
             return
