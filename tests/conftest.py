@@ -7,6 +7,17 @@ sys.path.insert(0, str(Path(__file__).parent))   # tests/cases.py importable as 
 
 from cases import fresh_seed  # noqa: E402
 
+# Property-based fuzzing (hypothesis). The default profile keeps the suite fast on 2 cores; run
+# `python -m pytest --hypothesis-profile=long tests/test_fuzz_*.py` for a deep search. No deadline:
+# timings on shared CI machines are noise, and the Triton interpreter is slow by nature.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("default", max_examples=25, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("default")
+
 
 @pytest.fixture
 def seed():

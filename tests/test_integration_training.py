@@ -45,10 +45,14 @@ def test_gradient_checkpointing_gives_identical_gradients(family):
         assert model.is_activation_checkpointing
         loss1, g1 = _grads(model, store, ids, mask, labels)
         model.activation_checkpointing_disable()
-        assert torch.equal(loss0, loss1)
+        # Recomputation runs the same math but not always the same kernels on the same memory
+        # layout (oneDNN/MKL pick by alignment and CPU; AVX-512 machines differ in the last bits),
+        # so equal means equal up to float reassociation, not bitwise.
+        torch.testing.assert_close(loss1, loss0, atol=1e-6, rtol=1e-6)
         assert g1.keys() == g0.keys()
         for n in g0:
-            torch.testing.assert_close(g1[n], g0[n], atol=1e-7, rtol=0, msg=lambda m: f"{n} reentrant={reentrant}: {m}")
+            tol = 1e-5 * float(g0[n].abs().max()) + 1e-8
+            torch.testing.assert_close(g1[n], g0[n], atol=tol, rtol=1e-5, msg=lambda m: f"{n} reentrant={reentrant}: {m}")
 
 
 def test_trainer_keeps_task_ids_column(tmp_path):
@@ -266,10 +270,11 @@ def test_deepcopy_of_attached_model_is_independent(family):
     kw = dict(attention_mask=mask, position_ids=positions_from_mask(mask), task_ids=torch.tensor(TASKS))
     with torch.no_grad():
         a, b = model(ids, **kw).logits, twin(ids, **kw).logits
-        assert torch.equal(a, b)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)     # same weights, other memory
         twin_store.replace("task1", *(t * 3 for t in prefixes["task1"]))
-        assert torch.equal(model(ids, **kw).logits, a)           # the original is untouched
-        assert not torch.equal(twin(ids, **kw).logits, a)
+        torch.testing.assert_close(model(ids, **kw).logits, a, atol=1e-5, rtol=1e-5)  # original untouched
+        changed = (twin(ids, **kw).logits - a).abs().amax()
+        assert changed > 1e-2, f"the twin's new prefix should change its logits (max change {changed:.2e})"
     softprompt.detach(twin)
     assert twin.config._attn_implementation == "eager" and "task_ids" not in inspect.signature(twin.forward).parameters
     assert "task_ids" in inspect.signature(model.forward).parameters

@@ -263,7 +263,7 @@ def test_gradient_checkpointing_gives_identical_gradients(family):
         for _ in range(2):                       # twice: a previous step's swapped pools must not leak
             loss1, g1 = grads()
         spm.model.gradient_checkpointing_disable()
-        torch.testing.assert_close(loss1, loss0, atol=0, rtol=0)
+        torch.testing.assert_close(loss1, loss0, atol=1e-6, rtol=1e-6)   # recomputation: not bitwise on every CPU
         assert g1.keys() == g0.keys()
         for n in g0:
             torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5,
