@@ -480,23 +480,29 @@ class Engine:
         suppress = [self._suppressed(s) for s in picked]
         if len(ready) < len(seqs):                  # (indexing copies the logits: skip it when all are ready)
             logits = logits[ready]
-        tokens, errors = S.choose_tokens(logits, [s.sampling for s in picked], [s.generator for s in picked],
-                                         suppress)
+        try:
+            tokens, errors = S.choose_tokens(logits, [s.sampling for s in picked], [s.generator for s in picked],
+                                             suppress)
+        except Exception as exc:        # noqa: BLE001 - counted as computed, no token: they cannot go on
+            for s in picked:
+                self._fail(s, "choosing its next token failed", exc)
+            return
         self._stats["sample_seconds"] += time.perf_counter() - t1
         for b, (s, tok) in enumerate(zip(picked, tokens)):
             if b in errors:
-                self._fail(s, "no next token", RequestError(errors[b]))
+                self._fail(s, f"cannot choose its next token: {errors[b]}")
                 continue
             try:
                 self._append(s, tok)
             except Exception as exc:    # noqa: BLE001 - e.g. the tokenizer cannot decode the token
-                self._fail(s, f"taking token {tok}", exc)
+                self._fail(s, f"taking token {tok} failed", exc)
 
-    def _fail(self, seq: Sequence, what: str, exc: BaseException) -> None:
-        """Finish ``seq`` with an error (its pages freed) because of ``exc``; logged with its traceback."""
+    def _fail(self, seq: Sequence, what: str, exc: Optional[BaseException] = None) -> None:
+        """Finish ``seq`` with the error ``what`` (and ``exc``, logged with its traceback); its pages
+        are freed and its result and final event carry the message."""
         if seq.finished:
             return
-        message = f"request {seq.request_id!r}: {what}: {type(exc).__name__}: {exc}"
+        message = f"request {seq.request_id!r}: {what}" + (f": {type(exc).__name__}: {exc}" if exc else "")
         logger.warning("%s", message, exc_info=exc)
         self._finish(seq, "error", error=message)
 
