@@ -13,6 +13,13 @@ with a :class:`~softprompt.engine.kv_cache.StepCache` as the cache: the own-toke
 the engine's paged pool, each task's prefix is read in place from the model's prefix store by the
 registered attention function (``torch`` backend on the CPU, Triton — its decode kernels for the
 decoders — on a GPU). Requests join and leave the batch between steps.
+
+Failures stay with their request: a bad request (prompt, task, sampling values checked against
+the model and the engine's limits) is rejected when added, and a forward or sampling failure
+inside a step ends only the requests it is tied to — each with ``finish_reason == "error"`` and
+the message in its :class:`Result` / final :class:`StreamEvent` — while the batch goes on and the
+engine stays usable (see :meth:`Engine.step`). ``generate()`` therefore returns a result per
+prompt and never raises for one request's failure: check ``result.ok``.
 """
 from __future__ import annotations
 
