@@ -160,8 +160,9 @@ def _assert_idle_and_usable(eng, model, names):
 ], ids=["stop-id-out-of-vocab", "tiny-temperature", "huge-temperature", "sampled-all-suppressed",
         "greedy-all-suppressed", "stop-ids-and-eos-cover-vocab"])
 def test_sampling_checked_against_the_model_at_add_time(tiny, bad, pattern):
-    """These passed validation and then raised inside step() (or, greedy, silently emitted token 0),
-    losing the whole batch and leaving the engine unable to serve the next request."""
+    """These passed validation, then raised inside step(), losing the whole batch and leaving the
+    engine unable to serve the next request (greedy with everything suppressed silently emitted
+    token 0; temperature 1e300 is inf in float32: uniform sampling, NaN once a token is suppressed)."""
     model, store, names = tiny
     rows, tasks = _good(names)
     eng = engine(model)

@@ -24,7 +24,6 @@ import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from softprompt.engine import SamplingParams
 from test_engine_common import EOS, attach, engine, one_thread, setup
 
 _threads = pytest.fixture(autouse=True)(one_thread)
