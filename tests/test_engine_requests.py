@@ -349,3 +349,20 @@ def test_requests_the_engine_cannot_hold_are_rejected_or_cut_not_stuck(tiny, kwa
     assert ok.ok and 1 <= len(ok.token_ids) <= 12
     if len(ok.token_ids) < 12:
         assert ok.finish_reason == "length" and "max_pages" in kwargs    # cut at the pool's cap
+
+
+def test_stream_reports_a_failed_forward_in_its_final_event(tiny, monkeypatch):
+    model, store, names = tiny
+    rows, tasks = _good(names)                              # tasks: names[0], None, names[1]
+    fresh = [r.token_ids for r in engine(model).generate(rows, tasks, greedy(4))]
+    eng = engine(model)
+    _poison(monkeypatch, eng, model, int(store.task_ids([names[1]])[0]), "decode")
+    seen, final = {0: [], 1: [], 2: []}, {}
+    for ev in eng.stream(rows, tasks, greedy(4)):
+        if ev.token_id is not None:
+            seen[ev.index].append(ev.token_id)
+        if ev.finished:
+            final[ev.index] = ev
+    assert [seen[0], seen[1]] == fresh[:2] and seen[2] == fresh[2][:1]
+    assert final[2].finish_reason == "error" and "injected forward failure" in final[2].error
+    assert final[0].error is None and final[1].error is None and eng.kv.pages_used == 0
