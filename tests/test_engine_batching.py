@@ -77,3 +77,26 @@ def test_paged_cache_allocates_frees_and_grows():
         capped.ensure(b, 2)
     with pytest.raises(ValueError, match="page_size"):
         PagedKVCache(1, 1, 4, page_size=0)
+
+
+def test_pool_that_cannot_grow_keeps_the_request_queued(model_and_solo, monkeypatch):
+    """Admission takes a request off the queue only once its pages are granted: a pool growth that
+    fails (out of memory) used to drop the request (no result ever, generate() looping forever)."""
+    model, rows, tasks, news, solo = model_and_solo
+    eng = engine(model, num_pages=2)                    # 1 usable page: admitting 6 tokens must grow it
+
+    def no_memory(needed):
+        raise RuntimeError("no memory for the KV pool")
+
+    rid = eng.add_request(rows[0], tasks[0], greedy(news[0]))
+    with monkeypatch.context() as patch:
+        patch.setattr(eng.kv, "_grow", no_memory)
+        with pytest.raises(RuntimeError, match="no memory"):
+            eng.step()
+    for _ in range(3 * news[0]):
+        if not eng.has_unfinished():
+            break
+        eng.step()
+    res = eng.take_result(rid)
+    assert res is not None and res.ok and res.token_ids == solo[0]
+    assert eng.kv.pages_used == 0

@@ -13,14 +13,23 @@ with a :class:`~softprompt.engine.kv_cache.StepCache` as the cache: the own-toke
 the engine's paged pool, each task's prefix is read in place from the model's prefix store by the
 registered attention function (``torch`` backend on the CPU, Triton — its decode kernels for the
 decoders — on a GPU). Requests join and leave the batch between steps.
+
+Failures stay with their request: a bad request (prompt, task, sampling values checked against
+the model and the engine's limits) is rejected when added, and a forward or sampling failure
+inside a step ends only the requests it is tied to — each with ``finish_reason == "error"`` and
+the message in its :class:`Result` / final :class:`StreamEvent` — while the batch goes on and the
+engine stays usable (see :meth:`Engine.step`). ``generate()`` therefore returns a result per
+prompt and never raises for one request's failure: check ``result.ok``.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import resource
 import sys
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 
@@ -34,6 +43,25 @@ from .scheduler import Scheduler, Sequence
 from .small_gemm import small_batch_linears
 
 NO_PROMPT_TASK = "__softprompt_engine_no_prompt__"
+
+logger = logging.getLogger(__name__)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < low:
+        allowed = f"{'None or ' if optional else ''}an int >= {low}"
+        raise ValueError(f"Engine: `{name}` {value!r} is invalid; expected {allowed}")
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Engine: `{name}` {value!r} is invalid; expected True or False")
 
 
 def _max_positions(config) -> Optional[int]:
@@ -55,10 +83,15 @@ class Engine:
         max_num_batched_tokens: token budget of one step (decode tokens + prefill tokens).
         page_size: own-token rows per KV page.
         num_pages: initial KV pool size in pages (grows by doubling up to ``max_pages``).
-        max_pages: cap of the KV pool (None = grow as needed); at the cap, sequences are preempted.
+        max_pages: cap of the KV pool (None = grow as needed, else >= 3); at the cap, sequences are
+            preempted, and no sequence may hold more than ``(max_pages - 2) * page_size`` own
+            tokens (it finishes with "length" there; a longer prompt is rejected).
         max_model_len: most positions a sequence may use, prefix included (default: the config's).
-        eos_token_id: int or list overriding the model's / tokenizer's EOS ids.
-        chunked_prefill: split prompts longer than the remaining token budget over steps.
+        eos_token_id: int or list overriding the model's / tokenizer's EOS ids (ids in the vocabulary).
+        chunked_prefill: split prompts longer than the remaining token budget over steps; when False,
+            a prompt must fit in ``max_num_batched_tokens``, and with ``max_pages`` no sequence may
+            hold more than ``max_num_batched_tokens + 1`` own tokens (a preempted sequence is
+            recomputed in one step).
         prefill_padding: extra padded tokens allowed per prefill forward (fraction of real tokens)
             before the prefills are split into another forward.
         small_gemm_rows: on the CPU, forwards of at most this many tokens (decode steps) run the
@@ -73,8 +106,23 @@ class Engine:
                  page_size: int = 16, num_pages: Optional[int] = None, max_pages: Optional[int] = None,
                  max_model_len: Optional[int] = None, eos_token_id=None, chunked_prefill: bool = True,
                  prefill_padding: float = 0.25, small_gemm_rows: int = 128, cpu_decoder: bool = True):
+        _check_int("max_batch_size", max_batch_size, 1)
+        _check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
+        _check_int("page_size", page_size, 1)
+        _check_int("num_pages", num_pages, 1, optional=True)
+        _check_int("max_pages", max_pages, 3, optional=True)  # page 0 is null, admission keeps a page spare
+        _check_int("max_model_len", max_model_len, 2, optional=True)  # a prompt token and a new one
+        _check_int("small_gemm_rows", small_gemm_rows, 0)
+        _check_flag("chunked_prefill", chunked_prefill)
+        _check_flag("cpu_decoder", cpu_decoder)
+        if not isinstance(prefill_padding, (int, float)) or isinstance(prefill_padding, bool) or not (
+                math.isfinite(prefill_padding) and prefill_padding >= 0):
+            raise ValueError(f"Engine: `prefill_padding` {prefill_padding!r} is invalid; expected a finite "
+                             "number >= 0")
         self.model = model
         self.tokenizer = tokenizer
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.eos_token_ids = self._eos_ids(eos_token_id)       # checked before the model is attached
         store = attached_store(model)
         self._attached_here = store is None
         self.store = store if store is not None else attach(model)
@@ -87,15 +135,9 @@ class Engine:
                                dtype=self.dtype, device=self.device)
         self.scheduler = Scheduler(self.kv, max_batch_size=max_batch_size,
                                    max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill)
-        self.max_model_len = max_model_len or _max_positions(model.config)
-        self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.eos_token_ids = self._eos_ids(eos_token_id)
+        self.max_model_len = max_model_len if max_model_len is not None else _max_positions(model.config)
         self.prefill_padding = prefill_padding
-        if isinstance(small_gemm_rows, bool) or not isinstance(small_gemm_rows, int) or small_gemm_rows < 0:
-            raise ValueError(f"Engine: `small_gemm_rows` {small_gemm_rows!r} is invalid; expected an int >= 0")
         self.small_gemm_rows = small_gemm_rows if self.device.type == "cpu" else 0
-        if not isinstance(cpu_decoder, bool):
-            raise ValueError(f"Engine: `cpu_decoder` {cpu_decoder!r} is invalid; expected True or False")
         self.cpu_decoder = None
         if (cpu_decoder and self.device.type == "cpu" and self.store.backend in (None, "torch")
                 and unsupported_reason(model) is None):
@@ -110,8 +152,13 @@ class Engine:
 
     # ------------------------------------------------------------------ setup helpers
     def _eos_ids(self, override) -> tuple:
+        """The EOS ids: ``override`` (checked against the vocabulary), else the model's and the
+        tokenizer's that lie in the vocabulary (others can never be generated)."""
         if override is not None:
-            ids = [override] if isinstance(override, int) else list(override)
+            ids = list(override) if isinstance(override, (list, tuple, set, frozenset)) else [override]
+            if not all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"Engine: `eos_token_id` {override!r} is invalid; expected None, a token id or a "
+                                 f"list of token ids in [0, {self.vocab_size})")
         else:
             ids = []
             gen = getattr(self.model, "generation_config", None)
@@ -123,6 +170,7 @@ class Engine:
             tok_eos = getattr(self.tokenizer, "eos_token_id", None)
             if isinstance(tok_eos, int):
                 ids.append(tok_eos)
+            ids = [i for i in ids if 0 <= int(i) < self.vocab_size]
         return tuple(sorted(set(int(i) for i in ids)))
 
     def reset_stats(self) -> None:
@@ -133,9 +181,18 @@ class Engine:
         self.kv.peak_pages_used = self.kv.pages_used
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt: Prompt, task: Optional[str] = None, sampling: Optional[SamplingParams] = None,
-                    request_id: Optional[str] = None) -> str:
-        """Queue one request; returns its id. A bad request finishes at once with its error."""
+    def add_request(self, prompt: Prompt, task: Optional[str] = None,
+                    sampling: Union[SamplingParams, dict, None] = None, request_id: Optional[str] = None) -> str:
+        """Queue one request; returns its id.
+
+        ``sampling``: a :class:`SamplingParams`, a dict of its fields, or None (the defaults). A bad
+        request (prompt, task or sampling values, checked against the model and the engine's
+        limits) is not queued: it finishes at once with ``finish_reason == "error"`` and the
+        :class:`RequestError` message in its result and final stream event. Only a bad or reused
+        ``request_id`` raises (ValueError), since no result could be filed under it.
+        """
+        if request_id is not None and not isinstance(request_id, str):
+            raise ValueError(f"Engine: `request_id` {request_id!r} is invalid; expected None or a str")
         rid = request_id if request_id is not None else new_request_id()
         if rid in self._seqs or rid in self._results:
             raise ValueError(f"Engine: `request_id` {rid!r} is invalid; expected an id not already in use")
@@ -143,18 +200,10 @@ class Engine:
         self._arrivals += 1
         now = time.perf_counter()
         try:
-            params = dataclasses.replace(sampling) if sampling is not None else SamplingParams()
-            if not isinstance(params, SamplingParams):
-                raise RequestError(f"`sampling` of type {type(sampling).__name__} is invalid; expected SamplingParams")
-            params.validate()
+            params = self._sampling_params(sampling)
             prefix_len = self._check_task(task)
             ids = self._tokenize(prompt)
-            max_total = (self.max_model_len - prefix_len) if self.max_model_len else 1 << 62
-            if len(ids) >= max_total:
-                raise RequestError(
-                    f"prompt of {len(ids)} tokens is too long: with the task's prefix of {prefix_len} it needs "
-                    f"{len(ids) + prefix_len + 1} positions to generate one token; the model allows "
-                    f"{self.max_model_len}")
+            max_total = self._max_total(len(ids), prefix_len)
             if params.stop and self.tokenizer is None:
                 raise RequestError("`stop` strings need a tokenizer; pass one to Engine(model, tokenizer)")
         except (RequestError, ValueError, TypeError) as exc:
@@ -171,6 +220,61 @@ class Engine:
         self._seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
+
+    def _sampling_params(self, sampling) -> SamplingParams:
+        """A validated copy of ``sampling`` (the caller's object is never changed), checked against
+        the model: stop ids in the vocabulary, a token left to sample under ``min_new_tokens``."""
+        if sampling is None:
+            params = SamplingParams()
+        elif isinstance(sampling, SamplingParams):
+            params = dataclasses.replace(sampling)
+        elif isinstance(sampling, dict):
+            fields = [f.name for f in dataclasses.fields(SamplingParams)]
+            unknown = sorted(str(k) for k in sampling if k not in fields)
+            if unknown:
+                raise RequestError(f"`sampling` keys {unknown} are invalid; expected SamplingParams fields {fields}")
+            params = SamplingParams(**sampling)
+        else:
+            raise RequestError(f"`sampling` of type {type(sampling).__name__} is invalid; expected "
+                               "SamplingParams, a dict of its fields, or None")
+        params.validate()
+        V = self.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= V]
+        if bad:
+            raise RequestError(f"`stop_token_ids` {bad[:5]} are out of range; expected ids in [0, {V})")
+        if params.min_new_tokens > 0 and len(set(self.eos_token_ids) | set(params.stop_token_ids)) >= V:
+            raise RequestError(f"`min_new_tokens` {params.min_new_tokens} suppresses the EOS ids and "
+                               f"`stop_token_ids`, which cover all {V} tokens of the vocabulary: no token is "
+                               "left to sample; expected fewer stop ids or min_new_tokens=0")
+        return params
+
+    def _max_total(self, prompt_len: int, prefix_len: int) -> int:
+        """Most own tokens (prompt + generated) a request may reach; RequestError if the prompt
+        leaves no room for one new token. Bounded by the model's positions, by the KV pool cap
+        (the scheduler admits a sequence only with a page spare) and, without chunked prefill, by
+        the step's token budget (else the request would wait forever at the head of the queue)."""
+        n = prompt_len
+        limits = []
+        if self.max_model_len:
+            limits.append((self.max_model_len - prefix_len,
+                           f"with the task's prefix of {prefix_len} it needs {n + prefix_len + 1} positions to "
+                           f"generate one token; the model allows {self.max_model_len}"))
+        if self.kv.max_pages is not None:
+            cap = (self.kv.max_pages - 2) * self.kv.page_size
+            limits.append((cap + 1, f"one sequence may hold {cap} tokens in the KV pool of max_pages="
+                                    f"{self.kv.max_pages} pages of {self.kv.page_size}"))
+        if not self.scheduler.chunked_prefill:
+            # the prompt, and a preempted sequence's tokens when it is recomputed, go in one step
+            budget = self.scheduler.max_num_batched_tokens
+            why = f"without chunked prefill it must fit in one step of max_num_batched_tokens={budget}"
+            if self.kv.max_pages is not None:
+                limits.append((budget + 1, why))
+            elif n > budget:
+                raise RequestError(f"prompt of {n} tokens is too long: {why}")
+        max_total, why = min(limits, default=(1 << 62, ""))
+        if n >= max_total:
+            raise RequestError(f"prompt of {n} tokens is too long: {why}")
+        return max_total
 
     def _check_task(self, task) -> int:
         if task is None:
@@ -209,17 +313,35 @@ class Engine:
                                f"[0, {self.vocab_size})")
         return ids
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
+        """Stop a queued or running request now: its pages are freed and its result (the tokens made
+        so far, ``finish_reason == "aborted"``) waits for :meth:`take_result`. Returns True; False
+        if the request had already finished (its result is kept as it was). KeyError for an id the
+        engine does not hold (never added, or its result already taken)."""
         seq = self._seqs.get(request_id)
-        if seq is not None and not seq.finished:
+        if seq is not None:
             self._finish(seq, "aborted")
+            return True
+        if request_id in self._results:
+            return False
+        raise KeyError(f"Engine.abort: `request_id` {request_id!r} is not a request of this engine (never added, "
+                       "or its result was already taken)")
 
     # ------------------------------------------------------------------ stepping
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     def step(self) -> List[StreamEvent]:
-        """Run one step (prefill of admitted requests, decode of running ones); returns its events."""
+        """Run one step (prefill of admitted requests, decode of running ones); returns its events.
+
+        Fault isolation: a failure tied to some requests ends only those, with
+        ``finish_reason == "error"`` and the exception's message (their pages freed); the batch goes
+        on and the engine stays usable. A forward that raises changed no sequence's bookkeeping
+        (tokens count as computed only once their forward returned), so it is retried on halves of
+        its rows until the rows that fail on their own are found; a row that cannot be sampled
+        (non-finite logits, a failing draw) fails alone. Only a failure of the scheduler itself
+        (e.g. the KV pool cannot be allocated) propagates.
+        """
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         self._stats["steps"] += 1
@@ -229,21 +351,45 @@ class Engine:
             self._stats["max_step_tokens"] = max(self._stats["max_step_tokens"], plan.num_tokens)
         with torch.inference_mode():
             if plan.prefill:
-                groups = self._prefill_groups(plan.prefill)
-                if self._use_cpu_decoder():
-                    self._run_packed_prefill(groups)
-                else:
-                    for group in groups:
-                        self._run(group, prefill=True)
+                for rows, logits in self._isolated(plan.prefill, prefill=True):
+                    self._advance(rows, logits, True)
             if plan.decode:
                 self._stats["decode_steps"] += 1
                 self._stats["decode_rows"] += len(plan.decode)
                 # rows of one task side by side: the attention stacks each task's queries as a view
                 decode = sorted(plan.decode, key=lambda s: s.task or "")
-                self._run([(s, 1) for s in decode], prefill=False)
+                for rows, logits in self._isolated([(s, 1) for s in decode], prefill=False):
+                    self._advance(rows, logits, False)
         self._stats["busy_seconds"] += time.perf_counter() - start
         events, self._events = self._events, []
         return events
+
+    def _isolated(self, rows, *, prefill: bool):
+        """The forwards of ``rows`` ([(sequence, new tokens)]) as [(rows, logits)]. If the forward
+        raises, each half of the rows is run again on its own (recursively), so one bad row costs
+        about 2 log2(B) forwards, and a row that fails alone finishes with the error."""
+        rows = [(s, n) for s, n in rows if not s.finished]
+        if not rows:
+            return []
+        try:
+            return self._forward(rows, prefill)
+        except Exception as exc:        # noqa: BLE001 - any failure: find its rows, keep the engine
+            if len(rows) == 1:
+                self._fail(rows[0][0], "the model forward failed", exc)
+                return []
+        half = len(rows) // 2
+        return self._isolated(rows[:half], prefill=prefill) + self._isolated(rows[half:], prefill=prefill)
+
+    def _forward(self, rows, prefill: bool):
+        """The model forwards of one step's prefill or decode rows: [(rows, logits)], one entry per
+        forward batch. Changes no sequence's tokens or counts (rows whose task left the store
+        finish with an error), so it can be retried; K/V slots it wrote are rewritten then."""
+        if not prefill:
+            return self._run(rows, prefill=False)
+        groups = self._prefill_groups(rows)
+        if self._use_cpu_decoder():
+            return self._run_packed_prefill(groups)
+        return [out for group in groups for out in self._run(group, prefill=True)]
 
     def _prefill_groups(self, rows):
         rows = sorted(rows, key=lambda r: -r[1])
@@ -286,11 +432,11 @@ class Engine:
     def _use_cpu_decoder(self) -> bool:
         return self.cpu_decoder is not None and not self.model.training
 
-    def _run(self, rows, *, prefill: bool) -> None:
-        """One forward over ``rows`` ([(sequence, new tokens)]), then the tokens of those that are ready."""
+    def _run(self, rows, *, prefill: bool):
+        """One forward over ``rows`` ([(sequence, new tokens)]): [(rows, logits of their last tokens)]."""
         batch = self._batch(rows)
         if batch is None:
-            return
+            return []
         rows, cache, ids = batch
         seqs = [s for s, _ in rows]
         B, Sq = ids.shape
@@ -307,15 +453,15 @@ class Engine:
         self._stats["forwards"] += 1
         if prefill:
             self._stats["padded_prefill_tokens"] += B * Sq - sum(n for _, n in rows)
-        self._advance(rows, logits, prefill)
+        return [(rows, logits)]
 
-    def _run_packed_prefill(self, groups) -> None:
+    def _run_packed_prefill(self, groups):
         """The prefills of one step in one CpuDecoder forward: linear layers over the packed real
         tokens of every group (no padding); attention over the packed tokens in place (compiled
-        kernel) or per group (torch ops)."""
+        kernel) or per group (torch ops). Returns [(rows, logits)] per group."""
         batches = [b for b in (self._batch(g) for g in groups) if b is not None]
         if not batches:
-            return
+            return []
         t0 = time.perf_counter()
         parts = [(cache, ids, self._task_ids([s for s, _ in rows])) for rows, cache, ids in batches]
         tokens = sum(cache.write_dst.numel() for cache, _, _ in parts)
@@ -323,11 +469,11 @@ class Engine:
             logits = self.cpu_decoder.prefill(parts)
         self._stats["forward_seconds"] += time.perf_counter() - t0
         self._stats["forwards"] += 1
-        for (rows, _, _), group_logits in zip(batches, logits):
-            self._advance(rows, group_logits, True)
+        return [(rows, group_logits) for (rows, _, _), group_logits in zip(batches, logits)]
 
     def _advance(self, rows, logits, prefill: bool) -> None:
-        """Count the rows' new tokens as computed; choose the next token of rows that are ready."""
+        """Count the rows' new tokens as computed; choose the next token of rows that are ready.
+        A row whose token cannot be chosen or taken finishes with the error; the others go on."""
         if prefill:
             self._stats["prefill_tokens"] += sum(n for _, n in rows)
         for s, n in rows:
@@ -341,11 +487,31 @@ class Engine:
         suppress = [self._suppressed(s) for s in picked]
         if len(ready) < len(seqs):                  # (indexing copies the logits: skip it when all are ready)
             logits = logits[ready]
-        tokens = S.choose_tokens(logits, [s.sampling for s in picked], [s.generator for s in picked],
-                                 suppress)
+        try:
+            tokens, errors = S.choose_tokens(logits, [s.sampling for s in picked], [s.generator for s in picked],
+                                             suppress)
+        except Exception as exc:        # noqa: BLE001 - counted as computed, no token: they cannot go on
+            for s in picked:
+                self._fail(s, "choosing its next token failed", exc)
+            return
         self._stats["sample_seconds"] += time.perf_counter() - t1
-        for s, tok in zip(picked, tokens):
-            self._append(s, tok)
+        for b, (s, tok) in enumerate(zip(picked, tokens)):
+            if b in errors:
+                self._fail(s, f"cannot choose its next token: {errors[b]}")
+                continue
+            try:
+                self._append(s, tok)
+            except Exception as exc:    # noqa: BLE001 - e.g. the tokenizer cannot decode the token
+                self._fail(s, f"taking token {tok} failed", exc)
+
+    def _fail(self, seq: Sequence, what: str, exc: Optional[BaseException] = None) -> None:
+        """Finish ``seq`` with the error ``what`` (and ``exc``, logged with its traceback); its pages
+        are freed and its result and final event carry the message."""
+        if seq.finished:
+            return
+        message = f"request {seq.request_id!r}: {what}" + (f": {type(exc).__name__}: {exc}" if exc else "")
+        logger.warning("%s", message, exc_info=exc)
+        self._finish(seq, "error", error=message)
 
     def _suppressed(self, seq: Sequence):
         if len(seq.output_ids) >= seq.sampling.min_new_tokens:
@@ -430,12 +596,12 @@ class Engine:
         if len(tasks) != n:
             raise ValueError(f"Engine: `tasks` with {len(tasks)} entries is invalid for {n} prompts; expected one "
                              "task (or None) per prompt, or a single task for all")
-        if sampling is None or isinstance(sampling, SamplingParams):
+        if sampling is None or isinstance(sampling, (SamplingParams, dict)):
             sampling = [sampling] * n
         sampling = list(sampling)
         if len(sampling) != n:
             raise ValueError(f"Engine: `sampling` with {len(sampling)} entries is invalid for {n} prompts; "
-                             "expected one SamplingParams, or one per prompt")
+                             "expected one SamplingParams (or dict of its fields), or one per prompt")
         return [self.add_request(p, t, s) for p, t, s in zip(prompts, tasks, sampling)]
 
     def take_result(self, request_id: str) -> Optional[Result]:
@@ -443,7 +609,15 @@ class Engine:
         return self._results.pop(request_id, None)
 
     def generate(self, prompts, tasks=None, sampling=None) -> List[Result]:
-        """Generate for every prompt (text or ids) with its task (name or None); results in order."""
+        """Generate for every prompt (text or ids) with its task (name or None); results in order.
+
+        ``sampling``: one :class:`SamplingParams` (or dict of its fields) for all, or one per prompt.
+        A request that fails does not fail the call: its :class:`Result` has ``ok == False``,
+        ``finish_reason == "error"`` and the reason in ``error`` (rejected when added: no tokens;
+        failed while running: the tokens made before), and every other request is served as if
+        it were alone. Check ``result.ok``. Only a malformed call (``tasks`` or ``sampling`` lists
+        of the wrong length, a reused request id) raises ValueError.
+        """
         ids = self._requests(prompts, tasks, sampling)
         while any(i not in self._results for i in ids):
             self.step()

@@ -7,7 +7,6 @@ in its result, and the rest of the batch goes on.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -34,21 +33,37 @@ def _is_num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _as_tuple(name: str, value, allowed: str) -> tuple:
+    try:
+        return tuple(value)
+    except TypeError:
+        raise _bad(name, value, allowed) from None
+
+
+# Sampling temperatures allowed besides 0 (greedy). Outside, float32 logits / temperature round to
+# 0 or inf (1e-300 is 0 in float32); inside, sampling stays finite for any finite logits.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e3
+
+
 @dataclass
 class SamplingParams:
     """How one request samples its tokens.
 
     Args:
         max_new_tokens: most tokens to generate (>= 1).
-        min_new_tokens: end-of-sequence tokens are suppressed until this many were generated
-            (as ``generate(min_new_tokens=...)`` does).
-        temperature: 0 means greedy (argmax); > 0 samples from ``softmax(logits / temperature)``.
+        min_new_tokens: end-of-sequence tokens and ``stop_token_ids`` are suppressed until this
+            many were generated (as ``generate(min_new_tokens=...)`` does); the engine rejects a
+            request whose suppressed ids cover the whole vocabulary.
+        temperature: 0 means greedy (argmax); else a number in [MIN_TEMPERATURE, MAX_TEMPERATURE]
+            = [1e-3, 1e3] samples from ``softmax(logits / temperature)``.
         top_k: keep the k most likely tokens (0 = off). Only when sampling.
         top_p: nucleus sampling, keep the smallest set with cumulative probability >= top_p (1 = off).
         seed: seed of this request's own ``torch.Generator`` (None = drawn from torch's global RNG
             at admission), so a seeded request samples the same tokens whatever else is batched.
         stop: stop strings; the request ends when its text contains one (the text is cut before it).
-        stop_token_ids: extra token ids that end the request (kept in the output, like EOS).
+        stop_token_ids: extra token ids that end the request (kept in the output, like EOS); the
+            engine checks them against the model's vocabulary.
         ignore_eos: keep generating past the model's EOS token.
     """
 
@@ -71,8 +86,10 @@ class SamplingParams:
             raise _bad("max_new_tokens", self.max_new_tokens, "an int >= 1")
         if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise _bad("min_new_tokens", self.min_new_tokens, f"an int in [0, max_new_tokens={self.max_new_tokens}]")
-        if not _is_num(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise _bad("temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
+        if not _is_num(self.temperature) or not (
+                self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise _bad("temperature", self.temperature,
+                       f"0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise _bad("top_k", self.top_k, "an int >= 0 (0 = off)")
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
@@ -81,10 +98,10 @@ class SamplingParams:
             raise _bad("seed", self.seed, "None or an int in [0, 2**63)")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        self.stop = tuple(self.stop)
+        self.stop = _as_tuple("stop", self.stop, "a tuple of non-empty strings")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise _bad("stop", self.stop, "a tuple of non-empty strings")
-        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop_token_ids = _as_tuple("stop_token_ids", self.stop_token_ids, "a tuple of token ids (ints >= 0)")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise _bad("stop_token_ids", self.stop_token_ids, "a tuple of token ids (ints >= 0)")
         if not isinstance(self.ignore_eos, bool):
@@ -106,7 +123,8 @@ class Request:
 @dataclass
 class Result:
     """What one request produced. ``error`` is set (and ``finish_reason == "error"``) for a request
-    that could not be served; its ``token_ids`` are then empty."""
+    that could not be served: rejected when added (``token_ids`` empty), or failed while running
+    (a forward or a sampling step tied to it raised; ``token_ids`` holds the tokens made before)."""
 
     request_id: str
     task: Optional[str]

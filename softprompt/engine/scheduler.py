@@ -157,8 +157,8 @@ class Scheduler:
                 n = budget
             if not self.kv.can_hold(self.kv.pages_for(seq.num_computed + n) + 1):
                 break
+            self.kv.ensure(seq, seq.num_computed + n)     # first: if the pool cannot grow, seq stays queued
             self.waiting.popleft()
-            self.kv.ensure(seq, seq.num_computed + n)
             seq.admitted_step = self.steps
             self.running.append(seq)
             budget -= n
