@@ -119,6 +119,10 @@ class PagedKVCache:
     def holds(self, seq) -> bool:
         return seq in self._pages
 
+    def reset_peak(self) -> None:
+        """Start the peak of ``pages_used`` (in :meth:`stats`) again from now."""
+        self.peak_pages_used = self.pages_used
+
     def stats(self) -> dict:
         per = self.bytes_per_page
         return {"page_size": self.page_size, "pages_total": self.num_pages - 1, "pages_used": self.pages_used,
@@ -173,10 +177,10 @@ class StepCache(Cache):
         total = past + new
         self.Sq = int(new.max()) if B else 0
         self.Skv = int(total.max()) if B else 0
-        width = max((len(paged._pages.get(s, [])) for s in seqs), default=0)
+        row_pages = [paged.pages(s) for s in seqs]
+        width = max(map(len, row_pages), default=0)
         table = torch.zeros(B, max(width, 1), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            pages = paged._pages.get(s, [])
+        for b, pages in enumerate(row_pages):
             if pages:
                 table[b, : len(pages)] = torch.tensor(pages, dtype=torch.long)
         # Read layout: row b's token t sits at column Skv - len_b + t (right-aligned).
