@@ -175,14 +175,15 @@ def test_random_request_mixes(limits, valid, invalid, arrivals, aborts, reuse_id
     task_name = {"t0": names[0], "t1": names[1], "t2": names[2], None: None}
     eng = engine(model, **limits)
     poisoned = {}                       # request id -> its forwards fail while it has no token ("first") / after
-    forward = eng._forward
+    execute = eng.runner.execute
 
-    def faulty_forward(rows, prefill):
+    def faulty_execute(plan):
+        rows = [row for batch in plan.batches for row in batch.rows]
         if any(poisoned.get(s.request_id) == ("later" if s.output_ids else "first") for s, _ in rows):
             raise RuntimeError("injected forward failure")
-        return forward(rows, prefill)
+        return execute(plan)
 
-    eng._forward = faulty_forward
+    eng.runner.execute = faulty_execute
 
     requests = []                                           # (arrival step, spec)
     for spec in valid:
@@ -256,7 +257,7 @@ def test_random_request_mixes(limits, valid, invalid, arrivals, aborts, reuse_id
             _check_tokens(res.token_ids, want, prompt, task, whole=True)
 
     # the engine is as usable as an idle one
-    eng._forward = forward
+    eng.runner.execute = execute
     prompt, task, params = [7, 8, 9], names[1], dict(max_new_tokens=3, min_new_tokens=3)
     res = eng.generate([prompt], [task], [params])[0]
     assert res.ok

@@ -24,7 +24,7 @@ tokens where they are, the torch path unpacks them per batch.
 
 Only the families whose decoder layer is exactly that computation are taken (Llama, Mistral,
 Qwen2 — see :func:`unsupported_reason`); every other model, a model in training mode, and every
-GPU step keep the HF forward.
+GPU step keep the HF forward (:mod:`~softprompt.engine.runner` chooses).
 """
 from __future__ import annotations
 
@@ -102,6 +102,16 @@ class CpuDecoder:
     def _use_kernel(self) -> bool:
         return (self.compiled_attention and self.kv.k.dtype == torch.float32
                 and self.store.layer(0)[0].dtype == torch.float32)
+
+    def attention_path(self) -> str:
+        """How the attention runs now, in words (for reports)."""
+        if self._use_kernel():
+            return "compiled paged attention"
+        if not self.compiled_attention:
+            why = cpu_kernel.unavailable_reason() or "turned off"
+        else:
+            why = "the KV pools or the prefix store are not fp32"
+        return f"attention through torch ops (compiled kernel: {why})"
 
     @staticmethod
     def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -197,10 +207,9 @@ class CpuDecoder:
     HEAD_CHUNK = 1024       # vocabulary rows per product: each [chunk, B] result is transposed while in cache
 
     def _head_rows(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of feature-major ``h [hidden, B]``. One ``W @ h`` then a transpose
-        would copy the whole ``[vocab, B]`` result through memory with a cache-hostile stride
-        (~10 ms for SmolLM2 at 64 rows); a chunk of vocabulary rows at a time transposes each small
-        result while it is still in cache (the products are the same rows of the same GEMM)."""
+        """Logits ``[B, vocab]`` of feature-major ``h [hidden, B]``, a chunk of vocabulary rows at a
+        time: each small ``[chunk, B]`` product is transposed while it is still in cache, instead of
+        the whole ``[vocab, B]`` result with a cache-hostile stride (same rows of the same GEMM)."""
         weight, bias = self.head.weight, self.head.bias
         out = h.new_empty(h.shape[1], weight.shape[0])
         for start in range(0, weight.shape[0], self.HEAD_CHUNK):

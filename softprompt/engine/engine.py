@@ -7,12 +7,14 @@
     for event in engine.stream(prompts, tasks): ...        # tokens as they are made
 
 Each step the scheduler picks the sequences to feed (decoders one token each, prefills of
-newly admitted requests within a token budget); the engine runs the HF model forward once for the
-prefills (grouped by length so that left-padding waste stays small) and once for the decoders,
-with a :class:`~softprompt.engine.kv_cache.StepCache` as the cache: the own-token KV lives in
-the engine's paged pool, each task's prefix is read in place from the model's prefix store by the
-registered attention function (``torch`` backend on the CPU, Triton — its decode kernels for the
-decoders — on a GPU). Requests join and leave the batch between steps.
+newly admitted requests within a token budget). The engine groups the prefills by length (so that
+left-padding waste stays small), builds each batch's :class:`~softprompt.engine.kv_cache.StepCache`
+(the own-token KV lives in the engine's paged pool) and hands the prefill batches, then the decode
+batch, to its :class:`~softprompt.engine.runner.ModelRunner`, which returns the logits the engine
+samples from. The runner is the attached model's HF forward (any family; each task's prefix is read
+in place from the model's prefix store by the registered attention function, ``torch`` backend on
+the CPU, Triton on a GPU) or, for Llama-family models on the CPU, the CPU decoder
+(:mod:`~softprompt.engine.cpu_decode`). Requests join and leave the batch between steps.
 
 Failures stay with their request: a bad request (prompt, task, sampling values checked against
 the model and the engine's limits) is rejected when added, and a forward or sampling failure
@@ -36,11 +38,11 @@ import torch
 from ..integration import attach
 from ..integration.attach import attached_store
 from . import sampling as S
-from .cpu_decode import CpuDecoder, unsupported_reason
+from .cpu_decode import CpuDecoder
 from .kv_cache import PagedKVCache
 from .requests import Prompt, RequestError, Result, SamplingParams, StreamEvent, new_request_id
+from .runner import CpuDecoderRunner, ForwardBatch, ForwardPlan, choose_runner
 from .scheduler import Scheduler, Sequence
-from .small_gemm import small_batch_linears
 
 NO_PROMPT_TASK = "__softprompt_engine_no_prompt__"
 
@@ -97,9 +99,10 @@ class Engine:
         small_gemm_rows: on the CPU, forwards of at most this many tokens (decode steps) run the
             model's linear layers as ``W @ x^T`` (faster there; see ``engine/small_gemm.py``);
             0 turns it off.
-        cpu_decoder: on the CPU, run decode steps of Llama-family models (Llama, Mistral, Qwen2)
-            through :class:`~softprompt.engine.cpu_decode.CpuDecoder` (feature-major, no HF
-            forward; same result up to summation order); False keeps the HF forward for them.
+        cpu_decoder: on the CPU, run the forwards of Llama-family models (Llama, Mistral, Qwen2)
+            through :class:`~softprompt.engine.cpu_decode.CpuDecoder` (no HF forward; same result
+            up to summation order); False keeps the HF forward for them. ``stats()["forward_path"]``
+            says which forward serves the steps (:func:`~softprompt.engine.runner.choose_runner`).
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 64, max_num_batched_tokens: int = 2048,
@@ -124,7 +127,6 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = self._eos_ids(eos_token_id)       # checked before the model is attached
         store = attached_store(model)
-        self._attached_here = store is None
         self.store = store if store is not None else attach(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -137,11 +139,8 @@ class Engine:
                                    max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill)
         self.max_model_len = max_model_len if max_model_len is not None else _max_positions(model.config)
         self.prefill_padding = prefill_padding
-        self.small_gemm_rows = small_gemm_rows if self.device.type == "cpu" else 0
-        self.cpu_decoder = None
-        if (cpu_decoder and self.device.type == "cpu" and self.store.backend in (None, "torch")
-                and unsupported_reason(model) is None):
-            self.cpu_decoder = CpuDecoder(model, self.store, self.kv)
+        self.runner = choose_runner(model, self.store, self.kv, cpu_decoder=cpu_decoder,
+                                    small_gemm_rows=small_gemm_rows)
         self.pad_token_id = 0
         self._seqs: Dict[str, Sequence] = {}
         self._results: Dict[str, Result] = {}
@@ -178,7 +177,7 @@ class Engine:
                        "generated_tokens": 0, "decode_rows": 0, "decode_steps": 0, "running_sum": 0,
                        "busy_seconds": 0.0, "forward_seconds": 0.0, "sample_seconds": 0.0,
                        "finished": 0, "errors": 0, "preemptions": 0, "max_step_tokens": 0}
-        self.kv.peak_pages_used = self.kv.pages_used
+        self.kv.reset_peak()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Prompt, task: Optional[str] = None,
@@ -384,12 +383,17 @@ class Engine:
         """The model forwards of one step's prefill or decode rows: [(rows, logits)], one entry per
         forward batch. Changes no sequence's tokens or counts (rows whose task left the store
         finish with an error), so it can be retried; K/V slots it wrote are rewritten then."""
-        if not prefill:
-            return self._run(rows, prefill=False)
-        groups = self._prefill_groups(rows)
-        if self._use_cpu_decoder():
-            return self._run_packed_prefill(groups)
-        return [out for group in groups for out in self._run(group, prefill=True)]
+        groups = self._prefill_groups(rows) if prefill else [rows]
+        batches = [b for b in map(self._batch, groups) if b is not None]
+        if not batches:
+            return []
+        t0 = time.perf_counter()
+        out = self.runner.execute(ForwardPlan(prefill, batches))
+        self._stats["forward_seconds"] += time.perf_counter() - t0
+        self._stats["forwards"] += out.forwards
+        if prefill:
+            self._stats["padded_prefill_tokens"] += out.padded_tokens
+        return [(batch.rows, logits) for batch, logits in zip(batches, out.logits)]
 
     def _prefill_groups(self, rows):
         rows = sorted(rows, key=lambda r: -r[1])
@@ -413,8 +417,8 @@ class Engine:
             self.store.add(NO_PROMPT_TASK, empty, empty)
         return self.store.task_ids([s.task if s.task is not None else NO_PROMPT_TASK for s in seqs]).to(self.device)
 
-    def _batch(self, rows):
-        """Drop rows whose task left the store; the rest's StepCache and left-padded ids, or None."""
+    def _batch(self, rows) -> Optional[ForwardBatch]:
+        """Drop rows whose task left the store; the rest as one forward batch, or None."""
         gone = [s for s, _ in rows if s.task is not None and s.task not in self.store]
         for s in gone:
             self._finish(s, "error", error=f"request {s.request_id!r}: task {s.task!r} was removed from the store")
@@ -427,49 +431,7 @@ class Engine:
         ids = torch.full((len(rows), Sq), self.pad_token_id, dtype=torch.long)
         for b, (s, n) in enumerate(rows):
             ids[b, Sq - n:] = torch.tensor(s.tokens[s.num_computed: s.num_computed + n], dtype=torch.long)
-        return rows, cache, ids
-
-    def _use_cpu_decoder(self) -> bool:
-        return self.cpu_decoder is not None and not self.model.training
-
-    def _run(self, rows, *, prefill: bool):
-        """One forward over ``rows`` ([(sequence, new tokens)]): [(rows, logits of their last tokens)]."""
-        batch = self._batch(rows)
-        if batch is None:
-            return []
-        rows, cache, ids = batch
-        seqs = [s for s, _ in rows]
-        B, Sq = ids.shape
-        t0 = time.perf_counter()
-        if not prefill and self._use_cpu_decoder():
-            logits = self.cpu_decoder.step(ids[:, -1].to(self.device), cache, self._task_ids(seqs))
-        else:
-            with small_batch_linears(self.model, self.small_gemm_rows, enabled=0 < B * Sq <= self.small_gemm_rows):
-                out = self.model(input_ids=ids.to(self.device), attention_mask=cache.attention_mask,
-                                 position_ids=cache.position_ids, cache=cache, use_cache=True,
-                                 task_ids=self._task_ids(seqs), logits_to_keep=1)
-            logits = out.logits[:, -1]
-        self._stats["forward_seconds"] += time.perf_counter() - t0
-        self._stats["forwards"] += 1
-        if prefill:
-            self._stats["padded_prefill_tokens"] += B * Sq - sum(n for _, n in rows)
-        return [(rows, logits)]
-
-    def _run_packed_prefill(self, groups):
-        """The prefills of one step in one CpuDecoder forward: linear layers over the packed real
-        tokens of every group (no padding); attention over the packed tokens in place (compiled
-        kernel) or per group (torch ops). Returns [(rows, logits)] per group."""
-        batches = [b for b in (self._batch(g) for g in groups) if b is not None]
-        if not batches:
-            return []
-        t0 = time.perf_counter()
-        parts = [(cache, ids, self._task_ids([s for s, _ in rows])) for rows, cache, ids in batches]
-        tokens = sum(cache.write_dst.numel() for cache, _, _ in parts)
-        with small_batch_linears(self.model, self.small_gemm_rows, enabled=tokens <= self.small_gemm_rows):
-            logits = self.cpu_decoder.prefill(parts)
-        self._stats["forward_seconds"] += time.perf_counter() - t0
-        self._stats["forwards"] += 1
-        return [(rows, group_logits) for (rows, _, _), group_logits in zip(batches, logits)]
+        return ForwardBatch(rows, cache, ids, self._task_ids(seqs))
 
     def _advance(self, rows, logits, prefill: bool) -> None:
         """Count the rows' new tokens as computed; choose the next token of rows that are ready.
@@ -667,16 +629,13 @@ class Engine:
 
     def forward_path(self) -> str:
         """Which forward serves the engine's steps now, in words (for reports)."""
-        if not self._use_cpu_decoder():
-            return "HF forward, attention through the patched interface"
-        if self.cpu_decoder._use_kernel():
-            return "CPU decoder, compiled paged attention"
-        from .cpu_kernel import unavailable_reason
-        if not self.cpu_decoder.compiled_attention:
-            why = unavailable_reason() or "turned off"
-        else:
-            why = "the KV pools or the prefix store are not fp32"
-        return f"CPU decoder, attention through torch ops (compiled kernel: {why})"
+        return self.runner.describe()
+
+    @property
+    def cpu_decoder(self) -> Optional[CpuDecoder]:
+        """The :class:`~softprompt.engine.cpu_decode.CpuDecoder` of the engine's runner, or None
+        when the HF forward serves every step."""
+        return self.runner.decoder if isinstance(self.runner, CpuDecoderRunner) else None
 
     def close(self) -> None:
         """Drop the engine's bookkeeping (and the hidden no-prompt task it may have added)."""
