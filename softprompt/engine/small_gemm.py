@@ -1,11 +1,10 @@
 """Decode-shaped linear layers on the CPU: ``y^T = W x^T`` instead of ``y = x W^T``.
 
 A decode step multiplies a few dozen rows by every weight matrix of the model. For that shape
-(few rows, a weight that is used transposed) the CPU BLAS that PyTorch ships picks a markedly
-slower path than for the same product written the other way round; on the 2-core AVX2 machines
-this project runs on, ``torch.mm(W, x.T).T`` measured 1.3-2x faster for SmolLM2's projections
-and its 49k-word output head at 16-128 rows (``python -m benchmarks.engine --gemm-check`` prints
-the comparison on the machine at hand). It computes the same dot products.
+(few rows, a weight that is used transposed) the CPU BLAS that PyTorch ships can pick a slower
+path than for the same product written the other way round, ``torch.mm(W, x.T).T``, which
+computes the same dot products (``python -m benchmarks.engine --gemm-check`` compares the two on
+the machine at hand).
 
 :func:`small_batch_linears` swaps the forward of every ``nn.Linear`` of a model for the
 transposed product while the engine runs a forward whose row count is at most ``max_rows``; the
