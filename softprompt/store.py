@@ -179,13 +179,13 @@ class PrefixStore(nn.Module):
         self._set_pools(*pools)
 
     def compact(self, spare: int = 0) -> None:
-        """Move the blocks in use to the front of the pools and cut them to ``used + spare`` blocks.
-        Task ids and contents are kept; block indices change (the block table is rebuilt)."""
-        if isinstance(spare, bool) or not isinstance(spare, int) or spare < 0:
-            raise _err("spare", repr(spare), "an int >= 0")
+        """Move the blocks in use to the front of the pools and cut them to ``used + spare`` blocks
+        (never grows them: that is ``reserve``'s job). Task ids and contents are kept; block indices
+        change (the block table is rebuilt)."""
+        _count("spare", spare, 0)
         order = [b for t in sorted(self._blocks) for b in self._blocks[t]]
-        size = len(order) + spare
-        if size >= self.num_blocks and order == list(range(len(order))):
+        size = min(len(order) + spare, self.num_blocks)
+        if size == self.num_blocks and order == list(range(len(order))):
             return
         self._resize_pools(size, keep=torch.tensor(order, dtype=torch.long, device=self.device))
         start = 0
