@@ -61,6 +61,14 @@ def _device(device) -> Optional[torch.device]:
     return parsed
 
 
+def _version(t: torch.Tensor) -> Optional[int]:
+    """The tensor's in-place modification counter; None for inference tensors (they keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def _count(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _err(name, repr(value), "a positive int" if minimum == 1 else f"an int >= {minimum}")
@@ -111,7 +119,7 @@ class PrefixStore(nn.Module):
         self._num_slots = 0                       # rows of the block table = ids ever given (never reused)
         self._live = torch.zeros((0,), dtype=torch.bool)   # [rows] task alive (CPU)
         self._table_version = 0                   # bumped by every change of the live ids
-        self._checked = None                      # (weakref to ids, ids._version, table version) last checked
+        self._checked = None                      # the task_ids tensor last checked (see _already_checked)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -328,8 +336,7 @@ class PrefixStore(nn.Module):
                 torch.bool, torch.complex64, torch.complex128):
             raise _err("task_ids", f"of type {type(task_ids).__name__} {getattr(task_ids, 'dtype', '')}".rstrip(),
                        "an integer tensor of task ids")
-        key = (task_ids._version, self._table_version)
-        if self._checked is not None and self._checked[0]() is task_ids and self._checked[1:] == key:
+        if self._already_checked(task_ids):
             return
         ids = task_ids.reshape(-1).long()
         if ids.numel():
@@ -345,7 +352,20 @@ class PrefixStore(nn.Module):
                 gone = sorted(set(ids[dead].tolist()))
                 raise _err("task_ids", f"naming removed tasks (ids {gone})",
                            f"ids of stored tasks {self._short_ids()}; ids of removed tasks are never reused")
-        self._checked = (weakref.ref(task_ids),) + key
+        version = _version(task_ids)
+        self._checked = (weakref.ref(task_ids), self._table_version, version,
+                         task_ids.detach().clone() if version is None else None)
+
+    def _already_checked(self, task_ids: torch.Tensor) -> bool:
+        """The same tensor, unchanged since it was checked against this state of the store."""
+        if self._checked is None:
+            return False
+        ref, table_version, version, values = self._checked
+        if ref() is not task_ids or table_version != self._table_version:
+            return False
+        if values is not None:                  # no version counter: compare the values
+            return values.shape == task_ids.shape and bool(torch.equal(values, task_ids))
+        return version == _version(task_ids)
 
     def _short_ids(self, limit: int = 8) -> str:
         items = [f"{n!r}: {t}" for t, n in sorted(self._names.items())]

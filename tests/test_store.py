@@ -264,3 +264,31 @@ def test_task_ids_of_one_name_is_one_id_not_its_characters():
     with pytest.raises(ValueError, match="`name`"):
         store.task_ids(["a", 0])
     assert ["a"] not in store and 0 not in store and "ab" in store
+
+
+def test_check_task_ids_of_inference_tensors_compares_values():
+    """Inference tensors keep no version counter: an in-place change is found by value."""
+    store = PrefixStore(L, H, D)
+    store.add("a", *prefix(2))
+    store.add("b", *prefix(2))
+    store.remove("a")
+    with torch.inference_mode():
+        ids = torch.tensor([1, 1])
+        store.check_task_ids(ids)
+        store.check_task_ids(ids)
+        ids[0] = 0
+        with pytest.raises(ValueError, match="removed"):
+            store.check_task_ids(ids)
+
+
+def test_compact_never_grows_the_pools():
+    store = PrefixStore(L, H, D, block_size=2)
+    for name, P in (("a", 3), ("b", 2), ("c", 4)):
+        store.add(name, *prefix(P))
+    store.remove("b")                                 # a hole in the middle: compact moves blocks
+    total = store.num_blocks
+    store.compact(spare=50)
+    assert store.num_blocks == total and store.memory_stats()["blocks_free"] == total - 4
+    assert torch.equal(store.get("c")[0], prefix(4)[0])
+    store.compact(spare=1)
+    assert store.num_blocks == 5
