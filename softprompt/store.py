@@ -423,6 +423,7 @@ class PrefixStore(nn.Module):
             "bytes_allocated": per_block * self.num_blocks,
             "bytes_used": per_block * used,
             "prefix_rows": sum(self._lens.values()),
+            "table_rows": self._num_slots,      # ids ever given (rows of removed tasks stay, empty)
             "tasks": {self._names[t]: {"id": t, "prefix_len": self._lens[t], "blocks": len(b),
                                        "bytes": per_block * len(b)}
                       for t, b in sorted(self._blocks.items())},

@@ -121,3 +121,14 @@ def test_values_overflowing_a_half_model_store_are_refused():
         with pytest.raises(ValueError, match="`k`"):
             store.add("bad", bad, v)
     assert store.names == ["ok"] and torch.isfinite(store.k_blocks).all()
+
+
+@pytest.mark.parametrize("bad", [None, torch.zeros(1, 2, 3, 4), (torch.zeros(1, 2, 3, 4),), ("k", "v")])
+def test_encoder_decoder_join_refuses_what_is_not_a_pair_of_tensors(bad):
+    from softprompt.integration.encdec import ENCODER_DECODER_FAMILIES, EncoderDecoderPrefixStore
+    store = EncoderDecoderPrefixStore({"encoder": 1, "decoder": 1, "cross": 1}, 2, 4,
+                                      family=ENCODER_DECODER_FAMILIES["t5"])
+    good = (torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="`cross` prefix of type .* expected a pair of tensors"):
+        store.join({"encoder": good, "decoder": good, "cross": bad})
+    assert store.join({"encoder": good, "decoder": good, "cross": good})[0].shape == (3, 2, 3, 4)

@@ -194,6 +194,7 @@ def test_removed_task_ids_are_never_reused_and_are_refused():
     # the kernels see the same table layout: the dead row is empty, the live ones are intact
     pk, pv, table, lens = store.layer(0)
     assert table.shape[0] == 4 and int(lens[ids["b"]]) == 0 and (table[ids["b"]] == -1).all()
+    assert store.memory_stats()["table_rows"] == 4
     q, own = torch.randn(2, H, 3, D), torch.randn(2, H, 3, D)
     out = prefix_attention(q, own, own, pk, pv, table, lens, store.task_ids(["d", "a"]), causal=False)
     for b, (name, seed, P) in enumerate((("d", 9, 4), ("a", 0, 3))):

@@ -188,7 +188,12 @@ class EncoderDecoderPrefixStore(ModelPrefixStore):
             raise ValueError(f"EncoderDecoderPrefixStore.join: `prefixes` must map exactly {KINDS} to (k, v)")
         ks, vs = [], []
         for kind in KINDS:
-            k, v = prefixes[kind]
+            pair = prefixes[kind]
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                    and all(isinstance(t, torch.Tensor) for t in pair)):
+                raise ValueError(f"EncoderDecoderPrefixStore.join: `{kind}` prefix of type {type(pair).__name__} "
+                                 "is invalid; expected a pair of tensors (k, v)")
+            k, v = pair
             if k.dim() != 4 or k.shape[0] != self.layers[kind] or v.shape != k.shape:
                 raise ValueError(f"EncoderDecoderPrefixStore.join: `{kind}` prefix with shapes {tuple(k.shape)}, "
                                  f"{tuple(v.shape)} is invalid; expected k, v [{self.layers[kind]}, "
