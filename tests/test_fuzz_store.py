@@ -208,3 +208,31 @@ def test_random_store_histories_keep_every_invariant(block_size, dtype, trainabl
         attention_matches(store, model, data, "triton", "cuda")
     elif os.environ.get("TRITON_INTERPRET") == "1":
         attention_matches(store, model, data, "triton")
+
+
+id_specs = st.one_of(
+    st.integers(-3, 8), st.booleans(), st.none(), st.floats(allow_nan=True), st.text(max_size=3),
+    st.lists(st.one_of(st.integers(-3, 8), st.sampled_from(NAMES), st.booleans()), max_size=4),
+    st.lists(st.sampled_from(NAMES + "xy"), min_size=1, max_size=4).map(tuple),
+    st.tuples(st.lists(st.integers(-3, 8), max_size=4), st.sampled_from([torch.long, torch.int32, torch.float32,
+                                                                          torch.bool, torch.uint8])).map(
+        lambda x: torch.tensor(x[0], dtype=x[1]) if x[1] != torch.bool else torch.tensor(x[0]) > 0),
+)
+
+
+@given(spec=id_specs, batch=st.one_of(st.none(), st.integers(1, 4)), removed=st.sets(st.sampled_from(NAMES)))
+def test_resolve_task_ids_returns_live_ids_or_a_value_error(spec, batch, removed):
+    """Whatever a caller passes as ``task_ids``: live ids of the right length, or a ValueError."""
+    store = ModelPrefixStore(L, H, D, family=FAMILIES["llama"], block_size=2)
+    for i, name in enumerate(NAMES):
+        store.add(name, *tensors(i % 3, i))
+    for name in removed:
+        store.remove(name)
+    try:
+        ids = store.resolve_task_ids(spec, batch=batch)
+    except ValueError as exc:
+        assert "task_ids" in str(exc) or "`name" in str(exc)
+        return
+    live = {store.task_id(n) for n in store.names}
+    assert ids.dtype == torch.long and ids.dim() == 1 and set(ids.tolist()) <= live
+    assert batch is None or ids.shape == (batch,)
