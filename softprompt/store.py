@@ -69,10 +69,9 @@ def _version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _count(name: str, value, minimum: int) -> int:
+def _count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _err(name, repr(value), "a positive int" if minimum == 1 else f"an int >= {minimum}")
-    return value
 
 
 class PrefixStore(nn.Module):
@@ -232,10 +231,10 @@ class PrefixStore(nn.Module):
         self._check_shapes(k, v)
         out = []
         for name, t in (("k", k), ("v", v)):
-            if not bool(torch.isfinite(t).all()):
-                raise _err(name, "containing NaN or inf", "finite values")
             cast = t.detach().to(self.dtype)
             if not bool(torch.isfinite(cast).all()):
+                if not bool(torch.isfinite(t).all()):
+                    raise _err(name, "containing NaN or inf", "finite values")
                 limit = torch.finfo(self.dtype).max
                 raise _err(name, f"with values up to {float(t.detach().abs().max()):.4g}",
                            f"values within the store dtype {self.dtype}'s range (|x| <= {limit:.4g})")
@@ -332,8 +331,8 @@ class PrefixStore(nn.Module):
         """``ValueError`` naming ``task_ids`` unless every entry is the id of a stored task: not
         negative, not past the table, not the id of a removed task. Synchronises once per new
         (or modified) ``task_ids`` tensor and change of the store (layers of one forward share it)."""
-        if not isinstance(task_ids, torch.Tensor) or task_ids.dtype.is_floating_point or task_ids.dtype in (
-                torch.bool, torch.complex64, torch.complex128):
+        if (not isinstance(task_ids, torch.Tensor) or task_ids.dtype.is_floating_point or task_ids.dtype.is_complex
+                or task_ids.dtype == torch.bool):
             raise _err("task_ids", f"of type {type(task_ids).__name__} {getattr(task_ids, 'dtype', '')}".rstrip(),
                        "an integer tensor of task ids")
         if self._already_checked(task_ids):
@@ -373,7 +372,7 @@ class PrefixStore(nn.Module):
         return "{" + ", ".join(items[:limit]) + more + "}"
 
     def task_name(self, task: int) -> str:
-        if task not in self._names:
+        if isinstance(task, bool) or not isinstance(task, int) or task not in self._names:
             raise _err("task", repr(task), f"one of the stored task ids {sorted(self._names)}")
         return self._names[task]
 
