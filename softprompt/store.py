@@ -7,10 +7,18 @@ pools grow (doubling) when they run out and shrink (``compact``) when removals l
 free, so a burst of large temporary tasks (long few-shot prompts in an evaluation) does not make
 every later forward copy or differentiate a mostly empty pool. ``layer(i)`` returns exactly the
 ``(prefix_k, prefix_v, block_table, prefix_lens)`` that ``kernels.prefix_attention`` takes.
+
+Task ids are rows of the block table and are never reused while the store lives: a removed task's
+row stays behind, empty (prefix length 0, no blocks), so an id held by a caller after its task was
+removed cannot silently come to mean another task. ``check_task_ids`` refuses such ids (the model
+integration calls it on every ``task_ids`` it receives); ``kernels.prefix_attention`` called
+directly on ``layer(i)`` cannot tell a dead row from an empty prefix. A row costs
+``8 * (width + 1)`` bytes of the table; the pool blocks, which hold the data, are reused.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+import weakref
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,6 +28,52 @@ def _err(name: str, seen, allowed: str) -> ValueError:
     return ValueError(f"PrefixStore: `{name}` {seen} is invalid; expected {allowed}")
 
 
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+
+def _dtype(dtype) -> torch.dtype:
+    """A floating ``torch.dtype`` from a dtype or its name ("float16", "fp16", "torch.bfloat16", ...)."""
+    if isinstance(dtype, str):
+        key = dtype.strip().lower()
+        key = key[len("torch."):] if key.startswith("torch.") else key
+        if key not in _DTYPE_NAMES:
+            raise _err("dtype", repr(dtype), f"a floating torch.dtype or one of {sorted(_DTYPE_NAMES)}")
+        return _DTYPE_NAMES[key]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise _err("dtype", repr(dtype), f"a floating torch.dtype or one of {sorted(_DTYPE_NAMES)}")
+    return dtype
+
+
+def _device(device) -> Optional[torch.device]:
+    """``device`` as a ``torch.device`` on which tensors can be made (None: torch's default)."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+        raise _err("device", repr(device), f"an available torch device ({exc})") from None
+    return parsed
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """The tensor's in-place modification counter; None for inference tensors (they keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _err(name, repr(value), "a positive int" if minimum == 1 else f"an int >= {minimum}")
+
+
 class PrefixStore(nn.Module):
     """Block-paged storage of per-task, per-layer prefix keys and values.
 
@@ -27,7 +81,8 @@ class PrefixStore(nn.Module):
         num_layers, num_kv_heads, head_dim: the model's attention geometry.
         block_size: prefix rows per block.
         num_blocks: initial pool capacity (grows on demand).
-        dtype, device: of the pools.
+        dtype, device: of the pools; ``dtype`` a floating ``torch.dtype`` or its name
+            ("float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16", "float64").
         trainable: keep the pools as ``nn.Parameter`` so gradients reach stored prefixes.
             Growing the pool then replaces the parameters: create optimizers after adding tasks.
     """
@@ -38,12 +93,11 @@ class PrefixStore(nn.Module):
         super().__init__()
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("block_size", block_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise _err(name, repr(value), "a positive int")
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
-            raise _err("num_blocks", repr(num_blocks), "an int >= 0")
-        if not dtype.is_floating_point:
-            raise _err("dtype", dtype, "a floating dtype")
+            _count(name, value, 1)
+        _count("num_blocks", num_blocks, 0)
+        dtype, device = _dtype(dtype), _device(device)
+        if not isinstance(trainable, bool):
+            raise _err("trainable", repr(trainable), "True or False")
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -61,7 +115,15 @@ class PrefixStore(nn.Module):
         self._lens: Dict[int, int] = {}           # task id -> prefix length
         self._blocks: Dict[int, List[int]] = {}   # task id -> its blocks, in order
         self._free_blocks: List[int] = list(range(num_blocks))
-        self._num_slots = 0                       # rows of the block table (ids of removed tasks are reused)
+        self._num_slots = 0                       # rows of the block table = ids ever given (never reused)
+        self._live = torch.zeros((0,), dtype=torch.bool)   # [rows] task alive (CPU)
+        self._table_version = 0                   # bumped by every change of the live ids
+        self._checked = None                      # the task_ids tensor last checked (see _already_checked)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_checked"] = None                  # a weak reference does not pickle
+        return state
 
     # ------------------------------------------------------------------ pools
     def _set_pools(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -103,6 +165,7 @@ class PrefixStore(nn.Module):
 
     def reserve(self, num_blocks: int) -> None:
         """Grow the pools to at least ``num_blocks`` blocks; existing blocks keep their contents."""
+        _count("num_blocks", num_blocks, 0)
         old = self.num_blocks
         if num_blocks <= old:
             return
@@ -123,13 +186,13 @@ class PrefixStore(nn.Module):
         self._set_pools(*pools)
 
     def compact(self, spare: int = 0) -> None:
-        """Move the blocks in use to the front of the pools and cut them to ``used + spare`` blocks.
-        Task ids and contents are kept; block indices change (the block table is rebuilt)."""
-        if isinstance(spare, bool) or not isinstance(spare, int) or spare < 0:
-            raise _err("spare", repr(spare), "an int >= 0")
+        """Move the blocks in use to the front of the pools and cut them to ``used + spare`` blocks
+        (never grows them: that is ``reserve``'s job). Task ids and contents are kept; block indices
+        change (the block table is rebuilt)."""
+        _count("spare", spare, 0)
         order = [b for t in sorted(self._blocks) for b in self._blocks[t]]
-        size = len(order) + spare
-        if size >= self.num_blocks and order == list(range(len(order))):
+        size = min(len(order) + spare, self.num_blocks)
+        if size == self.num_blocks and order == list(range(len(order))):
             return
         self._resize_pools(size, keep=torch.tensor(order, dtype=torch.long, device=self.device))
         start = 0
@@ -149,7 +212,7 @@ class PrefixStore(nn.Module):
         return blocks
 
     # ------------------------------------------------------------------ tasks
-    def _check_prefix(self, k, v) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _check_shapes(self, k, v) -> None:
         want = f"[L={self.num_layers}, Hkv={self.num_kv_heads}, P, D={self.head_dim}]"
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
@@ -161,21 +224,38 @@ class PrefixStore(nn.Module):
                 raise _err(name, f"with shape {tuple(t.shape)}", want)
         if v.shape != k.shape:
             raise _err("v", f"with shape {tuple(v.shape)}", f"the shape of k {tuple(k.shape)}")
-        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-            raise _err("k/v", "containing NaN or inf", "finite values")
-        return k, v
+
+    def _check_prefix(self, k, v) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Valid ``k, v`` cast to the pools' dtype (detached); finiteness is checked after the cast,
+        so values beyond the pool dtype's range (1e5 into float16) are refused, not stored as inf."""
+        self._check_shapes(k, v)
+        out = []
+        for name, t in (("k", k), ("v", v)):
+            cast = t.detach().to(self.dtype)
+            if not bool(torch.isfinite(cast).all()):
+                if not bool(torch.isfinite(t).all()):
+                    raise _err(name, "containing NaN or inf", "finite values")
+                limit = torch.finfo(self.dtype).max
+                raise _err(name, f"with values up to {float(t.detach().abs().max()):.4g}",
+                           f"values within the store dtype {self.dtype}'s range (|x| <= {limit:.4g})")
+            out.append(cast)
+        return out[0], out[1]
 
     def _write(self, task: int, k: torch.Tensor, v: torch.Tensor) -> None:
         P = k.shape[2]
         blocks = self._allocate(-(-P // self.block_size))
         bs = self.block_size
-        with torch.no_grad():
-            for n, block in enumerate(blocks):
-                rows = slice(n * bs, min((n + 1) * bs, P))
-                width = rows.stop - rows.start
-                for pool, src in ((self.k_blocks, k), (self.v_blocks, v)):
-                    pool[:, block, :, :width] = src[:, :, rows].to(pool.dtype)
-                    pool[:, block, :, width:] = 0
+        try:
+            with torch.no_grad():
+                for n, block in enumerate(blocks):
+                    rows = slice(n * bs, min((n + 1) * bs, P))
+                    width = rows.stop - rows.start
+                    for pool, src in ((self.k_blocks, k), (self.v_blocks, v)):
+                        pool[:, block, :, :width] = src[:, :, rows]
+                        pool[:, block, :, width:] = 0
+        except BaseException:
+            self._free_blocks.extend(blocks)            # a failed copy must not leak blocks
+            raise
         self._blocks[task] = blocks
         self._lens[task] = P
 
@@ -190,10 +270,9 @@ class PrefixStore(nn.Module):
         if name in self._ids:
             raise _err("name", repr(name), "a name not already stored (use replace() to overwrite)")
         k, v = self._check_prefix(k, v)
-        free_ids = sorted(set(range(self._num_slots)) - set(self._names))
-        task = free_ids[0] if free_ids else self._num_slots
-        self._num_slots = max(self._num_slots, task + 1)
+        task = self._num_slots                  # a fresh row: ids of removed tasks are never reused
         self._write(task, k, v)
+        self._num_slots += 1
         self._ids[name], self._names[task] = task, name
         self._rebuild_table()
         return task
@@ -208,7 +287,8 @@ class PrefixStore(nn.Module):
         return task
 
     def remove(self, name: str) -> None:
-        """Forget a task; its blocks return to the free list and its id may be reused. When more than
+        """Forget a task; its blocks return to the free list. Its id is never given to another task:
+        ``check_task_ids`` (and so the model integration) refuses it from now on. When more than
         three quarters of a pool over 64 blocks are then free, it shrinks to twice the blocks in use (not for
         trainable pools: an optimizer may hold them)."""
         task = self.task_id(name)
@@ -228,19 +308,71 @@ class PrefixStore(nn.Module):
             lens[task] = self._lens[task]
         self.block_table = table.to(self.device)
         self.prefix_lens = lens.to(self.device)
+        self._live = torch.zeros((self._num_slots,), dtype=torch.bool)
+        self._live[list(self._names)] = True
+        self._table_version += 1
 
     # ------------------------------------------------------------------ lookup
     def task_id(self, name: str) -> int:
-        if name not in self._ids:
+        if not isinstance(name, str) or name not in self._ids:
             raise _err("name", repr(name), f"one of the stored tasks {sorted(self._ids)}")
         return self._ids[name]
 
-    def task_ids(self, names: Iterable[str]) -> torch.Tensor:
-        """Task ids of a batch given by task names, as a LongTensor on the store's device."""
+    def task_ids(self, names: Union[str, Iterable[str]]) -> torch.Tensor:
+        """Task ids of a batch given by task names (one name: a batch of one), as a LongTensor
+        ``[B]`` on the store's device."""
+        if isinstance(names, str):
+            names = [names]         # not its characters
+        elif isinstance(names, torch.Tensor) or not isinstance(names, Iterable):
+            raise _err("names", f"of type {type(names).__name__}", "a task name or a sequence of task names")
         return torch.tensor([self.task_id(n) for n in names], dtype=torch.long, device=self.device)
 
+    def check_task_ids(self, task_ids: torch.Tensor) -> None:
+        """``ValueError`` naming ``task_ids`` unless every entry is the id of a stored task: not
+        negative, not past the table, not the id of a removed task. Synchronises once per new
+        (or modified) ``task_ids`` tensor and change of the store (layers of one forward share it)."""
+        if (not isinstance(task_ids, torch.Tensor) or task_ids.dtype.is_floating_point or task_ids.dtype.is_complex
+                or task_ids.dtype == torch.bool):
+            raise _err("task_ids", f"of type {type(task_ids).__name__} {getattr(task_ids, 'dtype', '')}".rstrip(),
+                       "an integer tensor of task ids")
+        if self._already_checked(task_ids):
+            return
+        ids = task_ids.reshape(-1).long()
+        if ids.numel():
+            live = torch.cat([self._live, self._live.new_zeros(1)]).to(ids.device)   # last: "out of range"
+            T = self._live.shape[0]
+            out_of_range = (ids < 0) | (ids >= T)
+            dead = ~live[torch.where(out_of_range, T, ids)] & ~out_of_range
+            bad_range, bad_dead = torch.stack([out_of_range.any(), dead.any()]).tolist()
+            if bad_range:
+                raise _err("task_ids", f"with values in [{int(ids.min())}, {int(ids.max())}]",
+                           f"ids of stored tasks {self._short_ids()} (the table has {T} rows)")
+            if bad_dead:
+                gone = sorted(set(ids[dead].tolist()))
+                raise _err("task_ids", f"naming removed tasks (ids {gone})",
+                           f"ids of stored tasks {self._short_ids()}; ids of removed tasks are never reused")
+        version = _version(task_ids)
+        self._checked = (weakref.ref(task_ids), self._table_version, version,
+                         task_ids.detach().clone() if version is None else None)
+
+    def _already_checked(self, task_ids: torch.Tensor) -> bool:
+        """The same tensor, unchanged since it was checked against this state of the store."""
+        if self._checked is None:
+            return False
+        ref, table_version, version, values = self._checked
+        if ref() is not task_ids or table_version != self._table_version:
+            return False
+        if values is not None:                  # no version counter: compare the values
+            return values.shape == task_ids.shape and bool(torch.equal(values, task_ids))
+        return version == _version(task_ids)
+
+    def _short_ids(self, limit: int = 8) -> str:
+        items = [f"{n!r}: {t}" for t, n in sorted(self._names.items())]
+        more = f", ... ({len(items)} tasks)" if len(items) > limit else ""
+        return "{" + ", ".join(items[:limit]) + more + "}"
+
     def task_name(self, task: int) -> str:
-        if task not in self._names:
+        if isinstance(task, bool) or not isinstance(task, int) or task not in self._names:
             raise _err("task", repr(task), f"one of the stored task ids {sorted(self._names)}")
         return self._names[task]
 
@@ -249,7 +381,7 @@ class PrefixStore(nn.Module):
         return [self._names[t] for t in sorted(self._names)]
 
     def __contains__(self, name) -> bool:
-        return name in self._ids
+        return isinstance(name, str) and name in self._ids
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -290,6 +422,7 @@ class PrefixStore(nn.Module):
             "bytes_allocated": per_block * self.num_blocks,
             "bytes_used": per_block * used,
             "prefix_rows": sum(self._lens.values()),
+            "table_rows": self._num_slots,      # ids ever given (rows of removed tasks stay, empty)
             "tasks": {self._names[t]: {"id": t, "prefix_len": self._lens[t], "blocks": len(b),
                                        "bytes": per_block * len(b)}
                       for t, b in sorted(self._blocks.items())},

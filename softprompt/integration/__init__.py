@@ -7,7 +7,7 @@ Usage::
     ids = store.task_ids(["sentiment", "ner"])       # or pass task names to model(...)
     model(input_ids, attention_mask=am, task_ids=ids)
     model.generate(input_ids, attention_mask=am, task_ids=ids)   # a tensor: beams repeat it
-    softprompt.detach(model)
+    softprompt.detach(model)                         # model(..., task_ids=...) is now a ValueError
 
 Modules: ``families`` (supported families and their facts), ``positions`` (RoPE rotation and
 learned-position offsets), ``store`` (``ModelPrefixStore``: cache-convention add/get/prefix_grad),
@@ -19,6 +19,12 @@ windows (a PEFT cache prefix would be evicted by a sliding-window cache), from c
 and beam reordering (it is not in the HF cache at all), and from gradient checkpointing's
 ``cache=None`` (it keeps working). Explicit ``position_ids`` are own-token positions: learned
 absolute families get ``+P`` added (as PEFT does), RoPE families use them as they are.
+
+Task ids: an id is the task's row of the store's block table and is never given to another task
+while the store lives; ``model(..., task_ids=...)`` refuses ids of removed tasks (and negative or
+unknown ids) with a ``ValueError`` naming ``task_ids``. Names are resolved to ids per forward, so
+passing names never goes stale. After ``detach`` the model's forward refuses ``task_ids``: stock
+transformers forwards accept unknown keywords and would run every row without its prefix.
 
 Limitations:
 * Families outside ``SUPPORTED_FAMILIES`` raise ``ValueError``; rope schedules with

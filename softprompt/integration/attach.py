@@ -7,7 +7,9 @@ as ``model.softprompt_store``), gives each self-attention module a weak back-ref
 and exposes ``task_ids`` in the model's ``forward`` signature so ``generate()`` (which
 repeat-interleaves it for beams / ``num_return_sequences``) and ``Trainer``
 (``remove_unused_columns``) keep it. For learned absolute positions the forward wrapper also
-shifts ``position_ids`` by each row's prefix length. ``detach`` undoes all of it.
+shifts ``position_ids`` by each row's prefix length. ``detach`` undoes all of it, except that it
+leaves a forward with the original signature that refuses ``task_ids`` (transformers would accept
+and silently ignore it, running every row without its prefix).
 """
 from __future__ import annotations
 
@@ -27,8 +29,15 @@ STORE_NAME = "softprompt_store"
 _SAVED = "_softprompt_saved"
 
 
+def _check_model(model, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"softprompt.{caller}: `model` of type {type(model).__name__} is invalid; expected a "
+                         "loaded transformers model (a torch.nn.Module with a `config`)")
+
+
 def attached_store(model: nn.Module) -> Optional[ModelPrefixStore]:
     """The model's store if it is attached, else None."""
+    _check_model(model, "attached_store")
     return model._modules.get(STORE_NAME) if _SAVED in model.__dict__ else None
 
 
@@ -47,6 +56,7 @@ def attach(model: nn.Module, backend: Optional[str] = None, block_size: int = 16
         model's dtype and device. ``store.add(name, k, v)`` takes a prefix in cache convention
         ``[L, Hkv, P, D]``; then ``model(..., task_ids=...)`` / ``model.generate(..., task_ids=...)``.
     """
+    _check_model(model, "attach")
     if _SAVED in model.__dict__:
         raise ValueError("softprompt.attach: `model` is already attached; call softprompt.detach(model) first")
     from .encdec import attach_encoder_decoder, is_encoder_decoder
@@ -66,35 +76,88 @@ def attach(model: nn.Module, backend: Optional[str] = None, block_size: int = 16
                              dtype=param.dtype, device=param.device, trainable=trainable)
 
     register()
-    saved = {"attn": model.config._attn_implementation, "had_forward": "forward" in model.__dict__,
-             "forward": model.__dict__.get("forward")}
-    model.set_attn_implementation(ATTN_NAME)
-    if model.config._attn_implementation != ATTN_NAME:
-        model.set_attn_implementation(saved["attn"])
-        raise ValueError(f"softprompt.attach: transformers refused to switch {type(model).__name__} to the "
-                         f"{ATTN_NAME!r} attention implementation")
-    model.add_module(STORE_NAME, store)
-    for layer, module in enumerate(modules):
-        module.__dict__[SLOT] = Slot(store, layer)
-    saved["modules"] = modules
-    model.__dict__[_SAVED] = saved
-    model.forward = _forward_with_task_ids(model, store)
+    install(model, store, ATTN_NAME, list(enumerate(modules)), _TaskIdsForward)
     return store
 
 
+def install(model: nn.Module, store: ModelPrefixStore, attn_name: str, slots, forward_cls) -> None:
+    """Switch ``model`` to ``attn_name``, register ``store``, give each module of ``slots``
+    (``[(layer, module)]``) its back-reference and wrap the forward in ``forward_cls``; the model is
+    unchanged when this raises."""
+    had_forward, own = _own_forward(model)
+    forward = forward_cls(model, store, own if had_forward else types.MethodType(type(model).forward, model))
+    saved = {"attn": model.config._attn_implementation, "had_forward": had_forward, "forward": own}
+    model.set_attn_implementation(attn_name)
+    if model.config._attn_implementation != attn_name:
+        model.set_attn_implementation(saved["attn"])
+        raise ValueError(f"softprompt.attach: transformers refused to switch {type(model).__name__} to the "
+                         f"{attn_name!r} attention implementation")
+    _own_forward(model, remove_guard=True)
+    model.add_module(STORE_NAME, store)
+    for layer, module in slots:
+        module.__dict__[SLOT] = Slot(store, layer)
+    saved["modules"] = [module for _, module in slots]
+    model.__dict__[_SAVED] = saved
+    model.forward = forward
+
+
 def detach(model: nn.Module) -> Optional[ModelPrefixStore]:
-    """Restore the model's original attention implementation and forward; returns the detached store."""
+    """Restore the model's original attention implementation and forward; returns the detached store.
+
+    The forward left behind has the original signature and behaviour but raises a ``ValueError``
+    when given ``task_ids`` (stock transformers forwards take ``**kwargs`` and would drop it)."""
+    _check_model(model, "detach")
     saved = model.__dict__.pop(_SAVED, None)
     if saved is None:
         raise ValueError("softprompt.detach: `model` is not attached (softprompt.attach was not called on it)")
     for module in saved["modules"]:
         module.__dict__.pop(SLOT, None)
-    if not saved["had_forward"]:
-        model.__dict__.pop("forward", None)
-    else:
-        model.__dict__["forward"] = saved["forward"]
+    model.__dict__.pop("forward", None)
+    original = saved["forward"] if saved["had_forward"] else model.forward
+    model.__dict__["forward"] = _DetachedForward(original, saved["had_forward"])
     model.set_attn_implementation(saved["attn"])
     return model._modules.pop(STORE_NAME, None)
+
+
+def _own_forward(model: nn.Module, remove_guard: bool = False):
+    """``(had_forward, forward)``: whether the model has its own instance ``forward`` (not counting
+    the guard ``detach`` left) and that forward (None when it has none); ``remove_guard``: put the
+    model back as it was before the guard."""
+    guard = model.__dict__.get("forward")
+    if not isinstance(guard, _DetachedForward):
+        return "forward" in model.__dict__, guard
+    if remove_guard:
+        del model.__dict__["forward"]
+        if guard.had_forward:
+            model.__dict__["forward"] = guard.original
+    return guard.had_forward, guard.original if guard.had_forward else None
+
+
+class _DetachedForward:
+    """A detached model's forward: the original one (an instance attribute if ``had_forward``, else
+    the class's bound method), refusing ``task_ids``. ``attach`` takes it off again."""
+
+    def __init__(self, original, had_forward: bool):
+        self.original, self.had_forward = original, had_forward
+        self.__signature__ = inspect.signature(original)
+        self.__name__ = "forward"
+        self.__qualname__ = getattr(original, "__qualname__", "forward")
+        self.__doc__ = original.__doc__
+
+    def __deepcopy__(self, memo):
+        import copy
+        twin = object.__new__(_DetachedForward)
+        twin.__dict__.update(self.__dict__)
+        twin.original = copy.deepcopy(self.original, memo)     # a bound method: bound to the model's copy
+        return twin
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("task_ids") is not None:
+            raise ValueError("softprompt: `task_ids` was given to a model detached from its prefix store "
+                             "(softprompt.detach); it would be ignored and every row run without its prefix. "
+                             "Attach the model again (softprompt.attach) or drop `task_ids`")
+        kwargs.pop("task_ids", None)
+        return self.original(*args, **kwargs)
 
 
 def _past_length(bound: dict) -> int:
@@ -177,6 +240,3 @@ class _TaskIdsForward:
         kwargs["position_ids"] = position_ids
         return bound.args, kwargs, ids
 
-
-def _forward_with_task_ids(model: nn.Module, store: ModelPrefixStore):
-    return _TaskIdsForward(model, store, model.forward)

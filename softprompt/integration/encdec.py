@@ -63,7 +63,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .attach import _SAVED, STORE_NAME, _TaskIdsForward
+from .attach import _TaskIdsForward, install
 from .attention import SLOT, Slot, softprompt_attention, softprompt_mask
 from .families import Family, text_config
 from .store import ModelPrefixStore
@@ -188,7 +188,12 @@ class EncoderDecoderPrefixStore(ModelPrefixStore):
             raise ValueError(f"EncoderDecoderPrefixStore.join: `prefixes` must map exactly {KINDS} to (k, v)")
         ks, vs = [], []
         for kind in KINDS:
-            k, v = prefixes[kind]
+            pair = prefixes[kind]
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                    and all(isinstance(t, torch.Tensor) for t in pair)):
+                raise ValueError(f"EncoderDecoderPrefixStore.join: `{kind}` prefix of type {type(pair).__name__} "
+                                 "is invalid; expected a pair of tensors (k, v)")
+            k, v = pair
             if k.dim() != 4 or k.shape[0] != self.layers[kind] or v.shape != k.shape:
                 raise ValueError(f"EncoderDecoderPrefixStore.join: `{kind}` prefix with shapes {tuple(k.shape)}, "
                                  f"{tuple(v.shape)} is invalid; expected k, v [{self.layers[kind]}, "
@@ -292,22 +297,9 @@ def attach_encoder_decoder(model: nn.Module, backend: Optional[str] = None, bloc
                                       backend=backend, block_size=block_size, dtype=param.dtype,
                                       device=param.device, trainable=trainable)
     register()
-    saved = {"attn": model.config._attn_implementation, "had_forward": "forward" in model.__dict__,
-             "forward": model.__dict__.get("forward")}
-    model.set_attn_implementation(ATTN_NAME_ENCDEC)
-    if model.config._attn_implementation != ATTN_NAME_ENCDEC:
-        model.set_attn_implementation(saved["attn"])
-        raise ValueError(f"softprompt.attach: transformers refused to switch {type(model).__name__} to the "
-                         f"{ATTN_NAME_ENCDEC!r} attention implementation")
-    model.add_module(STORE_NAME, store)
-    flat = []
-    for kind in KINDS:
-        for layer, module in enumerate(modules[kind]):
-            module.__dict__[SLOT] = Slot(store, store.virtual_layer(kind, layer))
-            flat.append(module)
-    saved["modules"] = flat
-    model.__dict__[_SAVED] = saved
-    model.forward = _EncDecForward(model, store, model.forward)
+    slots = [(store.virtual_layer(kind, layer), module)
+             for kind in KINDS for layer, module in enumerate(modules[kind])]
+    install(model, store, ATTN_NAME_ENCDEC, slots, _EncDecForward)
     return store
 
 

@@ -16,6 +16,10 @@ from .families import Family
 from .positions import rotate_keys
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class ModelPrefixStore(PrefixStore):
     """The prefix store of one attached model (created by :func:`softprompt.attach`).
 
@@ -38,6 +42,11 @@ class ModelPrefixStore(PrefixStore):
         self.calls = {"lengths": 0, "mask": 0, "dense": 0}
         self._mask_memo = []               # [(weakref to mask, window, derived)] of the current forward
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_mask_memo"] = []                   # weak references do not pickle
+        return state
+
     # ------------------------------------------------------------------ conventions
     def to_stored(self, k: torch.Tensor, prefix_len: int) -> torch.Tensor:
         """Cache-convention keys ``[..., P, D]`` -> what the pools hold (differentiable)."""
@@ -53,12 +62,12 @@ class ModelPrefixStore(PrefixStore):
 
     def add(self, name: str, k: torch.Tensor, v: torch.Tensor) -> int:
         """Store a task's prefix given in cache convention, ``k, v [L, Hkv, P, D]``; returns its id."""
-        k, v = self._check_prefix(k, v)
+        self._check_shapes(k, v)       # values are checked by the base class after rotation and cast
         return super().add(name, self.to_stored(k.detach(), k.shape[2]), v.detach())
 
     def replace(self, name: str, k: torch.Tensor, v: torch.Tensor) -> int:
         """Overwrite a task's prefix (cache convention); its task id is kept."""
-        k, v = self._check_prefix(k, v)
+        self._check_shapes(k, v)
         return super().replace(name, self.to_stored(k.detach(), k.shape[2]), v.detach())
 
     def get(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -94,19 +103,22 @@ class ModelPrefixStore(PrefixStore):
     # ------------------------------------------------------------------ batches
     def resolve_task_ids(self, task_ids: Union[torch.Tensor, Sequence, int, str], batch: Optional[int] = None,
                          device=None) -> torch.Tensor:
-        """Task ids of a batch as a LongTensor: ids (tensor/list/int) or task names (str/list of str)."""
+        """Task ids of a batch as a LongTensor: ids (tensor/list/int) or task names (str/list of str).
+        Ids must name stored tasks: negative ids, ids past the table and ids of removed tasks are a
+        ``ValueError`` naming ``task_ids`` (never a silent empty prefix)."""
         if isinstance(task_ids, str):
             task_ids = [task_ids]
         if isinstance(task_ids, (list, tuple)) and task_ids and all(isinstance(t, str) for t in task_ids):
-            ids = self.task_ids(task_ids)
+            ids = self.task_ids(task_ids)                  # names: always live ids
         elif isinstance(task_ids, torch.Tensor):
             if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool or task_ids.dim() > 1:
                 raise ValueError(f"softprompt: `task_ids` with dtype {task_ids.dtype} and shape "
                                  f"{tuple(task_ids.shape)} is invalid; expected an int tensor [B] or task names")
+            self.check_task_ids(task_ids)                  # memoised: the layers of a forward share it
             ids = task_ids.reshape(-1).long()
-        elif isinstance(task_ids, int) or (isinstance(task_ids, (list, tuple))
-                                           and all(isinstance(t, int) for t in task_ids)):
-            ids = torch.tensor([task_ids] if isinstance(task_ids, int) else list(task_ids), dtype=torch.long)
+        elif _is_int(task_ids) or (isinstance(task_ids, (list, tuple)) and all(_is_int(t) for t in task_ids)):
+            ids = torch.tensor([task_ids] if _is_int(task_ids) else list(task_ids), dtype=torch.long)
+            self.check_task_ids(ids)
         else:
             raise ValueError(f"softprompt: `task_ids` {task_ids!r} is invalid; expected an int tensor [B], "
                              "a list of ints, or task names")
@@ -122,12 +134,8 @@ class ModelPrefixStore(PrefixStore):
 
     def prefix_offsets(self, task_ids: torch.Tensor) -> torch.Tensor:
         """``[B]`` prefix length of each row's task."""
-        lens = self.prefix_lens.to(task_ids.device)
-        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= lens.shape[0]):
-            raise ValueError(f"softprompt: `task_ids` with values in [{int(task_ids.min())}, "
-                             f"{int(task_ids.max())}] is invalid; expected stored task ids in "
-                             f"[0, {lens.shape[0]})")
-        return lens[task_ids]
+        self.check_task_ids(task_ids)
+        return self.prefix_lens.to(task_ids.device)[task_ids]
 
     def extra_repr(self) -> str:
         return f"family={self.family.name}, " + super().extra_repr()
