@@ -9,9 +9,12 @@ Usage::
     model.generate(input_ids, attention_mask=am, task_ids=ids)   # a tensor: beams repeat it
     softprompt.detach(model)                         # model(..., task_ids=...) is now a ValueError
 
-Modules: ``families`` (supported families and their facts), ``positions`` (RoPE rotation and
-learned-position offsets), ``store`` (``ModelPrefixStore``: cache-convention add/get/prefix_grad),
-``attention`` (the registered attention and mask functions), ``attach`` (attach/detach).
+Modules (each imports only those listed before it): ``families`` (supported families and their
+facts), ``positions`` (RoPE rotation and learned-position offsets), ``store`` (``ModelPrefixStore``:
+cache-convention add/get/prefix_grad), ``attention`` (the registered attention and mask
+functions), ``wiring`` (what attach installs on a model and detach takes off: store, attention
+slots, the ``task_ids`` forward), the adapters ``decoder`` (decoder-only and encoder-only
+families) and ``encdec`` (T5 / BART), and ``attach`` (attach/detach: picks the adapter).
 
 Semantics: a prefix behaves exactly like PEFT's prefix pre-filled in a KV cache (real tokens at
 positions P..P+S-1), with these deliberate differences: the prefix is exempt from sliding

@@ -14,13 +14,7 @@ methods see ``Geometry.num_layers = Le + 2*Ld``, so ``PrefixTuning`` / ``PTuning
 three kinds with no change (their flat PEFT-style layout ``[P, L*2*Hkv*D]`` is layer-major over
 the virtual layers).
 
-Attention modules are chosen by *name* (T5 reuses one ``T5Attention`` class and the same
-``layer_idx`` for all three roles):
-
-* T5: ``encoder.block.i.layer.0.SelfAttention``, ``decoder.block.i.layer.0.SelfAttention``,
-  ``decoder.block.i.layer.1.EncDecAttention``;
-* BART: ``encoder.layers.i.self_attn``, ``decoder.layers.i.self_attn``,
-  ``decoder.layers.i.encoder_attn``.
+Attention modules are chosen by *name* (:func:`.families.encoder_decoder_modules`).
 
 Semantics (the prefix is *position-free* in both families; real tokens keep the model's own
 positions ``0 .. S-1`` in the encoder and the decoder, whatever ``P`` is, so tasks of different
@@ -57,95 +51,20 @@ refuses them on encoder-decoder models (no compiled form here).
 """
 from __future__ import annotations
 
-import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .attach import _TaskIdsForward, install
-from .attention import SLOT, Slot, softprompt_attention, softprompt_mask
-from .families import Family, text_config
+from .attention import SLOT, softprompt_attention
+from .families import (ENCODER_DECODER_FAMILIES, KINDS, Family, encoder_decoder_modules, geometry, is_encoder_decoder,
+                       text_config)
 from .store import ModelPrefixStore
+from .wiring import TaskIdsForward, check_backend
 
 ATTN_NAME_ENCDEC = "softprompt_encdec"
-KINDS = ("encoder", "decoder", "cross")
-
-ENCODER_DECODER_FAMILIES: Dict[str, Family] = {
-    "t5": Family("t5", ("T5Attention",), "relative_bias"),
-    "bart": Family("bart", ("BartAttention",), "learned"),
-}
-
-# module-name patterns (matched at the end of the qualified name, any wrapper prefix allowed)
-_PATTERNS = {
-    "t5": {"encoder": r"(?:^|\.)encoder\.block\.(\d+)\.layer\.0\.SelfAttention$",
-           "decoder": r"(?:^|\.)decoder\.block\.(\d+)\.layer\.0\.SelfAttention$",
-           "cross": r"(?:^|\.)decoder\.block\.(\d+)\.layer\.1\.EncDecAttention$"},
-    "bart": {"encoder": r"(?:^|\.)encoder\.layers\.(\d+)\.self_attn$",
-             "decoder": r"(?:^|\.)decoder\.layers\.(\d+)\.self_attn$",
-             "cross": r"(?:^|\.)decoder\.layers\.(\d+)\.encoder_attn$"},
-}
-
-
-def is_encoder_decoder(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return config is not None and getattr(text_config(model), "model_type", None) in ENCODER_DECODER_FAMILIES
-
-
-def attention_modules(model: nn.Module) -> Dict[str, List[nn.Module]]:
-    """``{kind: [module of layer 0, 1, ...]}`` selected by name; ``ValueError`` if the model does
-    not have exactly one module per layer for each kind."""
-    cfg = text_config(model)
-    family = ENCODER_DECODER_FAMILIES[cfg.model_type]
-    patterns = {kind: re.compile(p) for kind, p in _PATTERNS[family.name].items()}
-    found: Dict[str, Dict[int, nn.Module]] = {kind: {} for kind in KINDS}
-    for name, module in model.named_modules():
-        for kind, pattern in patterns.items():
-            m = pattern.search(name)
-            if m and type(module).__name__ in family.attention_classes:
-                layer = int(m.group(1))
-                if layer in found[kind]:
-                    raise ValueError(f"softprompt.attach: two {kind} attention modules for layer {layer} in "
-                                     f"{type(model).__name__}")
-                found[kind][layer] = module
-    if family.name == "t5":
-        expected = {"encoder": cfg.num_layers, "decoder": cfg.num_decoder_layers}
-    else:
-        expected = {"encoder": cfg.encoder_layers, "decoder": cfg.decoder_layers}
-    expected["cross"] = expected["decoder"]
-    out = {}
-    for kind in KINDS:
-        layers = found[kind]
-        if sorted(layers) != list(range(expected[kind])):
-            raise ValueError(f"softprompt.attach: found {kind} attention modules for layers {sorted(layers)} in "
-                             f"{type(model).__name__}; expected layers 0..{expected[kind] - 1} (an encoder-decoder "
-                             f"model with its encoder and decoder, e.g. {family.name} ForConditionalGeneration)")
-        out[kind] = [layers[i] for i in range(expected[kind])]
-    return out
-
-
-def _module_geometry(module: nn.Module) -> Tuple[int, int]:
-    if hasattr(module, "key_value_proj_dim"):                         # T5Attention
-        return int(module.n_heads), int(module.key_value_proj_dim)
-    return int(module.num_heads), int(module.head_dim)                # BartAttention
-
-
-def layer_counts(model: nn.Module) -> Dict[str, int]:
-    cfg = text_config(model)
-    if cfg.model_type == "t5":
-        return {"encoder": cfg.num_layers, "decoder": cfg.num_decoder_layers, "cross": cfg.num_decoder_layers}
-    return {"encoder": cfg.encoder_layers, "decoder": cfg.decoder_layers, "cross": cfg.decoder_layers}
-
-
-def geometry(model: nn.Module) -> Tuple[int, int, int]:
-    """``(virtual layers Le + 2*Ld, kv heads, head dim)``; the three kinds must share heads/head dim."""
-    modules = attention_modules(model)
-    shapes = {_module_geometry(m) for ms in modules.values() for m in ms}
-    if len(shapes) != 1:
-        raise ValueError(f"softprompt.attach: the attention modules of {type(model).__name__} have different "
-                         f"(heads, head_dim) {sorted(shapes)}; encoder and decoder must share one geometry")
-    heads, head_dim = shapes.pop()
-    return sum(len(ms) for ms in modules.values()), heads, head_dim
+__all__ = ["ATTN_NAME_ENCDEC", "ENCODER_DECODER_FAMILIES", "KINDS", "EncoderDecoderAdapter",
+           "EncoderDecoderPrefixStore", "encdec_attention"]
 
 
 class EncoderDecoderPrefixStore(ModelPrefixStore):
@@ -266,55 +185,38 @@ def encdec_attention(module, query, key, value, attention_mask, position_bias=No
     return softprompt_attention(module, query, key, value, attention_mask, **kwargs)
 
 
-_REGISTERED = False
-
-
-def register() -> None:
-    """Register the enc-dec attention function and the shared mask function (class level, idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register(ATTN_NAME_ENCDEC, encdec_attention)
-    AttentionMaskInterface.register(ATTN_NAME_ENCDEC, softprompt_mask)
-    _REGISTERED = True
-
-
 # ---------------------------------------------------------------------------------------- attach
-def attach_encoder_decoder(model: nn.Module, backend: Optional[str] = None, block_size: int = 16, *,
-                           trainable: bool = False) -> EncoderDecoderPrefixStore:
-    """:func:`softprompt.attach` for T5 / BART (called by it): the three prefix kinds per layer."""
-    from kernels import BACKENDS
-    if backend is not None and backend not in ("auto", *BACKENDS):
-        raise ValueError(f"softprompt.attach: `backend` {backend!r} is invalid; expected None (Triton on CUDA, "
-                         f"torch on the CPU) or one of {['auto', *BACKENDS]}")
-    family = ENCODER_DECODER_FAMILIES[text_config(model).model_type]
-    modules = attention_modules(model)
-    _, heads, head_dim = geometry(model)
-    param = next(model.parameters())
-    store = EncoderDecoderPrefixStore({k: len(ms) for k, ms in modules.items()}, heads, head_dim, family=family,
-                                      backend=backend, block_size=block_size, dtype=param.dtype,
-                                      device=param.device, trainable=trainable)
-    register()
-    slots = [(store.virtual_layer(kind, layer), module)
-             for kind in KINDS for layer, module in enumerate(modules[kind])]
-    install(model, store, ATTN_NAME_ENCDEC, slots, _EncDecForward)
-    return store
+class EncoderDecoderAdapter:
+    """``attach`` for T5 / BART: the three prefix kinds per layer."""
+
+    attn_name = ATTN_NAME_ENCDEC
+    attention = staticmethod(encdec_attention)
+
+    @staticmethod
+    def accepts(model: nn.Module) -> bool:
+        return is_encoder_decoder(model)
+
+    @staticmethod
+    def build(model: nn.Module, backend, block_size: int, trainable: bool):
+        """``(store, [(virtual layer, module)], forward class)`` for ``wiring.install``."""
+        check_backend(backend)
+        family = ENCODER_DECODER_FAMILIES[text_config(model).model_type]
+        modules = encoder_decoder_modules(model)
+        _, heads, head_dim = geometry(model)
+        param = next(model.parameters())
+        store = EncoderDecoderPrefixStore({k: len(ms) for k, ms in modules.items()}, heads, head_dim,
+                                          family=family, backend=backend, block_size=block_size,
+                                          dtype=param.dtype, device=param.device, trainable=trainable)
+        slots = [(store.virtual_layer(kind, layer), module)
+                 for kind in KINDS for layer, module in enumerate(modules[kind])]
+        return store, slots, EncDecForward
 
 
-class _EncDecForward(_TaskIdsForward):
+class EncDecForward(TaskIdsForward):
     """``model.forward`` with ``task_ids`` in its signature and no position offsets (the prefix is
     position-free). ``position_ids`` is dropped: T5/BART take none (it would only leak into the
     attention kwargs)."""
 
-    def __call__(self, *args, task_ids=None, **kwargs):
+    def prepare(self, args: tuple, kwargs: dict, task_ids):
         kwargs.pop("position_ids", None)
-        if task_ids is not None and not isinstance(task_ids, torch.Tensor):   # names: resolved once
-            task_ids = self.store.resolve_task_ids(task_ids)
-        return self.original(*args, task_ids=task_ids, **kwargs)
-
-    def __deepcopy__(self, memo):
-        twin = super().__deepcopy__(memo)
-        twin.__class__ = _EncDecForward
-        return twin
+        return super().prepare(args, kwargs, task_ids)
