@@ -95,11 +95,24 @@ def _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
+def _clean_tile(k, v):
+    """Key tile ``k [BLOCK_D, BLOCK_N]`` and value tile ``v [BLOCK_N, BLOCK_D]`` with non-finite
+    elements zeroed, and ``[BLOCK_N]`` the keys that had one. Keys masked for a query (causal,
+    window) may hold anything, and ``0 * NaN`` in ``p @ v`` is NaN: the products only ever see
+    finite values, and the rows that *do* see a bad key are flagged (a visible NaN stays NaN)."""
+    k_ok = (k == k) & (tl.abs(k) != float("inf"))
+    v_ok = (v == v) & (tl.abs(v) != float("inf"))
+    bad = (tl.min(k_ok.to(tl.int32), 0) == 0) | (tl.min(v_ok.to(tl.int32), 1) == 0)
+    return tl.where(k_ok, k, 0.0), tl.where(v_ok, v, 0.0), bad
+
+
+@triton.jit
 def _prefix_tile(q, PK, PV, BT, bt_row, start, end, h,
                  s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
-                 block_size, rvalid, offs_d, dmask, m_i, l_i, acc, qk_scale,
+                 block_size, rvalid, offs_d, dmask, m_i, l_i, acc, poison, qk_scale,
                  BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax of the query tile over prefix rows ``[start, end)`` read through the table."""
+    """Online softmax of the query tile over prefix rows ``[start, end)`` read through the table;
+    ``poison`` flags the rows that saw a non-finite key or value."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n
@@ -112,9 +125,11 @@ def _prefix_tile(q, PK, PV, BT, bt_row, start, end, h,
         v_off = blk * s_pvb + h * s_pvh + row * s_pvn
         v = tl.load(PV + v_off[:, None] + offs_d[None, :] * s_pvd,
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
+        k, v, bad = _clean_tile(k, v)
         visible = rvalid[:, None] & nmask[None, :]
+        poison = tl.maximum(poison, tl.max((visible & bad[None, :]).to(tl.int32), 1))
         m_i, l_i, acc = _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC)
-    return m_i, l_i, acc
+    return m_i, l_i, acc, poison
 
 
 @triton.jit
@@ -211,14 +226,17 @@ def _grouped_prefix_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    m_i, l_i, acc = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, end, h,
-                                 s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
-                                 block_size, rvalid, offs_d, dmask, m_i, l_i, acc, qk_scale,
-                                 BLOCK_N, PREC)
+    poison = tl.zeros([BLOCK_M], tl.int32)
+    m_i, l_i, acc, poison = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, end, h,
+                                         s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
+                                         block_size, rvalid, offs_d, dmask, m_i, l_i, acc, poison, qk_scale,
+                                         BLOCK_N, PREC)
 
-    # Normalised fp32 partial + log2-sum-exp; an empty state is (0, -inf).
+    # Normalised fp32 partial + log2-sum-exp; an empty state is (0, -inf); a poisoned one has a
+    # NaN output (its log-sum-exp is finite, so the merge keeps it NaN).
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = tl.where(poison[:, None] > 0, float("nan"), o)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     prow = ((b * Hq + hq) * Sq + i) * NS + split
     tl.store(PL + prow, lse, mask=rmask)
@@ -286,11 +304,12 @@ def _sequence_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    poison = tl.zeros([BLOCK_M], tl.int32)             # rows that see a non-finite key or value
     if INCLUDE_PREFIX:
-        m_i, l_i, acc = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, tl.minimum(end, plen), h,
-                                     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
-                                     block_size, rvalid, offs_d, dmask, m_i, l_i, acc, qk_scale,
-                                     BLOCK_N, PREC)
+        m_i, l_i, acc, poison = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, tl.minimum(end, plen), h,
+                                             s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
+                                             block_size, rvalid, offs_d, dmask, m_i, l_i, acc, poison,
+                                             qk_scale, BLOCK_N, PREC)
 
     offs_n = tl.arange(0, BLOCK_N)
     k_base = K + b * s_kb + h * s_kh
@@ -303,12 +322,15 @@ def _sequence_kernel(
                     mask=nmask[None, :] & dmask[:, None], other=0.0)
         v = tl.load(v_base + j[:, None] * s_vs + offs_d[None, :] * s_vd,
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
+        k, v, bad = _clean_tile(k, v)
         visible = rvalid[:, None] & nmask[None, :]
         if CAUSAL:
             visible = visible & (j[None, :] <= pos[:, None])
         if HAS_WINDOW:
             visible = visible & (pos[:, None] - j[None, :] < window)
+        poison = tl.maximum(poison, tl.max((visible & bad[None, :]).to(tl.int32), 1))
         m_i, l_i, acc = _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC)
+    flagged = poison > 0
 
     prow = ((b * Hq + hq) * Sq + i) * NS
     if FINALIZE:
@@ -326,11 +348,13 @@ def _sequence_kernel(
             m_i = m_new
         keep = rvalid & (l_i > 0)
         out = tl.where(keep[:, None], acc / tl.where(keep, l_i, 1.0)[:, None], 0.0)
+        out = tl.where(flagged[:, None], float("nan"), out)       # a visible NaN stays visible
         tl.store(OUT + b * s_ob + hq[:, None] * s_oh + i[:, None] * s_os + offs_d[None, :] * s_od,
                  out.to(OUT.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     else:
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
+        o = tl.where(flagged[:, None], float("nan"), o)           # the merge keeps it NaN
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         slot = prow + slot_off + split
         tl.store(PL + slot, lse, mask=rmask)
