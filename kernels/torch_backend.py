@@ -273,6 +273,14 @@ def merge_states(own_out, own_lse, pre_out, pre_lse):
 
 
 def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
+    # Optimistic: a non-finite key or value anywhere it is read (hidden or not) makes the output
+    # non-finite (NaN + -inf bias, 0 * NaN), so checking the small output is enough to know that
+    # nothing needs cleaning; only then are K/V scanned, zeroed and the affected rows flagged.
+    out = _fused_inference(x, clean=False)
+    return out if all_finite(out) else _fused_inference(x, clean=True)
+
+
+def _fused_inference(x: PrefixAttentionInputs, clean: bool) -> torch.Tensor:
     B, Hq, Sq, D = x.q.shape
     Hkv, G, Skv = x.num_kv_heads, x.group_size, x.kv_len
     M = G * Sq
@@ -286,7 +294,7 @@ def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     sees_bad = None                       # [B, Hkv, M] queries that see a non-finite key or value
     if Skv:
         k, v = x.k.to(f32), x.v.to(f32)
-        if not all_finite(k, v):
+        if clean and not all_finite(k, v):
             bad = nonfinite_rows(k, v)                                  # [B, Hkv, Skv]
             k, v = zero_rows(k, bad), zero_rows(v, bad)
             sees_bad = ((plan.own_bias == 0) & bad[:, :, None, :]).any(-1).expand(B, Hkv, M)
@@ -300,8 +308,9 @@ def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
         Gb, W, P = bucket.tasks.shape[0], bucket.width, bucket.rows
         pk = read_prefixes(x.prefix_k, part.table, P).to(f32)
         pv = read_prefixes(x.prefix_v, part.table, P).to(f32)
-        beyond = torch.arange(P)[None, :] >= bucket.lengths[:, None]
-        pk, pv, bad = _clean_prefix(pk, pv, beyond)
+        bad = None
+        if clean:
+            pk, pv, bad = _clean_prefix(pk, pv, torch.arange(P)[None, :] >= bucket.lengths[:, None])
         rows = q[part.span[0]: part.span[1]] if part.span else q[bucket.seqs]
         stacked = rows.view(Gb, W, Hkv, M, D) if part.span else _to_groups(rows, bucket)
         stacked = stacked.transpose(1, 2).reshape(Gb, Hkv, W * M, D)

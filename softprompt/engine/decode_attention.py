@@ -133,10 +133,19 @@ class DecodeAttention:
     def own(self, part: "_OwnPart", q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor):
         """Attention of ``q [B_k, Hkv, G, D]`` over one part's own keys ``[B_k, width, Hkv*D]``:
         output ``[B_k, Hkv, G, D]`` and log-sum-exp ``[B_k, Hkv, G]``."""
+        out, lse = self._own(part, q, own_k, own_v)
+        # Hidden columns may hold NaN / inf (left padding, an uninitialised page): any of them
+        # reaches the output (NaN + -inf bias, 0 * NaN), so the small output tells whether the
+        # gathered K/V need a scan; then non-finite keys are zeroed and the heads that see one
+        # are NaN.
+        if all_finite(out):
+            return out, lse
+        own_k, own_v, sees_bad = _clean_own(part, own_k, own_v, q.shape[1])
+        out, lse = self._own(part, q, own_k, own_v)
+        return out.masked_fill(sees_bad[:, :, None, None], float("nan")), lse
+
+    def _own(self, part: "_OwnPart", q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor):
         B, Hkv, G, D = q.shape
-        sees_bad = None
-        if not all_finite(own_k, own_v):
-            own_k, own_v, sees_bad = _clean_own(part, own_k, own_v, Hkv)
         if part.block_q is None:
             part.block_q = q.new_zeros(B, Hkv * G, Hkv * D)
         blocks = part.block_q.view(B, Hkv, G, Hkv, D)
@@ -147,8 +156,6 @@ class DecodeAttention:
         total = p.sum(-1, keepdim=True)
         out = torch.bmm(p, own_v).view(B, Hkv, G, Hkv, D)
         out = torch.diagonal(out, dim1=1, dim2=3).permute(0, 3, 1, 2) / total.view(B, Hkv, G, 1)
-        if sees_bad is not None:                                                # a visible NaN stays visible
-            out = out.masked_fill(sees_bad[:, :, None, None], float("nan"))
         return out.contiguous(), (top + torch.log(total)).view(B, Hkv, G)
 
     def __call__(self, q: torch.Tensor, own_kv, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> torch.Tensor:
