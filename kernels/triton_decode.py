@@ -77,33 +77,36 @@ ENV_OVERLAP = "SOFTPROMPT_DECODE_OVERLAP"
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+def _online_step(q, k, v, visible, m_i, l_i, acc, poison, qk_scale, PREC: tl.constexpr):
     """One key tile of the online softmax. ``k`` is ``[BLOCK_D, BLOCK_N]``, ``v`` ``[BLOCK_N, BLOCK_D]``.
 
     Scores are in log2 units (``qk_scale`` = scale * log2(e)); rows with nothing visible so far
-    keep ``m = -inf`` and ``l = 0`` without ever producing NaN.
+    keep ``m = -inf`` and ``l = 0`` without ever producing NaN. A visible non-finite score (a NaN
+    or inf key) would be dropped by the max or zero the row: it is left out of the state and the
+    row is flagged in ``poison`` instead (its output becomes NaN). A visible NaN value needs no
+    flag: it reaches ``acc`` through a non-zero probability.
     """
     qk = tl.dot(q, k, input_precision=PREC) * qk_scale
-    qk = tl.where(visible, qk, float("-inf"))
+    finite = (qk == qk) & (tl.abs(qk) != float("inf"))
+    poison = tl.maximum(poison, tl.max((visible & ~finite).to(tl.int32), 1))
+    qk = tl.where(visible & finite, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(qk - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
+    return m_new, l_i, acc, poison
 
 
 @triton.jit
-def _clean_tile(k, v):
-    """Key tile ``k [BLOCK_D, BLOCK_N]`` and value tile ``v [BLOCK_N, BLOCK_D]`` with non-finite
-    elements zeroed, and ``[BLOCK_N]`` the keys that had one. Keys masked for a query (causal,
-    window) may hold anything, and ``0 * NaN`` in ``p @ v`` is NaN: the products only ever see
-    finite values, and the rows that *do* see a bad key are flagged (a visible NaN stays NaN)."""
-    k_ok = (k == k) & (tl.abs(k) != float("inf"))
+def _clean_values(v):
+    """Value tile ``v [BLOCK_N, BLOCK_D]`` with non-finite elements zeroed, and ``[BLOCK_N]`` the
+    keys that had one. A value masked for one row of the tile (causal, window) may hold anything,
+    and ``0 * NaN`` in ``p @ v`` is NaN. (Keys need no cleaning: a masked score is replaced by
+    -inf, and a visible non-finite score is flagged in ``_online_step``.)"""
     v_ok = (v == v) & (tl.abs(v) != float("inf"))
-    bad = (tl.min(k_ok.to(tl.int32), 0) == 0) | (tl.min(v_ok.to(tl.int32), 1) == 0)
-    return tl.where(k_ok, k, 0.0), tl.where(v_ok, v, 0.0), bad
+    return tl.where(v_ok, v, 0.0), tl.min(v_ok.to(tl.int32), 1) == 0
 
 
 @triton.jit
@@ -111,8 +114,8 @@ def _prefix_tile(q, PK, PV, BT, bt_row, start, end, h,
                  s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
                  block_size, rvalid, offs_d, dmask, m_i, l_i, acc, poison, qk_scale,
                  BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax of the query tile over prefix rows ``[start, end)`` read through the table;
-    ``poison`` flags the rows that saw a non-finite key or value."""
+    """Online softmax of the query tile over prefix rows ``[start, end)`` read through the table
+    (every one visible to every real row: nothing to clean; ``poison`` flags non-finite keys)."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n
@@ -125,10 +128,8 @@ def _prefix_tile(q, PK, PV, BT, bt_row, start, end, h,
         v_off = blk * s_pvb + h * s_pvh + row * s_pvn
         v = tl.load(PV + v_off[:, None] + offs_d[None, :] * s_pvd,
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
-        k, v, bad = _clean_tile(k, v)
         visible = rvalid[:, None] & nmask[None, :]
-        poison = tl.maximum(poison, tl.max((visible & bad[None, :]).to(tl.int32), 1))
-        m_i, l_i, acc = _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC)
+        m_i, l_i, acc, poison = _online_step(q, k, v, visible, m_i, l_i, acc, poison, qk_scale, PREC)
     return m_i, l_i, acc, poison
 
 
@@ -232,12 +233,14 @@ def _grouped_prefix_kernel(
                                          block_size, rvalid, offs_d, dmask, m_i, l_i, acc, poison, qk_scale,
                                          BLOCK_N, PREC)
 
-    # Normalised fp32 partial + log2-sum-exp; an empty state is (0, -inf); a poisoned one has a
-    # NaN output (its log-sum-exp is finite, so the merge keeps it NaN).
+    # Normalised fp32 partial + log2-sum-exp; an empty state is (0, -inf); a poisoned one is
+    # (NaN, 0): a finite log-sum-exp, so every merge keeps it NaN.
     has = l_i > 0
+    flagged = poison > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    o = tl.where(poison[:, None] > 0, float("nan"), o)
+    o = tl.where(flagged[:, None], float("nan"), o)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    lse = tl.where(flagged, 0.0, lse)
     prow = ((b * Hq + hq) * Sq + i) * NS + split
     tl.store(PL + prow, lse, mask=rmask)
     tl.store(PO + prow[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
@@ -256,7 +259,7 @@ def _sequence_kernel(
         Hq, Sq, D, block_size, window, NS, slot_off, num_pre, chunk,
         G: tl.constexpr, M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, INCLUDE_PREFIX: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, FINALIZE: tl.constexpr, PREC: tl.constexpr):
+        HAS_WINDOW: tl.constexpr, FINALIZE: tl.constexpr, PER_ROW_MASK: tl.constexpr, PREC: tl.constexpr):
     """Per-sequence program over one KV split of ``[prefix (optional) ; own keys]``.
 
     Rows stack the G query heads of kv head ``h`` x the Sq queries. With ``FINALIZE`` (a single
@@ -322,14 +325,17 @@ def _sequence_kernel(
                     mask=nmask[None, :] & dmask[:, None], other=0.0)
         v = tl.load(v_base + j[:, None] * s_vs + offs_d[None, :] * s_vd,
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
-        k, v, bad = _clean_tile(k, v)
         visible = rvalid[:, None] & nmask[None, :]
         if CAUSAL:
             visible = visible & (j[None, :] <= pos[:, None])
         if HAS_WINDOW:
             visible = visible & (pos[:, None] - j[None, :] < window)
-        poison = tl.maximum(poison, tl.max((visible & bad[None, :]).to(tl.int32), 1))
-        m_i, l_i, acc = _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC)
+        if PER_ROW_MASK:
+            # rows of this program see different keys (several queries, causal or window): a key
+            # masked for one row may be NaN, and 0 * NaN in p @ v is NaN
+            v, bad = _clean_values(v)
+            poison = tl.maximum(poison, tl.max((visible & bad[None, :]).to(tl.int32), 1))
+        m_i, l_i, acc, poison = _online_step(q, k, v, visible, m_i, l_i, acc, poison, qk_scale, PREC)
     flagged = poison > 0
 
     prow = ((b * Hq + hq) * Sq + i) * NS
@@ -354,8 +360,9 @@ def _sequence_kernel(
     else:
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
-        o = tl.where(flagged[:, None], float("nan"), o)           # the merge keeps it NaN
+        o = tl.where(flagged[:, None], float("nan"), o)           # (NaN, 0): the merge keeps it NaN
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        lse = tl.where(flagged, 0.0, lse)
         slot = prow + slot_off + split
         tl.store(PL + slot, lse, mask=rmask)
         tl.store(PO + slot[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
@@ -614,7 +621,8 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
         Hq, Sq, D, x.block_size, window, NS, nsp, nsp, chunk_own,
         G=G, M_TILES=m_tiles, BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
         INCLUDE_PREFIX=include_prefix, CAUSAL=x.causal, HAS_WINDOW=x.window is not None,
-        FINALIZE=finalize, PREC=prec, num_warps=_sequence_warps(block_d),
+        FINALIZE=finalize, PER_ROW_MASK=Sq > 1 and (x.causal or x.window is not None), PREC=prec,
+        num_warps=_sequence_warps(block_d),
         num_stages=num_stages)
     if use_overlap:                                      # join before the merge reads the prefix slots
         main_stream.wait_stream(side)

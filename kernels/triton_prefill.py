@@ -159,14 +159,29 @@ def _prefix_tile_ptrs(base, blk, within, hk, sb, sh, ss, sd, offs_d, PBS: tl.con
 
 @triton.jit
 def _clean_keys(k, v):
-    """Key/value tiles ``[BLOCK_N, BLOCK_D]`` with non-finite elements zeroed, and ``[BLOCK_N]``
-    the key rows that had one. A query that cannot see a key must not read it: ``0 * NaN`` in
-    ``p @ v`` (or ``dS @ k``) is NaN, so masking the scores alone does not keep an uninitialised
-    page out. The rows that do see a flagged key are made NaN (a visible NaN stays visible)."""
-    k_ok = (k == k) & (tl.abs(k) != float("inf"))
-    v_ok = (v == v) & (tl.abs(v) != float("inf"))
-    bad = (tl.min(k_ok.to(tl.int32), 1) == 0) | (tl.min(v_ok.to(tl.int32), 1) == 0)
-    return tl.where(k_ok, k, 0.0), tl.where(v_ok, v, 0.0), bad
+    """Key/value tiles ``[BLOCK_N, BLOCK_D]`` with non-finite elements zeroed (the backward: a key
+    masked for a query may hold anything, and ``0 * NaN`` in ``dS @ k`` or ``dO @ v^T`` is NaN)."""
+    return tl.where((k == k) & (tl.abs(k) != float("inf")), k, 0.0), _clean_values(v)[0]
+
+
+@triton.jit
+def _clean_values(v):
+    """Value tile ``[BLOCK_N, BLOCK_D]`` with non-finite elements zeroed, and ``[BLOCK_N]`` the
+    keys that had one. A value masked for one query of a tile (causal, window) may hold anything,
+    and ``0 * NaN`` in ``p @ v`` is NaN. (Keys need no cleaning in the forward: a masked score is
+    replaced by -inf; a visible non-finite score is flagged instead, see ``_flag``.)"""
+    ok = (v == v) & (tl.abs(v) != float("inf"))
+    return tl.where(ok, v, 0.0), tl.min(ok.to(tl.int32), 1) == 0
+
+
+@triton.jit
+def _flag(s, vis, poison):
+    """Scores with masked and non-finite entries at -inf, and ``poison`` updated with the rows
+    that see a non-finite score (a NaN / inf key): the max would drop it or it would zero the
+    row, so the row's output is made NaN instead (a visible NaN stays visible)."""
+    finite = (s == s) & (tl.abs(s) != float("inf"))
+    poison = tl.maximum(poison, tl.max((vis & ~finite).to(tl.int32), 1))
+    return tl.where(vis & finite, s, float("-inf")), poison
 
 
 @triton.jit
@@ -232,11 +247,10 @@ def _fwd_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(_prefix_tile_ptrs(PV, blk, within, hk, spvb, spvh, spvs, spvd, offs_d, PBS, BLOCK_N),
                     mask=kv_mask, other=0.0)
-        k, v, bad = _clean_keys(k, v)
-        vis = m_valid[:, None] & r_valid[None, :]
-        poison = tl.maximum(poison, tl.max((vis & bad[None, :]).to(tl.int32), 1))
+        # every prefix row < P is seen by every real query: a NaN value reaches them through a
+        # non-zero probability, and padding rows are zeroed at the end
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(vis, s, float("-inf"))
+        s, poison = _flag(s, m_valid[:, None] & r_valid[None, :], poison)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
     # 2) own keys: only tiles that intersect the visible band of this query tile.
@@ -257,7 +271,7 @@ def _fwd_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd,
                     mask=kv_mask, other=0.0)
-        k, v, bad = _clean_keys(k, v)
+        v, bad = _clean_values(v)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         vis = m_valid[:, None] & j_valid[None, :]
         if CAUSAL:
@@ -265,12 +279,12 @@ def _fwd_kernel(
         if HAS_WINDOW:
             vis = vis & (pos[:, None] - offs_j[None, :] < window)
         poison = tl.maximum(poison, tl.max((vis & bad[None, :]).to(tl.int32), 1))
-        s = tl.where(vis, s, float("-inf"))
+        s, poison = _flag(s, vis, poison)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]               # rows that saw nothing: acc = 0 -> zeros
+    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)   # rows that saw nothing: zeros
     out = tl.where(poison[:, None] > 0, float("nan"), out)   # a visible NaN stays visible
     # +inf for rows that see nothing, so exp2(s - lse) is 0 in the backward; also for rows made
     # NaN above: a constant NaN, nothing flows back through it (as a masked_fill would do).
@@ -376,7 +390,7 @@ def _bwd_dq_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd,
                     mask=kv_mask, other=0.0)
-        k, v, _ = _clean_keys(k, v)
+        k, v = _clean_keys(k, v)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         vis = m_valid[:, None] & j_valid[None, :]
         if CAUSAL:
@@ -458,7 +472,7 @@ def _bwd_dkdv_own_kernel(
     kv_mask = key_vis[:, None] & d_valid[None, :]
     k = tl.load(K + b * skb + hk * skh + offs_j[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-    k, v, _ = _clean_keys(k, v)
+    k, v = _clean_keys(k, v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 

@@ -206,7 +206,7 @@ import torch
 from kernels import prefix_attention
 pk, pv = torch.randn(4, 2, 4, 8), torch.randn(4, 2, 4, 8)
 table, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([5, 3])
-for B, Hq, Sq, Skv in ((3, 4, 0, 5), (0, 4, 3, 5), (3, 4, 2, 0), (3, 4, 0, 0), (2, 2, 1, 5)):
+for B, Hq, Sq, Skv in ((3, 4, 0, 5), (0, 4, 3, 5), (3, 4, 2, 0), (3, 4, 0, 0), (3, 0, 2, 5), (2, 2, 1, 5)):
     tids = torch.tensor([0, 1, 0][:B], dtype=torch.long)
     q, k, v = torch.randn(B, Hq, Sq, 8), torch.randn(B, 2, Skv, 8), torch.randn(B, 2, Skv, 8)
     for backend in ("reference", "torch"):
