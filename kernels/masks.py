@@ -51,9 +51,11 @@ def prefix_row_count(x: PrefixAttentionInputs) -> int:
 
 def all_finite(*tensors: torch.Tensor) -> bool:
     """True when no element is NaN or inf: one reduction per tensor (a non-finite element makes
-    the sum non-finite), so the common clean case pays no mask."""
+    the sum non-finite), so the common clean case pays no mask. Summed in fp32 (fp64 kept): a
+    half-precision sum overflows for large finite tensors; a false alarm only costs the exact path."""
     with torch.no_grad():
-        return all(bool(torch.isfinite(t.sum())) for t in tensors if t.numel())
+        return all(bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))
+                   for t in tensors if t.numel())
 
 
 def nonfinite_rows(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
