@@ -30,7 +30,10 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task
 
     Returns:
         ``[B, Hq, Sq, D]`` in the dtype of ``q``. Prefix rows are seen by every real query with no
-        causal or padding restriction; padding queries and rows that see nothing are zero.
+        causal or padding restriction; padding queries and rows that see nothing are zero. What a
+        query cannot see never influences it, whatever it holds (NaN in an uninitialised page,
+        in the rest of a prefix's last block, in unused ``block_table`` entries); a query that
+        sees a NaN / inf key or value returns a non-finite row.
     """
     x = validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids,
                         causal=causal, scale=scale, q_lens=q_lens, kv_lens=kv_lens,

@@ -8,6 +8,7 @@ assume everything below holds.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -91,6 +92,8 @@ def _fail(name: str, seen, allowed: str) -> None:
 def _check_tensor(name: str, t, rank: int, dtypes, dtype_text: str) -> None:
     if not isinstance(t, torch.Tensor):
         _fail(name, f"of type {type(t).__name__}", "a torch.Tensor")
+    if t.device.type == "meta":
+        _fail(name, "on device meta (a tensor without data)", "a tensor on a real device (cpu, cuda, ...)")
     if t.dim() != rank:
         _fail(name, f"with shape {tuple(t.shape)} (rank {t.dim()})", f"a rank-{rank} tensor")
     if t.dtype not in dtypes:
@@ -101,6 +104,9 @@ def _lengths(name: str, t, batch: int, default: int, device) -> torch.Tensor:
     if t is None:
         return torch.full((batch,), default, dtype=torch.int64, device=device)
     if isinstance(t, (list, tuple)):
+        # torch.tensor(..., dtype=int64) would silently truncate 2.7 to 2 and turn True into 1
+        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in t):
+            _fail(name, f"{list(t)!r}", "ints (a list of ints or an int32/int64 tensor of shape [B])")
         t = torch.tensor(t, dtype=torch.int64, device=device)
     _check_tensor(name, t, 1, INT_DTYPES, "an int32/int64 tensor of shape [B]")
     if t.shape[0] != batch:
@@ -155,12 +161,7 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_
         if t.device != device:
             _fail(name, f"on device {t.device}", f"the device of q ({device})")
 
-    if scale is None:
-        scale = D ** -0.5
-    if isinstance(scale, torch.Tensor):
-        scale = float(scale)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        _fail("scale", repr(scale), "a finite positive number or None")
+    scale = _scale(scale, D)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
         _fail("window", repr(window), "a positive int or None")
 
@@ -182,23 +183,43 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_
             _fail("attn_mask", f"on device {attn_mask.device}", f"the device of q ({device})")
 
     # The layers of one forward pass equal index tensors: on the CPU they are range-checked once.
-    _CHECKED.get((block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts),
-                 (num_blocks, block_size, Sq, Skv),
-                 lambda: _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts,
-                                       num_blocks, block_size, Sq, Skv))
+    block_table = _CHECKED.get((block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts),
+                               (num_blocks, block_size, Sq, Skv),
+                               lambda: _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens,
+                                                     kv_starts, num_blocks, block_size, Sq, Skv))
     return PrefixAttentionInputs(
-        q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, block_table=block_table.long(),
+        q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, block_table=block_table,
         prefix_lens=prefix_lens.long(), task_ids=task_ids.long(), q_lens=q_lens, kv_lens=kv_lens,
-        kv_starts=kv_starts, causal=bool(causal), scale=float(scale), window=window,
+        kv_starts=kv_starts, causal=bool(causal), scale=scale, window=window,
         attn_mask=attn_mask, lengths_given=lengths_given)
+
+
+def _scale(scale, D: int) -> float:
+    """The softmax scale as a float: a real number or a one-element tensor, finite and > 0."""
+    if scale is None:
+        return D ** -0.5
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.dtype == torch.bool or scale.device.type == "meta":
+            _fail("scale", f"tensor with shape {tuple(scale.shape)}, dtype {scale.dtype} on {scale.device}",
+                  "a finite positive number, a one-element real tensor, or None")
+        scale = scale.item()
+    # bool is an int subclass: scale=True is a mistake, never a scale of 1
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        _fail("scale", repr(scale), "a finite positive number or None")
+    return float(scale)
 
 
 _CHECKED = ValueMemo(size=4)
 
 
 def _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts,
-                  num_blocks, block_size, Sq, Skv) -> None:
-    """Range checks on index tensors, gathered so the device is synchronised only once."""
+                  num_blocks, block_size, Sq, Skv) -> torch.Tensor:
+    """Range checks on index tensors, gathered so the device is synchronised only once.
+
+    Returns ``block_table`` (int64) with every entry a task does not use set to 0: those entries
+    may hold anything (-1, stale ids past the pool), and a backend that gathers whole rows for the
+    longest prefix in a batch must never index the pool with them.
+    """
     T, max_blocks = block_table.shape
     plens = prefix_lens.long()
     tids = task_ids.long()
@@ -228,6 +249,7 @@ def _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts
         _fail("kv_lens", f"with values {_span(kv_lens)}", f"lengths in [0, Skv={Skv}]")
     if checks[5]:
         _fail("kv_starts", f"with values {_span(kv_starts)}", "starts in [0, kv_lens[b]] per sequence")
+    return torch.where(used, block_table.long(), 0)
 
 
 def _span(t: torch.Tensor) -> str:

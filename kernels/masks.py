@@ -41,3 +41,30 @@ def prefix_row_count(x: PrefixAttentionInputs) -> int:
     if x.batch == 0:
         return 0
     return int(x.prefix_lens[x.task_ids].max())
+
+
+# Keys a query cannot see must never reach its output, whatever they hold (an uninitialised
+# cache page, the rows of a prefix's last block past its length). Masking scores is not enough:
+# a zero probability times a NaN value is NaN in ``p @ v``, and in the backward a zero score
+# gradient times a NaN key is NaN in ``dS @ k``. So non-finite key rows are zeroed before any
+# product, and a query that does see one gets NaN explicitly (a visible NaN is never hidden).
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """True when no element is NaN or inf: one reduction per tensor (a non-finite element makes
+    the sum non-finite), so the common clean case pays no mask. Summed in fp32 (fp64 kept): a
+    half-precision sum overflows for large finite tensors; a false alarm only costs the exact path."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))
+                   for t in tensors if t.numel())
+
+
+def nonfinite_rows(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[..., S]`` bool: key row s holds a NaN or inf in its key or its value."""
+    with torch.no_grad():
+        return ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+
+
+def zero_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t [..., S, D]`` with the rows flagged in ``rows [..., S]`` replaced by zeros (out of place;
+    their gradient is zero)."""
+    return t.masked_fill(rows[..., None], 0.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .inputs import PrefixAttentionInputs
-from .masks import own_key_visibility, prefix_row_count, query_valid
+from .masks import all_finite, nonfinite_rows, own_key_visibility, prefix_row_count, query_valid, zero_rows
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,6 +32,10 @@ def reference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     rows = prefix_row_count(x)
     keys = torch.cat([materialise_prefix(x, x.prefix_k, rows), x.k], dim=2).to(cdt)
     values = torch.cat([materialise_prefix(x, x.prefix_v, rows), x.v], dim=2).to(cdt)
+    bad = None
+    if not all_finite(keys, values):                                   # [B, Hkv, rows + Skv]
+        bad = nonfinite_rows(keys, values)
+        keys, values = zero_rows(keys, bad), zero_rows(values, bad)
     keys = keys.repeat_interleave(G, dim=1)
     values = values.repeat_interleave(G, dim=1)
 
@@ -42,9 +46,15 @@ def reference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     Hm = own_visible.shape[1]
     visible = torch.cat([prefix_visible[:, None].expand(-1, Hm, -1, -1), own_visible], dim=-1)
 
-    scores = torch.matmul(x.q.to(cdt), keys.transpose(-1, -2)) * x.scale
+    # Padding queries are zeroed first: whatever they hold, they return zeros.
+    q = x.q.to(cdt).masked_fill(~query_valid(x)[:, None, :, None], 0.0)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * x.scale
     any_visible = visible.any(-1, keepdim=True)
     # Rows that see nothing get finite scores, then zero probabilities: zeros, never NaN.
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
     probs = torch.softmax(scores, dim=-1) * any_visible
-    return torch.matmul(probs, values).to(x.q.dtype)
+    out = torch.matmul(probs, values)
+    if bad is not None:        # a visible NaN stays visible (filled after: no NaN in the backward)
+        sees_bad = (visible & bad.repeat_interleave(G, dim=1)[:, :, None, :]).any(-1, keepdim=True)
+        out = out.masked_fill(sees_bad, float("nan"))
+    return out.to(x.q.dtype)

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .inputs import PrefixAttentionInputs
-from .masks import own_key_visibility, query_valid
+from .masks import all_finite, nonfinite_rows, own_key_visibility, query_valid, zero_rows
 from .memo import ValueMemo
 from .reference import compute_dtype
 
@@ -87,13 +87,21 @@ def differentiable_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     cdt = compute_dtype(x.q.dtype)
     B, Hq, Sq, D = x.q.shape
     Hkv, G, Skv = x.num_kv_heads, x.group_size, x.kv_len
-    q = (x.q.to(cdt) * x.scale).view(B, Hkv, G, Sq, D)
+    valid = query_valid(x)                                             # [B, Sq]
+    # Padding queries are zeroed first, so whatever they hold reaches no score or gradient.
+    q = (x.q.to(cdt).masked_fill(~valid[:, None, :, None], 0.0) * x.scale).view(B, Hkv, G, Sq, D)
 
     own_visible = own_key_visibility(x)                                # [B, 1|Hq, Sq, Skv]
     per_head = own_visible.shape[1] != 1
     own_visible = own_visible.view(B, Hkv if per_head else 1, G if per_head else 1, Sq, Skv)
-    own_scores = torch.einsum("bhgsd,bhkd->bhgsk", q, x.k.to(cdt))
+    k, v, own_bad = x.k.to(cdt), x.v.to(cdt), None
+    if not all_finite(k, v):
+        own_bad = nonfinite_rows(k, v)[:, :, None, None, :]           # [B, Hkv, 1, 1, Skv]
+        k, v = zero_rows(k, own_bad[:, :, 0, 0]), zero_rows(v, own_bad[:, :, 0, 0])
+    own_scores = torch.einsum("bhgsd,bhkd->bhgsk", q, k)
     own_scores = own_scores.masked_fill(~own_visible, float("-inf"))
+    # queries that see a non-finite key or value: NaN, filled in at the end (no NaN in the backward)
+    sees_bad = (own_visible & own_bad).any(-1) if own_bad is not None else None   # [B, Hkv, 1|G, Sq]
 
     # Prefix scores, one batched product per bucket: [Gb, Hkv, width*G*Sq, rows].
     parts = []
@@ -103,8 +111,13 @@ def differentiable_attention(x: PrefixAttentionInputs) -> torch.Tensor:
         pv = gather_prefixes(x, x.prefix_v, bucket.tasks, P).to(cdt)
         stacked = _to_groups(q[bucket.seqs], bucket)                   # [Gb, W, Hkv, G, Sq, D]
         stacked = stacked.permute(0, 2, 1, 3, 4, 5).reshape(Gb, Hkv, W * G * Sq, D)
-        scores = stacked @ pk.transpose(-1, -2)
         beyond = torch.arange(P, device=q.device)[None, :] >= bucket.lengths[:, None]
+        pk, pv, bad = _clean_prefix(pk, pv, beyond)
+        if bad is not None:                 # every real query of a task sees its whole prefix
+            task_bad = bad.any(-1)[bucket.group][:, :, None, None]     # [n, Hkv, 1, 1]
+            seq_bad = torch.zeros(B, Hkv, 1, 1, dtype=torch.bool, device=q.device).index_copy(0, bucket.seqs, task_bad)
+            sees_bad = seq_bad if sees_bad is None else sees_bad | seq_bad
+        scores = stacked @ pk.transpose(-1, -2)
         scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
         parts.append((bucket, scores, pv))
 
@@ -120,7 +133,7 @@ def differentiable_attention(x: PrefixAttentionInputs) -> torch.Tensor:
 
     p_own = torch.exp(own_scores - row_max[..., None])
     denom = p_own.sum(-1)
-    acc = torch.einsum("bhgsk,bhkd->bhgsd", p_own, x.v.to(cdt))
+    acc = torch.einsum("bhgsk,bhkd->bhgsd", p_own, v)
     for bucket, scores, pv in parts:
         Gb, W = bucket.tasks.shape[0], bucket.width
         shift = _to_groups(row_max[bucket.seqs], bucket)               # [Gb, W, Hkv, G, Sq]
@@ -131,8 +144,21 @@ def differentiable_attention(x: PrefixAttentionInputs) -> torch.Tensor:
         acc = acc.index_add(0, bucket.seqs, pick(p @ pv))
 
     out = acc / torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]
-    out = out.reshape(B, Hq, Sq, D) * query_valid(x)[:, None, :, None]   # padding queries give zeros
+    if sees_bad is not None:
+        out = out.masked_fill(sees_bad[..., None], float("nan"))
+    # padding queries give zeros (a select: their rows may be NaN when a visible key is)
+    out = out.reshape(B, Hq, Sq, D).masked_fill(~valid[:, None, :, None], 0.0)
     return out.to(x.q.dtype)
+
+
+def _clean_prefix(pk, pv, beyond):
+    """Gathered prefixes ``[Gb, Hkv, P, D]`` with non-finite rows zeroed, and ``[Gb, Hkv, P]`` the
+    visible ones among them (None when every row is finite). Rows past a task's length (the rest
+    of its last block, or a longer task's rows in a bucket) are never seen, whatever they hold."""
+    if all_finite(pk, pv):
+        return pk, pv, None
+    bad = nonfinite_rows(pk, pv)
+    return zero_rows(pk, bad), zero_rows(pv, bad), bad & ~beyond[:, None, :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +176,7 @@ def _fused_inference_applies(x: PrefixAttentionInputs) -> bool:
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x.q, x.k, x.v, x.prefix_k, x.prefix_v))
     return (_FLASH_CPU is not None and not needs_grad and x.q.device.type == "cpu"
-            and x.q.dtype != torch.float64 and x.batch > 0)
+            and x.q.dtype != torch.float64 and x.q.numel() > 0)   # the CPU flash kernel divides by Sq
 
 
 def cpu_flash(q, k, v, scale, bias=None):
@@ -174,7 +200,7 @@ class _FusedPlan:
     own_bias: Optional[torch.Tensor]   # [B, 1|Hkv, G*Sq, Skv] additive (0 / -inf), None when Skv == 0
     own_blind: Optional[torch.Tensor]  # [B, 1|Hkv, G*Sq] rows that see no own key, or None
     sees_nothing: Optional[torch.Tensor]   # [B, 1|Hkv, G*Sq] rows that see no key at all, or None
-    query_valid: Optional[torch.Tensor]    # [B, 1, Sq, 1] 0/1 multiplier, None when every query is real
+    query_pad: Optional[torch.Tensor]      # [B, 1, Sq, 1] padding queries, None when every query is real
     prefixes: List[_PrefixPart]
 
 
@@ -221,7 +247,7 @@ def _plan(x: PrefixAttentionInputs) -> _FusedPlan:
         prefixes.append(_PrefixPart(bucket, table, bias, _span_of(bucket, seqs, sizes) if ordered else None))
     return _FusedPlan(own_bias=own_bias, own_blind=own_blind,
                       sees_nothing=nothing if bool(nothing.any()) else None,
-                      query_valid=None if bool(valid.all()) else valid[:, None, :, None].to(f32),
+                      query_pad=None if bool(valid.all()) else ~valid[:, None, :, None],
                       prefixes=prefixes)
 
 
@@ -247,15 +273,32 @@ def merge_states(own_out, own_lse, pre_out, pre_lse):
 
 
 def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
+    # Optimistic: a non-finite key or value anywhere it is read (hidden or not) makes the output
+    # non-finite (NaN + -inf bias, 0 * NaN), so checking the small output is enough to know that
+    # nothing needs cleaning; only then are K/V scanned, zeroed and the affected rows flagged.
+    out = _fused_inference(x, clean=False)
+    return out if all_finite(out) else _fused_inference(x, clean=True)
+
+
+def _fused_inference(x: PrefixAttentionInputs, clean: bool) -> torch.Tensor:
     B, Hq, Sq, D = x.q.shape
     Hkv, G, Skv = x.num_kv_heads, x.group_size, x.kv_len
     M = G * Sq
     f32 = torch.float32
     plan = _fused_plan(x)
     # GQA heads of a kv head are stacked into query rows: [B, Hkv, G*Sq, D], K/V never repeated.
-    q = x.q.to(f32).reshape(B, Hkv, M, D)
+    q = x.q.to(f32)
+    if plan.query_pad is not None:        # padding queries: whatever they hold reaches nothing
+        q = q.masked_fill(plan.query_pad, 0.0)
+    q = q.reshape(B, Hkv, M, D)
+    sees_bad = None                       # [B, Hkv, M] queries that see a non-finite key or value
     if Skv:
-        out, lse = cpu_flash(q, x.k.to(f32), x.v.to(f32), x.scale, plan.own_bias)
+        k, v = x.k.to(f32), x.v.to(f32)
+        if clean and not all_finite(k, v):
+            bad = nonfinite_rows(k, v)                                  # [B, Hkv, Skv]
+            k, v = zero_rows(k, bad), zero_rows(v, bad)
+            sees_bad = ((plan.own_bias == 0) & bad[:, :, None, :]).any(-1).expand(B, Hkv, M)
+        out, lse = cpu_flash(q, k, v, x.scale, plan.own_bias)
         if plan.own_blind is not None:
             lse = lse.masked_fill(plan.own_blind, float("-inf"))
     else:
@@ -265,10 +308,15 @@ def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
         Gb, W, P = bucket.tasks.shape[0], bucket.width, bucket.rows
         pk = read_prefixes(x.prefix_k, part.table, P).to(f32)
         pv = read_prefixes(x.prefix_v, part.table, P).to(f32)
+        bad = None
+        if clean:
+            pk, pv, bad = _clean_prefix(pk, pv, torch.arange(P)[None, :] >= bucket.lengths[:, None])
         rows = q[part.span[0]: part.span[1]] if part.span else q[bucket.seqs]
         stacked = rows.view(Gb, W, Hkv, M, D) if part.span else _to_groups(rows, bucket)
         stacked = stacked.transpose(1, 2).reshape(Gb, Hkv, W * M, D)
         p_out, p_lse = cpu_flash(stacked, pk, pv, x.scale, part.bias)
+        if bad is not None:                                             # a visible NaN stays visible
+            p_out = p_out.masked_fill(bad.any(-1)[:, :, None, None], float("nan"))
         p_out = p_out.view(Gb, Hkv, W, M, D).transpose(1, 2)
         p_lse = p_lse.view(Gb, Hkv, W, M).transpose(1, 2)
         if part.span:
@@ -284,9 +332,11 @@ def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
             lse = lse.index_copy(0, bucket.seqs, merged_lse)
     if plan.sees_nothing is not None:
         out = out.masked_fill(plan.sees_nothing.expand(B, Hkv, M)[..., None], 0.0)
+    if sees_bad is not None:
+        out = out.masked_fill(sees_bad[..., None], float("nan"))
     out = out.reshape(B, Hq, Sq, D)
-    if plan.query_valid is not None:
-        out = out * plan.query_valid                                    # padding queries give zeros
+    if plan.query_pad is not None:
+        out = out.masked_fill(plan.query_pad, 0.0)                      # padding queries give zeros
     return out.to(x.q.dtype)
 
 

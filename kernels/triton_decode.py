@@ -77,29 +77,45 @@ ENV_OVERLAP = "SOFTPROMPT_DECODE_OVERLAP"
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+def _online_step(q, k, v, visible, m_i, l_i, acc, poison, qk_scale, PREC: tl.constexpr):
     """One key tile of the online softmax. ``k`` is ``[BLOCK_D, BLOCK_N]``, ``v`` ``[BLOCK_N, BLOCK_D]``.
 
     Scores are in log2 units (``qk_scale`` = scale * log2(e)); rows with nothing visible so far
-    keep ``m = -inf`` and ``l = 0`` without ever producing NaN.
+    keep ``m = -inf`` and ``l = 0`` without ever producing NaN. A visible non-finite score (a NaN
+    or inf key) would be dropped by the max or zero the row: it is left out of the state and the
+    row is flagged in ``poison`` instead (its output becomes NaN). A visible NaN value needs no
+    flag: it reaches ``acc`` through a non-zero probability.
     """
     qk = tl.dot(q, k, input_precision=PREC) * qk_scale
-    qk = tl.where(visible, qk, float("-inf"))
+    finite = (qk == qk) & (tl.abs(qk) != float("inf"))
+    poison = tl.maximum(poison, tl.max((visible & ~finite).to(tl.int32), 1))
+    qk = tl.where(visible & finite, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(qk - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
+    return m_new, l_i, acc, poison
+
+
+@triton.jit
+def _clean_values(v):
+    """Value tile ``v [BLOCK_N, BLOCK_D]`` with non-finite elements zeroed, and ``[BLOCK_N]`` the
+    keys that had one. A value masked for one row of the tile (causal, window) may hold anything,
+    and ``0 * NaN`` in ``p @ v`` is NaN. (Keys need no cleaning: a masked score is replaced by
+    -inf, and a visible non-finite score is flagged in ``_online_step``.)"""
+    v_ok = (v == v) & (tl.abs(v) != float("inf"))
+    return tl.where(v_ok, v, 0.0), tl.min(v_ok.to(tl.int32), 1) == 0
 
 
 @triton.jit
 def _prefix_tile(q, PK, PV, BT, bt_row, start, end, h,
                  s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
-                 block_size, rvalid, offs_d, dmask, m_i, l_i, acc, qk_scale,
+                 block_size, rvalid, offs_d, dmask, m_i, l_i, acc, poison, qk_scale,
                  BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax of the query tile over prefix rows ``[start, end)`` read through the table."""
+    """Online softmax of the query tile over prefix rows ``[start, end)`` read through the table
+    (every one visible to every real row: nothing to clean; ``poison`` flags non-finite keys)."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n
@@ -113,8 +129,8 @@ def _prefix_tile(q, PK, PV, BT, bt_row, start, end, h,
         v = tl.load(PV + v_off[:, None] + offs_d[None, :] * s_pvd,
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
         visible = rvalid[:, None] & nmask[None, :]
-        m_i, l_i, acc = _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC)
-    return m_i, l_i, acc
+        m_i, l_i, acc, poison = _online_step(q, k, v, visible, m_i, l_i, acc, poison, qk_scale, PREC)
+    return m_i, l_i, acc, poison
 
 
 @triton.jit
@@ -211,15 +227,20 @@ def _grouped_prefix_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    m_i, l_i, acc = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, end, h,
-                                 s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
-                                 block_size, rvalid, offs_d, dmask, m_i, l_i, acc, qk_scale,
-                                 BLOCK_N, PREC)
+    poison = tl.zeros([BLOCK_M], tl.int32)
+    m_i, l_i, acc, poison = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, end, h,
+                                         s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
+                                         block_size, rvalid, offs_d, dmask, m_i, l_i, acc, poison, qk_scale,
+                                         BLOCK_N, PREC)
 
-    # Normalised fp32 partial + log2-sum-exp; an empty state is (0, -inf).
+    # Normalised fp32 partial + log2-sum-exp; an empty state is (0, -inf); a poisoned one is
+    # (NaN, 0): a finite log-sum-exp, so every merge keeps it NaN.
     has = l_i > 0
+    flagged = poison > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = tl.where(flagged[:, None], float("nan"), o)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    lse = tl.where(flagged, 0.0, lse)
     prow = ((b * Hq + hq) * Sq + i) * NS + split
     tl.store(PL + prow, lse, mask=rmask)
     tl.store(PO + prow[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
@@ -238,7 +259,7 @@ def _sequence_kernel(
         Hq, Sq, D, block_size, window, NS, slot_off, num_pre, chunk,
         G: tl.constexpr, M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, INCLUDE_PREFIX: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, FINALIZE: tl.constexpr, PREC: tl.constexpr):
+        HAS_WINDOW: tl.constexpr, FINALIZE: tl.constexpr, PER_ROW_MASK: tl.constexpr, PREC: tl.constexpr):
     """Per-sequence program over one KV split of ``[prefix (optional) ; own keys]``.
 
     Rows stack the G query heads of kv head ``h`` x the Sq queries. With ``FINALIZE`` (a single
@@ -286,11 +307,12 @@ def _sequence_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    poison = tl.zeros([BLOCK_M], tl.int32)             # rows that see a non-finite key or value
     if INCLUDE_PREFIX:
-        m_i, l_i, acc = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, tl.minimum(end, plen), h,
-                                     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
-                                     block_size, rvalid, offs_d, dmask, m_i, l_i, acc, qk_scale,
-                                     BLOCK_N, PREC)
+        m_i, l_i, acc, poison = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, tl.minimum(end, plen), h,
+                                             s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
+                                             block_size, rvalid, offs_d, dmask, m_i, l_i, acc, poison,
+                                             qk_scale, BLOCK_N, PREC)
 
     offs_n = tl.arange(0, BLOCK_N)
     k_base = K + b * s_kb + h * s_kh
@@ -308,7 +330,13 @@ def _sequence_kernel(
             visible = visible & (j[None, :] <= pos[:, None])
         if HAS_WINDOW:
             visible = visible & (pos[:, None] - j[None, :] < window)
-        m_i, l_i, acc = _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PREC)
+        if PER_ROW_MASK:
+            # rows of this program see different keys (several queries, causal or window): a key
+            # masked for one row may be NaN, and 0 * NaN in p @ v is NaN
+            v, bad = _clean_values(v)
+            poison = tl.maximum(poison, tl.max((visible & bad[None, :]).to(tl.int32), 1))
+        m_i, l_i, acc, poison = _online_step(q, k, v, visible, m_i, l_i, acc, poison, qk_scale, PREC)
+    flagged = poison > 0
 
     prow = ((b * Hq + hq) * Sq + i) * NS
     if FINALIZE:
@@ -326,12 +354,15 @@ def _sequence_kernel(
             m_i = m_new
         keep = rvalid & (l_i > 0)
         out = tl.where(keep[:, None], acc / tl.where(keep, l_i, 1.0)[:, None], 0.0)
+        out = tl.where(flagged[:, None], float("nan"), out)       # a visible NaN stays visible
         tl.store(OUT + b * s_ob + hq[:, None] * s_oh + i[:, None] * s_os + offs_d[None, :] * s_od,
                  out.to(OUT.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     else:
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
+        o = tl.where(flagged[:, None], float("nan"), o)           # (NaN, 0): the merge keeps it NaN
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        lse = tl.where(flagged, 0.0, lse)
         slot = prow + slot_off + split
         tl.store(PL + slot, lse, mask=rmask)
         tl.store(PO + slot[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
@@ -590,7 +621,8 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
         Hq, Sq, D, x.block_size, window, NS, nsp, nsp, chunk_own,
         G=G, M_TILES=m_tiles, BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
         INCLUDE_PREFIX=include_prefix, CAUSAL=x.causal, HAS_WINDOW=x.window is not None,
-        FINALIZE=finalize, PREC=prec, num_warps=_sequence_warps(block_d),
+        FINALIZE=finalize, PER_ROW_MASK=Sq > 1 and (x.causal or x.window is not None), PREC=prec,
+        num_warps=_sequence_warps(block_d),
         num_stages=num_stages)
     if use_overlap:                                      # join before the merge reads the prefix slots
         main_stream.wait_stream(side)

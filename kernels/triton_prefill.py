@@ -158,6 +158,33 @@ def _prefix_tile_ptrs(base, blk, within, hk, sb, sh, ss, sd, offs_d, PBS: tl.con
 
 
 @triton.jit
+def _clean_keys(k, v):
+    """Key/value tiles ``[BLOCK_N, BLOCK_D]`` with non-finite elements zeroed (the backward: a key
+    masked for a query may hold anything, and ``0 * NaN`` in ``dS @ k`` or ``dO @ v^T`` is NaN)."""
+    return tl.where((k == k) & (tl.abs(k) != float("inf")), k, 0.0), _clean_values(v)[0]
+
+
+@triton.jit
+def _clean_values(v):
+    """Value tile ``[BLOCK_N, BLOCK_D]`` with non-finite elements zeroed, and ``[BLOCK_N]`` the
+    keys that had one. A value masked for one query of a tile (causal, window) may hold anything,
+    and ``0 * NaN`` in ``p @ v`` is NaN. (Keys need no cleaning in the forward: a masked score is
+    replaced by -inf; a visible non-finite score is flagged instead, see ``_flag``.)"""
+    ok = (v == v) & (tl.abs(v) != float("inf"))
+    return tl.where(ok, v, 0.0), tl.min(ok.to(tl.int32), 1) == 0
+
+
+@triton.jit
+def _flag(s, vis, poison):
+    """Scores with masked and non-finite entries at -inf, and ``poison`` updated with the rows
+    that see a non-finite score (a NaN / inf key): the max would drop it or it would zero the
+    row, so the row's output is made NaN instead (a visible NaN stays visible)."""
+    finite = (s == s) & (tl.abs(s) != float("inf"))
+    poison = tl.maximum(poison, tl.max((vis & ~finite).to(tl.int32), 1))
+    return tl.where(vis & finite, s, float("-inf")), poison
+
+
+@triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
     """One online-softmax update with scores ``s`` (log2 units, -inf where masked)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -208,6 +235,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    poison = tl.zeros([BLOCK_M], dtype=tl.int32)   # rows that see a non-finite key or value
 
     # 1) the task's prefix, read in place through the block table; no causal/padding rule on it.
     p_end = tl.where(live, P, 0)
@@ -219,8 +247,10 @@ def _fwd_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(_prefix_tile_ptrs(PV, blk, within, hk, spvb, spvh, spvs, spvd, offs_d, PBS, BLOCK_N),
                     mask=kv_mask, other=0.0)
+        # every prefix row < P is seen by every real query: a NaN value reaches them through a
+        # non-zero probability, and padding rows are zeroed at the end
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(m_valid[:, None] & r_valid[None, :], s, float("-inf"))
+        s, poison = _flag(s, m_valid[:, None] & r_valid[None, :], poison)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
     # 2) own keys: only tiles that intersect the visible band of this query tile.
@@ -235,26 +265,30 @@ def _fwd_kernel(
     pos = off + offs_m
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         offs_j = start + offs_n
-        j_valid = offs_j < kv_len
+        j_valid = (offs_j < kv_len) & (offs_j >= kv_start)   # keys before kv_start are never read
         kv_mask = j_valid[:, None] & d_valid[None, :]
         k = tl.load(K + b * skb + hk * skh + offs_j[:, None] * sks + offs_d[None, :] * skd,
                     mask=kv_mask, other=0.0)
         v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd,
                     mask=kv_mask, other=0.0)
+        v, bad = _clean_values(v)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        vis = m_valid[:, None] & (j_valid & (offs_j >= kv_start))[None, :]
+        vis = m_valid[:, None] & j_valid[None, :]
         if CAUSAL:
             vis = vis & (offs_j[None, :] <= pos[:, None])
         if HAS_WINDOW:
             vis = vis & (pos[:, None] - offs_j[None, :] < window)
-        s = tl.where(vis, s, float("-inf"))
+        poison = tl.maximum(poison, tl.max((vis & bad[None, :]).to(tl.int32), 1))
+        s, poison = _flag(s, vis, poison)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]               # rows that saw nothing: acc = 0 -> zeros
-    # +inf for rows that see nothing, so exp2(s - lse) is 0 in the backward.
-    lse = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
+    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)   # rows that saw nothing: zeros
+    out = tl.where(poison[:, None] > 0, float("nan"), out)   # a visible NaN stays visible
+    # +inf for rows that see nothing, so exp2(s - lse) is 0 in the backward; also for rows made
+    # NaN above: a constant NaN, nothing flows back through it (as a masked_fill would do).
+    lse = tl.where(seen & (poison == 0), m_i + tl.log2(l_safe), float("inf"))
     row_ok = offs_m < Sq
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_valid[None, :])
@@ -273,7 +307,10 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdob, sdoh, sdos, s
     mask = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=mask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :] * sdod, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o = o.to(tl.float32)
+    # rows the forward made NaN (they see a non-finite key) have no gradient: a finite Delta keeps
+    # their zero probabilities (lse = +inf) from turning into 0 * NaN
+    delta = tl.sum(tl.where(o == o, o, 0.0) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * Sq + offs_m, delta, mask=offs_m < Sq)
 
 
@@ -347,14 +384,15 @@ def _bwd_dq_kernel(
     pos = off + offs_m
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         offs_j = start + offs_n
-        j_valid = offs_j < kv_len
+        j_valid = (offs_j < kv_len) & (offs_j >= kv_start)
         kv_mask = j_valid[:, None] & d_valid[None, :]
         k = tl.load(K + b * skb + hk * skh + offs_j[:, None] * sks + offs_d[None, :] * skd,
                     mask=kv_mask, other=0.0)
         v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd,
                     mask=kv_mask, other=0.0)
+        k, v = _clean_keys(k, v)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        vis = m_valid[:, None] & (j_valid & (offs_j >= kv_start))[None, :]
+        vis = m_valid[:, None] & j_valid[None, :]
         if CAUSAL:
             vis = vis & (offs_j[None, :] <= pos[:, None])
         if HAS_WINDOW:
@@ -430,11 +468,11 @@ def _bwd_dkdv_own_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    j_valid = offs_j < kv_len
-    key_vis = j_valid & (offs_j >= kv_start)
-    kv_mask = j_valid[:, None] & d_valid[None, :]
+    key_vis = (offs_j < kv_len) & (offs_j >= kv_start)
+    kv_mask = key_vis[:, None] & d_valid[None, :]
     k = tl.load(K + b * skb + hk * skh + offs_j[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    k, v = _clean_keys(k, v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 

@@ -99,3 +99,32 @@ def outputs_and_grads(fn, args, kwargs, seed):
     grads = torch.autograd.grad(weighted_sum(out, seed), diff, allow_unused=True)
     grads = [torch.zeros_like(a) if gr is None else gr for a, gr in zip(diff, grads)]
     return out, grads
+
+
+def masked_key_poison_case(seed: int, dtype=torch.float32):
+    """Keys masked for *some* queries of a tile hold NaN / inf (issue: invisible keys leak NaN).
+
+    One sequence per task, Sq = 4 queries at positions 4..7 of Skv = 8 own keys, causal with a
+    window of 3, ``kv_starts = 1``: query i sees own keys ``[max(1, 2 + i), 4 + i]``. Poisoned:
+    key 0 (before kv_starts, seen by none), k[2] (seen by query 0 only: window-masked for the
+    others), v[7] (seen by query 3 only: causal-masked for the others), and the pool rows past
+    the prefix's end. Returns ``(clean_args, poisoned_args, kw, sees_poison [Sq])``: queries 0
+    and 3 must come out NaN, queries 1 and 2 equal to the clean result."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, Sq, Skv, D, bs = 2, 2, 1, 4, 8, 8, 4
+    q, k, v = (torch.randn(B, h, s, D, generator=g).to(dtype) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    pk, pv = torch.randn(4, Hkv, bs, D, generator=g).to(dtype), torch.randn(4, Hkv, bs, D, generator=g).to(dtype)
+    table = torch.tensor([[3, 1], [0, -1]])
+    lens, tids = torch.tensor([5, 2]), torch.tensor([0, 1])
+    kw = dict(causal=True, window=3, q_lens=torch.tensor([Sq, Sq]), kv_lens=torch.tensor([Skv, Skv]),
+              kv_starts=torch.tensor([1, 1]))
+    pq, pk2, pv2, k2, v2 = q.clone(), pk.clone(), pv.clone(), k.clone(), v.clone()
+    k2[:, :, 0], v2[:, :, 0] = float("nan"), float("inf")
+    k2[:, :, 2] = float("nan")
+    v2[:, :, 7] = float("-inf")
+    pk2[1, :, 1:], pv2[1, :, 1:] = float("nan"), float("nan")          # task 0's rows 5..7
+    pk2[0, :, 2:], pv2[0, :, 2:] = float("inf"), float("nan")          # task 1's rows 2..3
+    pk2[2], pv2[2] = float("nan"), float("nan")                          # a block nobody uses
+    clean = (q, k, v, pk, pv, table, lens, tids)
+    poisoned = (pq, k2, v2, pk2, pv2, table, lens, tids)
+    return clean, poisoned, kw, torch.tensor([True, False, False, True])

@@ -182,3 +182,65 @@ def test_failed_build_falls_back_with_a_reason(monkeypatch, tmp_path):
     attach(model, prefixes)
     assert not engine(model).cpu_decoder._use_kernel()                  # the engine runs the torch path
     monkeypatch.setattr(cpu_kernel, "_tried", False)                     # let later tests load the real one
+
+
+def test_kernel_ignores_junk_in_unused_table_entries_and_rejects_bad_used_ones(seed):
+    """Only the entries of pages / blocks a query reads must be ids: the rest of a row (pages not
+    written yet, -1, stale ids) used to be taken into the pool-size check (a valid step rejected),
+    while a negative id that *is* read passed unchecked (an out-of-bounds read in C)."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, Skv, D = 3, 4, 2, 9, 8
+    q, k, v = torch.randn(B, Hq, 1, D, generator=g), torch.randn(B, Hkv, Skv, D, generator=g), \
+        torch.randn(B, Hkv, Skv, D, generator=g)
+    own = torch.tensor([9, 2, 5])
+    pool_k, pool_v, pages = _paged(seed, k, v, own, 4)
+    pk, pv = torch.randn(4, Hkv, 4, D, generator=g), torch.randn(4, Hkv, 4, D, generator=g)
+    table, lens, tids = torch.tensor([[2, 0], [3, 1]]), torch.tensor([6, 3]), torch.tensor([0, 1, 0])
+    junk_pages, junk_table = pages.clone(), table.clone()
+    junk_pages[1, 1:], junk_table[1, 1] = -1, 10 ** 6                   # row 1: one page; task 1: one block
+    kw = dict(num_kv_heads=Hkv, group_size=Hq // Hkv, head_dim=D, scale=D ** -0.5)
+    kernel = PagedAttention(junk_pages, own, 4, tids, junk_table, lens, 4, **kw)
+    got = kernel(q.view(B, Hkv, Hq // Hkv, D), pool_k, pool_v, pk, pv)
+    want = prefix_attention(q, k, v, pk, pv, table, lens, tids, causal=False, scale=D ** -0.5,
+                            kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), backend="reference")
+    torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4)
+    read_page, read_block = pages.clone(), table.clone()
+    read_page[0, 1] = -2                                                 # row 0 reads all its pages
+    read_block[0, 1] = -1                                                # task 0 reads 2 blocks
+    with pytest.raises(ValueError, match="page_table"):
+        PagedAttention(read_page, own, 4, tids, table, lens, 4, **kw)
+    with pytest.raises(ValueError, match="block_table"):
+        PagedAttention(pages, own, 4, tids, read_block, lens, 4, **kw)
+    with pytest.raises(ValueError, match="prefix_lens"):
+        PagedAttention(pages, own, 4, tids, table, torch.tensor([6, 9]), 4, **kw)   # 9 > 2 blocks x 4
+
+
+ZERO_SIZE_SCRIPT = r"""
+import torch
+from softprompt.engine.cpu_kernel import PagedAttention
+pages, own = torch.tensor([[0], [1]]), torch.tensor([3, 4])
+table, lens, tids = torch.tensor([[0]]), torch.tensor([2]), torch.tensor([0, 0])
+for page_size, block_size in ((4, 0), (0, 4)):
+    try:
+        PagedAttention(pages, own, page_size, tids, table, lens, block_size, num_kv_heads=1, group_size=2,
+                       head_dim=8, scale=1.0)(torch.zeros(2, 1, 2, 8), torch.zeros(8, 1, 8), torch.zeros(8, 1, 8),
+                                              torch.zeros(1, 1, max(block_size, 1), 8), torch.zeros(1, 1, max(block_size, 1), 8))
+    except ValueError as err:
+        assert "size" in str(err), err
+    else:
+        raise SystemExit("no error")
+print("ok")
+"""
+
+
+def test_zero_page_or_block_size_is_a_value_error_not_a_crash():
+    """The C kernel divides by page_size and block_size: 0 raised SIGFPE in the process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", ZERO_SIZE_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-2000:])

@@ -197,3 +197,101 @@ def test_inference_path_reads_strided_inputs(name, seed):
         want = prefix_attention(*[t.detach() for t in args[:5]], *args[5:], backend="reference", **kw)
         got = prefix_attention(*strided, *[t.detach() for t in args[3:5]], *args[5:], backend="torch", **kw)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+# ---- hardening: bad input may not crash the process or leak NaN ----------------------------
+
+EMPTY_SHAPES_SCRIPT = r"""
+import torch
+from kernels import prefix_attention
+pk, pv = torch.randn(4, 2, 4, 8), torch.randn(4, 2, 4, 8)
+table, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([5, 3])
+for B, Hq, Sq, Skv in ((3, 4, 0, 5), (0, 4, 3, 5), (3, 4, 2, 0), (3, 4, 0, 0), (3, 0, 2, 5), (2, 2, 1, 5)):
+    tids = torch.tensor([0, 1, 0][:B], dtype=torch.long)
+    q, k, v = torch.randn(B, Hq, Sq, 8), torch.randn(B, 2, Skv, 8), torch.randn(B, 2, Skv, 8)
+    for backend in ("reference", "torch"):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                out = prefix_attention(q.requires_grad_(grad), k, v, pk, pv, table, lens, tids,
+                                       causal=False, backend=backend)
+            assert out.shape == (B, Hq, Sq, 8) and bool(torch.isfinite(out).all()), (B, Hq, Sq, Skv, backend)
+print("ok")
+"""
+
+
+def test_empty_query_chunk_skv_zero_and_empty_batch_do_not_kill_the_process():
+    """Sq = 0 without gradients reached the CPU flash kernel, which divides by the query length:
+    SIGFPE ended Python (exit 136). Run in a subprocess so a crash fails this test, not pytest."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", EMPTY_SHAPES_SCRIPT], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_junk_in_unused_block_table_entries_is_never_read(backend, grad, seed):
+    """A shorter task's row is read as deep as the longest prefix of its bucket (tasks 0 and 1:
+    one sequence each): its unused entries (stale ids past the pool, negatives) were gathered
+    (IndexError), now they are never used."""
+    case = Case(seed=seed, B=4, T=3, tasks=[0, 1, 2, 2], prefix_lens=[9, 2, 0], block_size=4,
+                requires_grad=grad)
+    args, kw = case.build()
+    junk = args[5].clone()
+    junk[1, 1:], junk[2, :] = 10 ** 6, -5
+    want = outputs_and_grads(lambda *a, **k: prefix_attention(*a, backend="reference", **k), args, kw, seed) \
+        if grad else (prefix_attention(*args, backend="reference", **kw), [])
+    junk_args = (*args[:5], junk, *args[6:])
+    with torch.set_grad_enabled(grad):
+        got = outputs_and_grads(lambda *a, **k: prefix_attention(*a, backend=backend, **k), junk_args, kw, seed) \
+            if grad else (prefix_attention(*junk_args, backend=backend, **kw), [])
+    for g, w in zip([got[0], *got[1]], [want[0], *want[1]]):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_nan_in_padding_queries_gives_zeros(grad, seed):
+    """Padding queries (i >= q_lens) return zeros whatever they hold; the torch backend used to
+    multiply their rows by 0, which keeps NaN (and its backward spread it to the prefix)."""
+    case = Case(seed=seed, B=4, T=2, Sq=5, Skv=6, padding="ragged", requires_grad=grad)
+    args, kw = case.build()
+    q = args[0].detach().clone()
+    pad = torch.arange(5)[None, :] >= kw["q_lens"][:, None]
+    q[pad[:, None, :, None].expand(q.shape)] = float("nan")
+    poisoned = (q.requires_grad_(grad), *args[1:])
+    for backend in ("reference", "torch"):
+        with torch.set_grad_enabled(grad):
+            out = prefix_attention(*poisoned, backend=backend, **kw)
+        assert (out[pad[:, None, :, None].expand(out.shape)] == 0).all(), backend
+        torch.testing.assert_close(out, prefix_attention(*args, backend="reference", **kw), atol=2e-5, rtol=1e-4)
+        if grad:
+            grads = torch.autograd.grad(out.sum(), [poisoned[i] for i in (0, 1, 2, 3, 4)])
+            assert all(torch.isfinite(g).all() for g in grads), backend
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_keys_a_query_cannot_see_never_reach_it(backend, grad, seed):
+    """NaN / inf in own keys outside [kv_starts, kv_lens), in window- and causal-masked keys, in
+    pool rows past a prefix's end: every backend (reference included) gave NaN rows (0 x NaN in
+    probs @ V). Now only the queries that see a poisoned key are NaN."""
+    from cases import masked_key_poison_case
+    clean, poisoned, kw, sees = masked_key_poison_case(seed)
+    leaves = [t.clone().requires_grad_(grad) for t in poisoned[:5]]
+    clean_leaves = [t.clone().requires_grad_(grad) for t in clean[:5]]
+    with torch.set_grad_enabled(grad):
+        out = prefix_attention(*leaves, *poisoned[5:], backend=backend, **kw)
+        want = prefix_attention(*clean_leaves, *clean[5:], backend="reference", **kw)
+    assert out[:, :, sees].isnan().all() and torch.isfinite(out[:, :, ~sees]).all()
+    torch.testing.assert_close(out[:, :, ~sees], want[:, :, ~sees], atol=2e-5, rtol=1e-4)
+    if grad:
+        # the queries that see no poison: their gradient flows through their visible keys only
+        got = torch.autograd.grad(out[:, :, ~sees].sum(), leaves)
+        ref = torch.autograd.grad(want[:, :, ~sees].sum(), clean_leaves)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4)

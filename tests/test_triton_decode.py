@@ -330,3 +330,37 @@ def test_kernels_compile_for_sm90():
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, f"sm_90 compile failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "all decode kernel configurations compile" in r.stdout
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_keys_masked_for_some_queries_of_a_tile_never_reach_them(path):
+    """Window- and causal-masked keys of a tile (NaN / inf) reached every query of the tile
+    (0 x NaN in p @ v) and a visible inf prefix row gave 0 instead of NaN. Now only the queries
+    that see a poisoned key are NaN; junk in unused block-table entries is never read."""
+    from dataclasses import replace
+
+    from cases import masked_key_poison_case
+    seed = new_seed()
+    clean, poisoned, kw, sees = masked_key_poison_case(seed)
+    want = prefix_attention(*clean, backend="reference", **kw)
+    for num_splits in (None, 3):
+        got = decode_attention(validate_inputs(*poisoned, **kw), path=path, num_splits=num_splits)
+        assert got[:, :, sees].isnan().all() and torch.isfinite(got[:, :, ~sees]).all(), f"seed={seed}"
+        torch.testing.assert_close(got[:, :, ~sees], want[:, :, ~sees], **TOL[torch.float32])
+    junk = clean[5].clone()
+    junk[1, 1] = 10 ** 9
+    got = decode_attention(replace(validate_inputs(*clean, **kw), block_table=junk), path=path)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_visible_non_finite_prefix_row_makes_its_queries_nan(path):
+    seed = new_seed()
+    args, kw = make_problem(seed, B=4, T=2, Sq=2, Skv=5, prefix_lens=[3, 6], task_ids=[0, 1, 0, 1],
+                            ragged=False)
+    pk = args[3].clone()
+    pk[args[5][1, 1], :, 0] = float("inf")                 # task 1's row 4 (block 1, row 0)
+    got = decode_attention(validate_inputs(*args[:3], pk, *args[4:], **kw), path=path)
+    want = prefix_attention(*args, backend="reference", **kw)
+    assert got[[1, 3]].isnan().all(), f"seed={seed}"
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], **TOL[torch.float32])

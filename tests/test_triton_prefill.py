@@ -398,3 +398,34 @@ def test_unused_pool_rows_are_never_read():
         for g, rg in zip(grads, ref_grads):
             assert torch.isfinite(g).all(), ctx
             torch.testing.assert_close(g, rg, **TOL[torch.float32], msg=lambda m: f"{m}\n{ctx}")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_keys_masked_for_some_queries_of_a_tile_never_reach_them(deterministic):
+    """A key tile holds keys that are window- or causal-masked for some of its queries (and keys
+    before kv_starts): NaN / inf there reached every query of the tile (0 x NaN in p @ v, and in
+    dS @ k in the backward). Now only the queries that see one are NaN; the others and their
+    gradients equal the clean reference."""
+    from dataclasses import replace
+
+    from cases import masked_key_poison_case
+    seed = fresh_seed()
+    clean, poisoned, kw, sees = masked_key_poison_case(seed)
+    leaves = [t.clone().requires_grad_(True) for t in poisoned[:5]]
+    clean_leaves = [t.clone().requires_grad_(True) for t in clean[:5]]
+    x = validate_inputs(*leaves, *poisoned[5:], **kw)
+    out = prefill_attention(x, deterministic=deterministic)
+    want = reference(*clean_leaves, *clean[5:], **kw)
+    assert out[:, :, sees].isnan().all() and torch.isfinite(out[:, :, ~sees]).all(), f"seed={seed}"
+    torch.testing.assert_close(out[:, :, ~sees], want[:, :, ~sees], **TOL[torch.float32])
+    got = torch.autograd.grad(out[:, :, ~sees].sum(), leaves)
+    ref = torch.autograd.grad(want[:, :, ~sees].sum(), clean_leaves)
+    for name, g, r in zip(DIFF, got, ref):
+        torch.testing.assert_close(g, r, **TOL[torch.float32], msg=lambda m: f"d{name} seed={seed}: {m}")
+    # The kernels read a block-table entry only for rows < prefix_lens[t]: junk past them is
+    # never used to form an address (here handed to the kernels directly, unnormalised).
+    junk = poisoned[5].clone()
+    junk[1, 1] = 10 ** 9
+    x = replace(validate_inputs(*clean, **kw), block_table=junk)
+    torch.testing.assert_close(prefill_attention(x, deterministic=deterministic).detach(),
+                               reference(*clean, **kw).detach(), **TOL[torch.float32])

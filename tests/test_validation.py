@@ -50,6 +50,21 @@ BAD = {
     "mask not bool": (lambda: with_kw(attn_mask=torch.zeros(5, 1, 7, 7)), "`attn_mask`"),
     "mask shape": (lambda: with_kw(attn_mask=torch.ones(5, 3, 7, 7, dtype=torch.bool)), "`attn_mask`"),
     "backend unknown": (lambda: with_kw(backend="cuda-magic"), "`backend`"),
+    # hardening: each of these used to pass, crash with another error, or blame another argument
+    "q on meta": (lambda: with_arg(0, torch.empty(5, 4, 7, 16, device="meta")), "`q`.*meta"),
+    "prefix_v on meta": (lambda: with_arg(4, torch.empty(30, 2, 4, 16, device="meta")), "`prefix_v`.*meta"),
+    "task_ids on meta": (lambda: with_arg(7, torch.empty(5, dtype=torch.long, device="meta")), "`task_ids`.*meta"),
+    "kv_lens on meta": (lambda: with_kw(kv_lens=torch.empty(5, dtype=torch.long, device="meta")), "`kv_lens`.*meta"),
+    "scale two elements": (lambda: with_kw(scale=torch.tensor([0.5, 0.5])), "`scale`"),
+    "scale bool": (lambda: with_kw(scale=True), "`scale`"),
+    "scale bool tensor": (lambda: with_kw(scale=torch.tensor(True)), "`scale`"),
+    "scale nan": (lambda: with_kw(scale=float("nan")), "`scale`"),
+    "scale inf": (lambda: with_kw(scale=float("inf")), "`scale`"),
+    "scale zero": (lambda: with_kw(scale=0.0), "`scale`"),
+    "scale string": (lambda: with_kw(scale="0.5"), "`scale`"),
+    "q_lens list of floats": (lambda: with_kw(q_lens=[2.7] * 5), "`q_lens`"),
+    "kv_lens list of bools": (lambda: with_kw(kv_lens=[True] * 5), "`kv_lens`"),
+    "kv_starts float tensor": (lambda: with_kw(kv_starts=torch.zeros(5)), "`kv_starts`"),
 }
 
 
@@ -82,3 +97,14 @@ def test_triton_on_plain_cpu_is_a_clear_error(monkeypatch):
 def test_auto_on_cpu_is_torch_backend():
     args, kw = good()
     torch.testing.assert_close(prefix_attention(*args, **kw), prefix_attention(*args, **kw, backend="torch"))
+
+
+def test_good_scales_and_integer_lists_are_accepted():
+    import numpy as np
+    args, kw = good()
+    want = prefix_attention(*args, **kw, scale=0.25)
+    for scale in (torch.tensor(0.25), torch.tensor([0.25]), np.float32(0.25), 0.25):
+        torch.testing.assert_close(prefix_attention(*args, **kw, scale=scale), want)
+    lists = dict(q_lens=[7, 6, 5, 4, 3], kv_lens=[7] * 5, kv_starts=[0, 1, 2, 3, 4])
+    tensors = {k: torch.tensor(v) for k, v in lists.items()}
+    torch.testing.assert_close(prefix_attention(*args, **kw, **lists), prefix_attention(*args, **kw, **tensors))

@@ -145,6 +145,47 @@ def _index(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.to(torch.int64).contiguous()
 
 
+def _pages_read(page_table: torch.Tensor, visible: torch.Tensor, own_seen: torch.Tensor, rows: torch.Tensor,
+                page_size: int) -> int:
+    """Own-pool slots the kernel reads (checked against the pools per layer). Only the pages of
+    tokens a query sees are read, so only those entries must be page ids (>= 0); the rest of a
+    row (pages not yet written, freed, -1) may hold anything."""
+    B, W = page_table.shape
+    if not B or not visible.numel():
+        return 0
+    first = (visible - own_seen) // page_size                           # first page of each query
+    last = (visible - 1) // page_size                                   # its last page
+    cols = torch.arange(W)[None, :]
+    per_query = (cols >= first[:, None]) & (cols <= last[:, None])     # [N, W]
+    used = torch.zeros(B, W, dtype=torch.int32).index_add_(0, rows, per_query.int()) > 0
+    ids = page_table[used]
+    if int(ids.min()) < 0:
+        raise ValueError(f"PagedAttention: `page_table` holds page {int(ids.min())} where a query reads "
+                         f"its tokens; expected page ids >= 0")
+    return (int(ids.max()) + 1) * page_size
+
+
+def _blocks_read(block_table: torch.Tensor, prefix_lens: torch.Tensor, task_ids: torch.Tensor,
+                 block_size: int) -> int:
+    """Prefix-pool blocks the kernel reads: the first ``ceil(prefix_lens[t] / block_size)`` entries
+    of each task present; the rest of a row is never read and may hold anything."""
+    T, width = block_table.shape
+    if not task_ids.numel():
+        return 0
+    if bool((prefix_lens < 0).any()) or bool((prefix_lens > width * block_size).any()):
+        raise ValueError(f"PagedAttention: `prefix_lens` must lie in [0, {width} x {block_size}] (the block "
+                         f"table's width x block_size); got {prefix_lens.tolist()}")
+    lens = prefix_lens.index_select(0, task_ids)
+    used = torch.arange(width)[None, :] * block_size < lens[:, None]
+    ids = block_table.index_select(0, task_ids)[used]
+    if not ids.numel():
+        return 0
+    if int(ids.min()) < 0:
+        raise ValueError(f"PagedAttention: `block_table` holds block {int(ids.min())} where a prefix is read; "
+                         f"expected block ids >= 0")
+    return int(ids.max()) + 1
+
+
 class PagedAttention:
     """Prefix + own-token attention through the compiled kernel, planned once per forward (the
     page table, what each query sees, the prefix tables) and called once per layer.
@@ -174,6 +215,9 @@ class PagedAttention:
         self.lib = load()
         if self.lib is None:
             raise RuntimeError(f"PagedAttention: the compiled kernel is unavailable: {_reason}")
+        for name, n in (("page_size", page_size), ("block_size", block_size), ("head_dim", head_dim)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:       # the kernel divides by them
+                raise ValueError(f"PagedAttention: `{name}` {n!r} is invalid; expected an int >= 1")
         if not 1 <= num_kv_heads * group_size <= MAX_HEADS:
             raise ValueError(f"PagedAttention: {num_kv_heads} x {group_size} query heads; the kernel takes 1 .. {MAX_HEADS}")
         self.page_table, self.visible = _index(page_table, "page_table"), _index(visible, "visible")
@@ -196,6 +240,7 @@ class PagedAttention:
             raise ValueError(f"PagedAttention: `block_table` must be [T, blocks]; got {list(block_table.shape)}")
         own_seen = self.visible if window is None else self.visible.clamp_max(window)
         max_keys = int(own_seen.max()) if N else 0
+        self.slots_needed = _pages_read(self.page_table, self.visible, own_seen, rows, page_size)
         self.task_ids, self.blocks_needed = None, 0
         if task_ids is not None:
             self.task_ids = _index(task_ids, "task_ids")
@@ -205,14 +250,11 @@ class PagedAttention:
             has = self.task_ids >= 0
             lens = torch.where(has, self.prefix_lens.index_select(0, self.task_ids.clamp_min(0)), 0)
             max_keys = int((lens.index_select(0, rows) + own_seen).max()) if N else 0
-            used = self.block_table.index_select(0, self.task_ids[has])
-            if used.numel():
-                self.blocks_needed = int(used.max()) + 1
+            self.blocks_needed = _blocks_read(self.block_table, self.prefix_lens, self.task_ids[has], block_size)
         self.queries, self.page_size, self.block_size = N, page_size, block_size
         self.num_kv_heads, self.group_size, self.head_dim = num_kv_heads, group_size, head_dim
         self.scale, self.window, self.max_keys = float(scale), int(window or 0), max_keys
         self.num_threads = num_threads or torch.get_num_threads()
-        self.slots_needed = (int(self.page_table.max()) + 1) * page_size if B else 0   # checked per layer
 
     def __call__(self, q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                  prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> torch.Tensor:

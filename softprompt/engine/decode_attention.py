@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from kernels.masks import all_finite
 from kernels.torch_backend import HAS_CPU_FLASH, cpu_flash, merge_states, read_prefixes
 
 
@@ -92,7 +93,7 @@ class DecodeAttention:
         if not HAS_CPU_FLASH:
             raise RuntimeError("DecodeAttention needs torch's CPU flash-attention operator")
         B = own_lens.shape[0]
-        if int(own_lens.min()) < 1 or int(own_lens.max()) > kv_len:
+        if B and (int(own_lens.min()) < 1 or int(own_lens.max()) > kv_len):
             raise ValueError(f"DecodeAttention: `own_lens` must lie in [1, {kv_len}] (the new token is always seen)")
         self.batch, self.kv_len = B, kv_len
         self.num_kv_heads, self.group_size, self.scale = num_kv_heads, group_size, scale
@@ -132,6 +133,18 @@ class DecodeAttention:
     def own(self, part: "_OwnPart", q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor):
         """Attention of ``q [B_k, Hkv, G, D]`` over one part's own keys ``[B_k, width, Hkv*D]``:
         output ``[B_k, Hkv, G, D]`` and log-sum-exp ``[B_k, Hkv, G]``."""
+        out, lse = self._own(part, q, own_k, own_v)
+        # Hidden columns may hold NaN / inf (left padding, an uninitialised page): any of them
+        # reaches the output (NaN + -inf bias, 0 * NaN), so the small output tells whether the
+        # gathered K/V need a scan; then non-finite keys are zeroed and the heads that see one
+        # are NaN.
+        if all_finite(out):
+            return out, lse
+        own_k, own_v, sees_bad = _clean_own(part, own_k, own_v, q.shape[1])
+        out, lse = self._own(part, q, own_k, own_v)
+        return out.masked_fill(sees_bad[:, :, None, None], float("nan")), lse
+
+    def _own(self, part: "_OwnPart", q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor):
         B, Hkv, G, D = q.shape
         if part.block_q is None:
             part.block_q = q.new_zeros(B, Hkv * G, Hkv * D)
@@ -176,3 +189,17 @@ class DecodeAttention:
                 out.index_copy_(0, g.rows, merged)
                 lse.index_copy_(0, g.rows, merged_lse)
         return out
+
+
+def _clean_own(part: _OwnPart, own_k: torch.Tensor, own_v: torch.Tensor, Hkv: int):
+    """Own K/V ``[B_k, width, Hkv*D]`` with every non-finite (key, head) zeroed, and ``[B_k, Hkv]``
+    the heads that see one. Hidden columns (left padding, an uninitialised page, keys outside the
+    window) may hold anything: an -inf bias does not hide a NaN score, ``0 * NaN`` in ``p @ v`` is
+    NaN, and the block-diagonal product multiplies every head's keys by the zeros of the others."""
+    B, width, _ = own_k.shape
+    k, v = own_k.reshape(B, width, Hkv, -1), own_v.reshape(B, width, Hkv, -1)
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))             # [B_k, width, Hkv]
+    seen = part.bias[:, 0, :] == 0                                              # [B_k, width]
+    sees_bad = (bad & seen[..., None]).any(1)
+    clean = lambda t: t.masked_fill(bad[..., None], 0.0).reshape(B, width, -1)  # noqa: E731
+    return clean(k), clean(v), sees_bad

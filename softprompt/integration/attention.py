@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from kernels import prefix_attention
+from kernels.masks import all_finite, nonfinite_rows, zero_rows
 
 ATTN_NAME = "softprompt"
 SLOT = "_softprompt_slot"
@@ -131,7 +132,10 @@ def gather_prefix(pool: torch.Tensor, block_table: torch.Tensor, prefix_lens: to
     if rows == 0:
         return pool.new_zeros(B, pool.shape[1], 0, pool.shape[3]), lens.new_zeros(B, 0, dtype=torch.bool)
     nb = -(-rows // bs)
-    table = block_table[task_ids, :nb].clamp_min(0)
+    # Entries past the blocks a task uses may hold anything (-1, stale ids past the pool): a
+    # shorter task's row is read as deep as the longest prefix, so they are replaced, never used.
+    used = torch.arange(nb, device=block_table.device)[None, :] * bs < lens[:, None]
+    table = torch.where(used, block_table[task_ids, :nb].long(), 0)
     g = pool[table]                                            # [B, nb, Hkv, bs, D]
     g = g.permute(0, 2, 1, 3, 4).reshape(B, pool.shape[1], nb * bs, pool.shape[3])[:, :, :rows]
     valid = torch.arange(rows, device=lens.device)[None] < lens[:, None]
@@ -149,8 +153,18 @@ def dense_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_valid, own_visibl
     """
     B, Hq, Sq, D = q.shape
     G = Hq // k.shape[1]
-    keys = torch.cat([prefix_k.to(q.dtype), k], dim=2).repeat_interleave(G, dim=1)
-    values = torch.cat([prefix_v.to(q.dtype), v], dim=2).repeat_interleave(G, dim=1)
+    keys = torch.cat([prefix_k.to(q.dtype), k], dim=2)
+    values = torch.cat([prefix_v.to(q.dtype), v], dim=2)
+    # Keys a query cannot see never reach it, whatever they hold (an uninitialised page, the rest
+    # of a prefix's last block): non-finite rows are zeroed before the products (0 * NaN is NaN)
+    # and a query that does see one gets NaN explicitly.
+    bad = None
+    if not all_finite(keys, values):
+        bad = nonfinite_rows(keys, values)                     # [B, Hkv, P+Skv]
+        keys, values = zero_rows(keys, bad), zero_rows(values, bad)
+        bad = bad.repeat_interleave(G, dim=1)[:, :, None, :]
+    keys = keys.repeat_interleave(G, dim=1)
+    values = values.repeat_interleave(G, dim=1)
     P = prefix_k.shape[2]
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
     if softcap is not None:
@@ -165,7 +179,10 @@ def dense_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_valid, own_visibl
     probs = (torch.softmax(scores, dim=-1) * any_visible).to(q.dtype)
     if dropout and training:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-    return torch.matmul(probs, values)
+    out = torch.matmul(probs, values)
+    if bad is not None:        # a visible NaN stays visible (filled after: no NaN in the backward)
+        out = out.masked_fill((visible & bad).any(-1, keepdim=True), float("nan"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- attention
