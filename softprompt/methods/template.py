@@ -49,7 +49,7 @@ def parse_template(template, tokenizer=None, owner: str = "template") -> List[tu
             if isinstance(item, (list, tuple)) and item and item[0] in ("virtual", "input", "tokens"):
                 kind = item[0]                          # already normalised (from a saved config)
                 if kind == "virtual":
-                    add_virtual(int(item[1]))
+                    add_virtual(_count(item, owner))
                 elif kind == "input":
                     segments.append(("input",))
                 else:
@@ -79,6 +79,13 @@ def parse_template(template, tokenizer=None, owner: str = "template") -> List[tu
     if num_virtual(segments) == 0:
         raise ValueError(f"{owner}: template {template!r} is invalid; it has no soft token ([P] or an int)")
     return segments
+
+
+def _count(item, owner: str) -> int:
+    n = item[1] if len(item) == 2 else None
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"{owner}: template segment {item!r} is invalid; expected ['virtual', n] with n a positive int")
+    return n
 
 
 def num_virtual(segments: Sequence[tuple]) -> int:
