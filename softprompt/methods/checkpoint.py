@@ -259,6 +259,8 @@ def read_checkpoint(directory, model: nn.Module, geometry: Geometry
             if tuple(v.shape) != tuple(want[k].shape):
                 raise ValueError(f"softprompt checkpoint {str(directory)!r} does not fit the model: head "
                                  f"{head}.{k} has shape {tuple(v.shape)}; the model's is {tuple(want[k].shape)}")
+            if v.dtype.is_floating_point != want[k].dtype.is_floating_point:
+                raise _bad(w_path, f"head {head!r} tensor {k!r} has dtype {v.dtype}; the model's is {want[k].dtype}")
             _check_finite(v, f"head {head!r} tensor {k!r}", w_path)
         heads[head] = state
     stray = sorted(set(tensors) - used)
@@ -292,7 +294,7 @@ def _task_entry(cfg_path: Path, entry: dict, seen: set) -> Tuple[str, MethodConf
     try:
         cfg = task_config_for_load(method, config)
         cfg.for_loading(structure)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise _bad(cfg_path, f"task {name!r} `config` is invalid ({e})") from None
     return name, cfg, structure
 
@@ -313,6 +315,8 @@ def _check_shapes(expected, state: Dict[str, torch.Tensor], what: str, path) -> 
                        f"{sorted(state)[:8]}")
         if tuple(state[key].shape) != tuple(shape):
             raise _bad(path, f"{what} tensor {key!r} has shape {tuple(state[key].shape)}; its config needs {shape}")
+        if not state[key].dtype.is_floating_point:
+            raise _bad(path, f"{what} tensor {key!r} has dtype {state[key].dtype}; expected floating point")
         names.add(key)
     extra = sorted(set(state) - names)
     if extra:
