@@ -328,6 +328,11 @@ def test_tampered_sizes_fail_fast_without_allocating(tmp_path, field, signed):
     (lambda m: m["tasks"][0].update(method="lora"), "`method`"),
     (lambda m: _task(m, "ptuning")["config"].update(template=[["virtual", -2], ["virtual", 3], ["input"]]),
      "`config`"),
+    (lambda m: _task(m, "ptuning")["config"].update(template=[["virtual", 3], ["input"], ["tokens"]]),
+     "`config`"),
+    (lambda m: _task(m, "ptuning")["config"].update(template=[["virtual", 3], ["input"], ["tokens", [-1]]]),
+     "`config` does not fit the model"),
+    (lambda m: m["tasks"][0].update(method=[]), "`method`"),
 ])
 def test_malformed_manifest_fields_are_a_value_error_naming_the_field(tmp_path, edit, field):
     _trained().save(tmp_path)

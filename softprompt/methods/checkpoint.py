@@ -269,7 +269,10 @@ def read_checkpoint(directory, model: nn.Module, geometry: Geometry
 
     modules: List[Tuple[str, SoftPrompt]] = []
     for name, cfg, structure, state in planned:      # shapes are checked: this allocates what the file holds
-        module = cfg.for_loading(structure).build(geometry, None)
+        try:                                         # checks that need the geometry (anchor token ids)
+            module = cfg.for_loading(structure).build(geometry, None)
+        except ValueError as e:
+            raise _bad(cfg_path, f"task {name!r} `config` does not fit the model ({e})") from None
         module.config = cfg
         if hasattr(module, "apply_structure"):
             module.apply_structure(structure)
@@ -284,7 +287,7 @@ def _task_entry(cfg_path: Path, entry: dict, seen: set) -> Tuple[str, MethodConf
     if not isinstance(name, str) or not name or "." in name or name in seen:
         raise _bad(cfg_path, f"task `name` {name!r} is invalid or repeated; expected a distinct non-empty "
                    "string without '.'")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise _bad(cfg_path, f"task {name!r} `method` {method!r} is invalid; expected one of {sorted(METHODS)}")
     config, structure = entry.get("config", {}), entry.get("structure", {})
     if not isinstance(config, dict):
