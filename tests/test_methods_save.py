@@ -233,6 +233,25 @@ def test_old_weights_and_stale_temporaries_are_removed_by_the_next_save(tmp_path
     assert sorted(_state(tmp_path)) == sorted(set(TASKS) - {"v2"})
 
 
+def test_a_load_racing_a_save_reads_the_new_save(tmp_path, monkeypatch):
+    """A save that lands between reading the manifest and reading the weights it names (whose file the
+    save removes) makes the reader start over with the new manifest, not fail."""
+    spm = _trained()
+    spm.save(tmp_path)
+    spm.remove_task("v2")
+    parse, raced = checkpoint._parse_manifest, []
+
+    def parse_then_save(*args):
+        meta = parse(*args)
+        if not raced:
+            raced.append(True)
+            spm.save(tmp_path)
+        return meta
+    monkeypatch.setattr(checkpoint, "_parse_manifest", parse_then_save)
+    assert SoftPromptModel.load(make_model("llama"), tmp_path).tasks == spm.tasks
+    assert raced
+
+
 def test_version_1_folders_still_load(tmp_path):
     """The previous layout (softprompt.json + softprompt.safetensors, no manifest checksum) loads; the
     next save converts the folder (and removes the old weights file)."""
