@@ -443,14 +443,12 @@ class SoftPromptModel(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def save(self, directory, tasks: Optional[Sequence[str]] = None) -> None:
-        """Write every task (or only ``tasks``; full training state) and the trainable heads:
-        JSON + safetensors, atomically."""
+        """Write every task (or only ``tasks``: a task name or a list of names; full training state) and
+        the trainable heads to the folder ``directory``: a JSON manifest and a safetensors file, switched
+        all-or-nothing (see :mod:`softprompt.methods.checkpoint`); a crash leaves the previous save."""
         from .methods import checkpoint
-        names = list(self.prompts) if tasks is None else list(tasks)
-        unknown = [n for n in names if n not in self.prompts]
-        if unknown:
-            raise ValueError(f"SoftPromptModel.save: `tasks` {unknown} are not tasks of this model")
-        tensors, tasks = {}, []
+        names = self._save_names(tasks)
+        tensors, entries = {}, []
         for name in names:
             module = self.prompts[name]
             for k, v in module.state_dict().items():
@@ -458,18 +456,40 @@ class SoftPromptModel(nn.Module):
             entry = {"name": name, "method": module.config.method, "config": module.config.to_dict()}
             if hasattr(module, "structure"):
                 entry["structure"] = module.structure()
-            tasks.append(entry)
+            entries.append(entry)
         for head in self.trainable_heads:
             for k, v in self.model.get_submodule(head).state_dict().items():
                 tensors[f"heads.{head}.{k}"] = v
-        meta = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "geometry": self.geometry.to_dict(),
-                "model_class": type(self.model).__name__, "tasks": tasks, "heads": list(self.trainable_heads)}
+        for key, v in tensors.items():           # a save that could not be loaded back would lose the prompt
+            if v.dtype.is_floating_point and not torch.isfinite(v).all():
+                raise ValueError(f"SoftPromptModel.save: {key} contains NaN or inf; nothing was written")
+        meta = {"geometry": self.geometry.to_dict(), "model_class": type(self.model).__name__,
+                "tasks": entries, "heads": list(self.trainable_heads)}
         checkpoint.atomic_save(directory, meta, tensors)
+
+    def _save_names(self, tasks) -> List[str]:
+        if tasks is None:
+            return list(self.prompts)
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        if not isinstance(tasks, (list, tuple)) or not all(isinstance(n, str) for n in tasks):
+            raise ValueError(f"SoftPromptModel.save: `tasks` {tasks!r} is invalid; expected a task name or a "
+                             f"list of task names (known: {self.tasks})")
+        unknown = [n for n in tasks if n not in self.prompts]
+        if unknown:
+            raise ValueError(f"SoftPromptModel.save: `tasks` {unknown} are not tasks of this model "
+                             f"(known: {self.tasks})")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"SoftPromptModel.save: `tasks` {list(tasks)} names a task twice")
+        return list(tasks)
 
     def load_tasks(self, directory) -> List[str]:
         """Add the tasks (and head weights) of a checkpoint; validated first, nothing changes on error."""
         from .methods import checkpoint
         modules, heads, _ = checkpoint.read_checkpoint(directory, self.model, self.geometry)
+        return self._install(modules, heads)
+
+    def _install(self, modules, heads) -> List[str]:
         clash = [n for n, _ in modules if n in self.prompts]
         if clash:
             raise ValueError(f"SoftPromptModel.load_tasks: tasks {clash} already exist; remove_task() them first")
@@ -486,18 +506,16 @@ class SoftPromptModel(nn.Module):
 
     @classmethod
     def load(cls, model: nn.Module, directory, **kwargs) -> "SoftPromptModel":
-        """Wrap ``model`` and load a checkpoint written by :meth:`save`. The checkpoint is validated
-        against ``model`` before the model is touched; ``trainable_heads`` default to the saved ones."""
+        """Wrap ``model`` and load a checkpoint written by :meth:`save`. The checkpoint is read once and
+        validated against ``model`` before the model is touched (a checkpoint of another model is a
+        ValueError saying which size differs); ``trainable_heads`` default to the saved ones."""
         from .methods import checkpoint
         family_of(model)
-        checkpoint.read_checkpoint(directory, model, Geometry.of(model))       # validate only
-        import json
-        from pathlib import Path
-        meta = json.loads((Path(directory) / checkpoint.CONFIG_NAME).read_text())
-        kwargs.setdefault("trainable_heads", meta.get("heads", []))
+        modules, heads, meta = checkpoint.read_checkpoint(directory, model, Geometry.of(model))
+        kwargs.setdefault("trainable_heads", meta["heads"])
         spm = cls(model, **kwargs)
         try:
-            spm.load_tasks(directory)
+            spm._install(modules, heads)
         except Exception:
             spm.detach_model()
             raise
@@ -506,7 +524,8 @@ class SoftPromptModel(nn.Module):
     # ------------------------------------------------------------------ PEFT
     def load_peft(self, path, task: str, method: Optional[str] = None, heads: bool = True) -> SoftPrompt:
         """Add a task from a PEFT prompt-learning adapter folder (see :mod:`softprompt.peft_io`);
-        ``heads``: also copy the adapter's classification head weights into the model."""
+        ``heads``: also copy the adapter's head weights (modules its config declares in
+        ``modules_to_save``) into the model. Any other tensor in the adapter is a ValueError."""
         from .peft_io import load_peft
         return load_peft(self, path, task, method=method, heads=heads)
 

@@ -16,8 +16,9 @@ P_TUNING           ``[P, hidden]``              ``PTuningV1(encoder="none")`` in
 
 Classification adapters also carry their head (``modules_to_save``) as
 ``base_model.<module>.<param>``; ``load_peft(heads=True)`` copies those into the wrapped model's
-modules (heads are shared by all tasks of the model). Seq2seq adapters
-(``num_transformer_submodules == 2``) are refused.
+modules (heads are shared by all tasks of the model). Any other tensor is refused: an adapter may
+never overwrite the frozen base model. Seq2seq adapters (``num_transformer_submodules == 2``) are
+refused.
 
 ``export_peft`` writes the inverse (``inference_mode: true``; a prefix-tuning MLP is exported
 folded, i.e. ``prefix_projection: false``, since PEFT only ever reloads the projected output).
@@ -65,9 +66,11 @@ def read_adapter(path):
             raise _bad(path, "only a pickled adapter_model.bin is present; softprompt reads safetensors only")
         raise _bad(path, f"{ADAPTER_WEIGHTS} is missing")
     try:
-        config = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+        config = json.loads(cfg_path.read_bytes().decode())
+    except (ValueError, RecursionError) as e:      # UnicodeDecodeError is a ValueError
         raise _bad(cfg_path, f"not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise _bad(cfg_path, f"the config is {type(config).__name__} {config!r:.40}; expected a JSON object")
     try:
         tensors = load(w_path.read_bytes())
     except Exception as e:
@@ -82,17 +85,24 @@ def load_peft(spm, path, task: str, method: Optional[str] = None, heads: bool = 
 
     Args:
         method: for PREFIX_TUNING adapters, "prefix_tuning" or "p_tuning_v2" (default: by task type).
-        heads: copy the adapter's classification head weights into the model.
+        heads: copy the adapter's head weights (its ``modules_to_save``) into the model.
     Everything is validated before the model or ``spm`` changes.
     """
     config, tensors = read_adapter(path)
     g = spm.geometry
     spm._check_name(task)
+    cfg_path = Path(path) / ADAPTER_CONFIG
     peft_type = config.get("peft_type")
-    if config.get("num_transformer_submodules", 1) not in (1, None):
-        raise _bad(path, "seq2seq adapters (num_transformer_submodules=2) are not supported")
-    emb = tensors[KEY].float()
+    submodules = config.get("num_transformer_submodules", 1)
+    if submodules not in (1, None):
+        raise _bad(cfg_path, f"`num_transformer_submodules` is {submodules!r}; only 1 is supported (2 means a "
+                   "seq2seq adapter, which softprompt does not load)")
     P = config.get("num_virtual_tokens")
+    if isinstance(P, bool) or not isinstance(P, int) or P <= 0:
+        raise _bad(cfg_path, f"`num_virtual_tokens` {P!r} is invalid; expected a positive int")
+    if not tensors[KEY].dtype.is_floating_point:
+        raise _bad(path, f"{KEY} has dtype {tensors[KEY].dtype}; expected a floating-point tensor")
+    emb = tensors[KEY].float()
     if emb.dim() != 2 or emb.shape[0] != P:
         raise _bad(path, f"{KEY} has shape {tuple(emb.shape)}; expected [num_virtual_tokens={P}, ...]")
     if config.get("num_layers") not in (None, g.num_layers):
@@ -119,24 +129,8 @@ def load_peft(spm, path, task: str, method: Optional[str] = None, heads: bool = 
         raise _bad(path, f"peft_type {peft_type!r} is not supported; expected PREFIX_TUNING, PROMPT_TUNING or P_TUNING")
     if not torch.isfinite(emb).all():
         raise _bad(path, f"{KEY} contains NaN or inf")
-    head_state = {}
-    if heads:
-        for key, value in tensors.items():
-            if key == KEY:
-                continue
-            name = key[len("base_model."):] if key.startswith("base_model.") else key
-            module_path, _, param = name.rpartition(".")
-            try:
-                target = spm.model.get_submodule(module_path)
-            except AttributeError:
-                raise ValueError(f"PEFT adapter {str(path)!r} does not fit the model: it has {key!r} but the model "
-                                 f"has no module {module_path!r}") from None
-            current = target.state_dict().get(param)
-            if current is None or tuple(current.shape) != tuple(value.shape):
-                raise ValueError(f"PEFT adapter {str(path)!r} does not fit the model: {key!r} has shape "
-                                 f"{tuple(value.shape)}, the model's {module_path}.{param} "
-                                 f"{None if current is None else tuple(current.shape)}")
-            head_state[(module_path, param)] = value
+    declared = _declared_heads(path, config, tensors)     # with heads=False too: no undeclared tensors
+    head_state = _head_state(spm, path, declared, tensors) if heads else {}
     module = cfg.build(g, None)
     with torch.no_grad():
         module.embedding.weight.copy_(emb)
@@ -145,6 +139,48 @@ def load_peft(spm, path, task: str, method: Optional[str] = None, heads: bool = 
             t = spm.model.get_submodule(module_path).state_dict()[param]
             t.copy_(value.to(t.dtype))
     return spm._add_module(task, module)
+
+
+def _declared_heads(path, config: dict, tensors: dict) -> dict:
+    """``{key: (module path, param)}`` of the adapter's head tensors: those under a module its config
+    declares in ``modules_to_save`` (PEFT matches a name or a dotted suffix). Any other tensor would
+    overwrite the frozen base model, so it is a ValueError naming the key."""
+    declared = config.get("modules_to_save") or []
+    if not isinstance(declared, list) or not all(isinstance(d, str) and d for d in declared):
+        raise _bad(Path(path) / ADAPTER_CONFIG, f"`modules_to_save` {declared!r:.80} is invalid; expected a list "
+                   "of module names or null")
+    out = {}
+    for key in tensors:
+        if key == KEY:
+            continue
+        name = key[len("base_model."):] if key.startswith("base_model.") else key
+        module_path, _, param = name.rpartition(".")
+        if not any(module_path == d or module_path.endswith("." + d) for d in declared):
+            raise _bad(path, f"tensor {key!r} is neither {KEY!r} nor a parameter of a module in `modules_to_save` "
+                       f"{declared}; refusing to overwrite the base model")
+        out[key] = (module_path, param)
+    return out
+
+
+def _head_state(spm, path, declared: dict, tensors: dict) -> dict:
+    """``{(module path, param): tensor}`` of the declared heads, checked against the model's modules."""
+    state = {}
+    for key, (module_path, param) in declared.items():
+        value = tensors[key]
+        try:
+            target = spm.model.get_submodule(module_path)
+        except AttributeError:
+            raise ValueError(f"PEFT adapter {str(path)!r} does not fit the model: it has {key!r} but the model "
+                             f"has no module {module_path!r}") from None
+        current = target.state_dict().get(param)
+        if current is None or tuple(current.shape) != tuple(value.shape):
+            raise ValueError(f"PEFT adapter {str(path)!r} does not fit the model: {key!r} has shape "
+                             f"{tuple(value.shape)}, the model's {module_path}.{param} "
+                             f"{None if current is None else tuple(current.shape)}")
+        if value.dtype.is_floating_point and not torch.isfinite(value).all():
+            raise _bad(path, f"{key!r} contains NaN or inf")
+        state[(module_path, param)] = value
+    return state
 
 
 @torch.no_grad()

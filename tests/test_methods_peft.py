@@ -174,3 +174,65 @@ def test_exported_seq_cls_adapter_with_head_loads_in_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(spm(ids, tasks="cls").logits,
                                    pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, **TOL)
+
+
+def _exported(tmp_path, family="llama"):
+    """A prefix-tuning adapter folder written by export_peft, and its (config, tensors)."""
+    from safetensors.torch import load_file
+    torch.manual_seed(1)
+    spm = SoftPromptModel(make_model(family))
+    spm.add_task("t", PTuningV2(3))
+    spm.export_peft("t", tmp_path)
+    return json.loads((tmp_path / "adapter_config.json").read_text()), load_file(tmp_path / "adapter_model.safetensors")
+
+
+def _rewrite(tmp_path, config=None, tensors=None):
+    from safetensors.torch import save_file
+    if config is not None:
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    if tensors is not None:
+        save_file(tensors, tmp_path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("heads", [True, False])
+@pytest.mark.parametrize("key", ["base_model.model.embed_tokens.weight",
+                                 "base_model.model.layers.0.self_attn.q_proj.weight", "lm_head.weight"])
+def test_load_peft_refuses_tensors_that_would_overwrite_the_base_model(tmp_path, key, heads):
+    """Only prompt_embeddings and the modules the adapter declares in modules_to_save load; the old code
+    copied any other base-model tensor of the adapter into the frozen model (heads=True, silently)."""
+    config, tensors = _exported(tmp_path)
+    model = make_model("llama")
+    name = key[len("base_model."):] if key.startswith("base_model.") else key
+    tensors[key] = torch.full_like(model.state_dict()[name], 7.0)
+    _rewrite(tmp_path, tensors=tensors)
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    spm = SoftPromptModel(model)
+    with pytest.raises(ValueError, match=f"tensor '{key}' is neither 'prompt_embeddings' nor .*modules_to_save"):
+        spm.load_peft(tmp_path, task="t", heads=heads)
+    assert spm.tasks == []
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snap.items())
+    # declared, the same module is a head and loads (heads=True) or is left alone (heads=False)
+    config["modules_to_save"] = [name.rpartition(".")[0].rpartition(".")[2]]     # e.g. "embed_tokens"
+    _rewrite(tmp_path, config=config)
+    spm.load_peft(tmp_path, task="t", heads=heads)
+    assert torch.equal(model.state_dict()[name], tensors[key] if heads else snap[name])
+
+
+@pytest.mark.parametrize("content,why", [
+    ("null", "the config is NoneType None; expected a JSON object"),
+    ("[]", "the config is list \\[\\]; expected a JSON object"),
+    ('{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": "3"}', "`num_virtual_tokens` '3' is invalid"),
+    ('{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "modules_to_save": "classifier"}',
+     "`modules_to_save` 'classifier' is invalid"),
+    ('{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "num_transformer_submodules": 3}',
+     "`num_transformer_submodules` is 3; only 1 is supported"),
+])
+def test_malformed_adapter_config_is_a_value_error_naming_file_and_field(tmp_path, content, why):
+    """A config of null / [] raised AttributeError; num_transformer_submodules=3 was reported as 2."""
+    _exported(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(content)
+    spm = SoftPromptModel(make_model("llama"))
+    with pytest.raises(ValueError, match=f"adapter_config.json' is invalid: {why}"):
+        spm.load_peft(tmp_path, task="t")
+    assert spm.tasks == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Tuple, Type
+from typing import ClassVar, Dict, Iterator, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -93,6 +93,17 @@ class MethodConfig:
 
     def build(self, geometry: Geometry, embedding: Optional[nn.Embedding] = None) -> "SoftPrompt":
         raise NotImplementedError
+
+    def state_shapes(self, geometry: Geometry, structure: dict) -> Iterator[Tuple[str, Tuple[int, ...]]]:
+        """Yield ``(name, shape)`` of every tensor of the module's state dict, without building it: a
+        checkpoint's tensors are checked against these before anything is allocated. A consumer may
+        stop early (an LSTM's layer count comes from the file, so the sequence can be long)."""
+        raise NotImplementedError
+
+    def for_loading(self, structure: dict) -> "MethodConfig":
+        """The config to build a module whose state a checkpoint then overwrites: no init work (text and
+        vocabulary inits need the word embeddings) and nothing the saved ``structure`` dropped."""
+        return self
 
 
 class SoftPrompt(nn.Module):

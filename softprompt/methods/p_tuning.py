@@ -17,6 +17,7 @@ was unstable at learning rates where the text-initialised prompt learned (see de
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -86,6 +87,29 @@ class PTuningV1(MethodConfig):
 
     def build(self, geometry: Geometry, embedding=None) -> "PromptEncoder":
         return PromptEncoder(self, geometry, embedding)
+
+    def state_shapes(self, geometry: Geometry, structure: dict):
+        D = geometry.hidden_size
+        h = self.hidden_size or D
+        yield "embedding.weight", (self.num_virtual_tokens, D)
+        if self.encoder == "lstm":
+            for i in range(self.num_layers):
+                for suffix in ("", "_reverse"):
+                    yield f"lstm_head.weight_ih_l{i}{suffix}", (4 * h, D if i == 0 else 2 * h)
+                    yield f"lstm_head.weight_hh_l{i}{suffix}", (4 * h, h)
+                    yield f"lstm_head.bias_ih_l{i}{suffix}", (4 * h,)
+                    yield f"lstm_head.bias_hh_l{i}{suffix}", (4 * h,)
+            layers = ((0, 2 * h, 2 * h), (2, D, 2 * h))
+        elif self.encoder == "mlp":
+            layers = ((0, h, D), (2, h, h), (4, D, h))
+        else:
+            layers = ()
+        for index, out, inp in layers:
+            yield f"mlp_head.{index}.weight", (out, inp)
+            yield f"mlp_head.{index}.bias", (out,)
+
+    def for_loading(self, structure: dict) -> "PTuningV1":
+        return dataclasses.replace(self, init="random")
 
 
 class PromptEncoder(InputPrompt):

@@ -13,6 +13,7 @@ forward (the prefix is shared by every sequence of the task, never copied per se
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -70,6 +71,29 @@ class PrefixTuning(MethodConfig):
     def build(self, geometry: Geometry, embedding=None) -> "PrefixEncoder":
         return PrefixEncoder(self, geometry)
 
+    def state_shapes(self, geometry: Geometry, structure: dict):
+        P, width = self.num_virtual_tokens, geometry.kv_width
+        flat = geometry.num_layers * 2 * width
+        if self.projection_dim is None or _folded(structure):
+            yield "embedding.weight", (P, flat)
+            return
+        h = self.projection_dim
+        yield from (("embedding.weight", (P, width)), ("transform.0.weight", (h, width)), ("transform.0.bias", (h,)),
+                    ("transform.2.weight", (flat, h)), ("transform.2.bias", (flat,)))
+
+    def for_loading(self, structure: dict) -> "PrefixTuning":
+        # a folded prefix is built without its MLP (whose size the checkpoint's tensors do not bound)
+        if _folded(structure) and self.projection_dim is not None:
+            return dataclasses.replace(self, projection_dim=None)
+        return self
+
+
+def _folded(structure: dict) -> bool:
+    folded = structure.get("folded", False)
+    if not isinstance(folded, bool):
+        raise ValueError(f"prefix structure `folded` {folded!r} is invalid; expected true or false")
+    return folded
+
 
 @register
 @dataclass
@@ -96,6 +120,9 @@ class PTuningV2(MethodConfig):
 
     def build(self, geometry: Geometry, embedding=None) -> "PrefixEncoder":
         return PrefixEncoder(self, geometry)
+
+    state_shapes = PrefixTuning.state_shapes
+    for_loading = PrefixTuning.for_loading
 
 
 class PrefixEncoder(DeepPrompt):
@@ -160,5 +187,5 @@ class PrefixEncoder(DeepPrompt):
         return {"folded": self.folded}
 
     def apply_structure(self, structure: dict) -> None:
-        if structure.get("folded") and not self.folded:
+        if _folded(structure) and not self.folded:
             self.fold()

@@ -7,6 +7,7 @@ PEFT TEXT; ``init_text`` may also be a list of token ids, then no tokenizer is n
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
@@ -45,6 +46,12 @@ class PromptTuning(MethodConfig):
 
     def build(self, geometry: Geometry, embedding: Optional[nn.Embedding] = None) -> "PromptEmbedding":
         return PromptEmbedding(self, geometry, embedding)
+
+    def state_shapes(self, geometry: Geometry, structure: dict):
+        yield "embedding.weight", (self.num_virtual_tokens, geometry.hidden_size)
+
+    def for_loading(self, structure: dict) -> "PromptTuning":
+        return dataclasses.replace(self, init="random")
 
 
 def init_ids(config, vocab_size: int) -> Optional[torch.Tensor]:

@@ -49,11 +49,11 @@ def parse_template(template, tokenizer=None, owner: str = "template") -> List[tu
             if isinstance(item, (list, tuple)) and item and item[0] in ("virtual", "input", "tokens"):
                 kind = item[0]                          # already normalised (from a saved config)
                 if kind == "virtual":
-                    add_virtual(int(item[1]))
+                    add_virtual(_count(item, owner))
                 elif kind == "input":
                     segments.append(("input",))
                 else:
-                    segments.append(("tokens", tuple(int(i) for i in item[1])))
+                    segments.append(("tokens", _ids(item, owner)))
             elif isinstance(item, bool):
                 raise ValueError(f"{owner}: template item {item!r} is invalid")
             elif isinstance(item, int):
@@ -79,6 +79,20 @@ def parse_template(template, tokenizer=None, owner: str = "template") -> List[tu
     if num_virtual(segments) == 0:
         raise ValueError(f"{owner}: template {template!r} is invalid; it has no soft token ([P] or an int)")
     return segments
+
+
+def _count(item, owner: str) -> int:
+    n = item[1] if len(item) == 2 else None
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"{owner}: template segment {item!r} is invalid; expected ['virtual', n] with n a positive int")
+    return n
+
+
+def _ids(item, owner: str) -> Tuple[int, ...]:
+    ids = item[1] if len(item) == 2 else None
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{owner}: template segment {item!r} is invalid; expected ['tokens', [token ids]]")
+    return tuple(ids)
 
 
 def num_virtual(segments: Sequence[tuple]) -> int:
