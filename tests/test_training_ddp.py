@@ -40,8 +40,12 @@ def _args(tmp: Path, out: str, batch: int):
 
 
 def _prompts(directory) -> dict:
+    import json
+
     from safetensors.torch import load_file
-    return load_file(str(Path(directory) / "final" / "softprompt.safetensors"))
+    final = Path(directory) / "final"
+    weights = json.loads((final / "softprompt.json").read_text())["weights"]      # the manifest names them
+    return load_file(str(final / weights))
 
 
 def test_ddp_two_processes_equal_single_process(tmp_path):
