@@ -54,7 +54,7 @@ def load_adapters(model, directory: Optional[str]) -> List[str]:
         from ..model import SoftPromptModel
         spm = SoftPromptModel.load(model, path)
         served = [n for n in spm.tasks if spm.method_of(n) and (
-            spm._module(n).kind == "deep" or spm.compilable(n))]
+            spm.prompts[n].kind == "deep" or spm.compilable(n))]
         skipped = sorted(set(spm.tasks) - set(served))
         if skipped:
             print(f"note: tasks {skipped} are inline input prompts that cannot be compiled into a prefix; "
