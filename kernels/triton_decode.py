@@ -30,6 +30,9 @@ Two paths, both exact (checked against ``reference`` in ``tests/test_triton_deco
     prefix through the block table and then its own cache, in one virtual key range split over
     KV; a single split writes the output directly, several are merged by ``_merge_kernel``.
 
+The visibility rule, own-key band and online-softmax step are the shared ``@triton.jit`` helpers
+of ``triton_common.py`` (also used by the prefill kernels).
+
 Choosing the path: :func:`choose_path`. Grouping pays when tasks have several sequences each:
 the grouped path is taken when the batch has on average at least ``GROUP_MIN_SEQS`` (2)
 sequences per task present in the batch and some prefix can be non-empty. ``B >= 2*T`` decides

@@ -33,6 +33,10 @@ for this contract, not copied):
                            ``tl.atomic_add``-ed into an fp32 pool-shaped buffer (most
                            parallelism, no scratch; summation order varies run to run).
 
+The visibility rule, own-key band, online-softmax step and non-finite flags are the shared
+``@triton.jit`` helpers of ``triton_common.py`` (also used by the decode kernels); each tensor's
+strides reach a kernel as one tuple argument.
+
 Default: the deterministic path. This was written without access to a GPU, so neither path's
 speed has been measured (``benchmarks/gpu_prefill.py`` times both); we chose the path whose
 results are reproducible. Set ``SOFTPROMPT_PREFILL_ATOMICS=1`` or pass ``deterministic=False`` to
@@ -150,13 +154,21 @@ def _prefix_rows(bt_row, stride_btc, start, P, offs_n, PBS: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _prefix_tile_ptrs(base, blk, within, hk, sb, sh, ss, sd, offs_d, PBS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Pointers ``[BLOCK_N, BLOCK_D]`` to rows ``within`` of blocks ``blk`` (head ``hk``) of a pool."""
+def _prefix_tile_ptrs(base, st, blk, within, hk, offs_d, PBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers ``[BLOCK_N, BLOCK_D]`` to rows ``within`` of blocks ``blk`` (head ``hk``) of a pool
+    with strides ``st``."""
     if PBS % BLOCK_N == 0:
         # scalar 64-bit block base + 32-bit in-tile offsets (no per-element 64-bit arithmetic)
-        return (base + blk * sb + hk * sh) + (within[:, None] * ss + offs_d[None, :] * sd)
+        return (base + blk * st[0] + hk * st[1]) + (within[:, None] * st[2] + offs_d[None, :] * st[3])
     else:
-        return (base + hk * sh) + (blk * sb + within * ss)[:, None] + offs_d[None, :] * sd
+        return (base + hk * st[1]) + (blk * st[0] + within * st[2])[:, None] + offs_d[None, :] * st[3]
+
+
+@triton.jit
+def _rows_ptrs(base, st, b, h, offs, offs_d):
+    """Pointers ``[len(offs), BLOCK_D]`` to rows ``offs`` of sequence ``b``, head ``h`` of a
+    ``[B, H, S, D]`` tensor with strides ``st``."""
+    return base + b * st[0] + h * st[1] + offs[:, None] * st[2] + offs_d[None, :] * st[3]
 
 
 @triton.jit
@@ -167,52 +179,49 @@ def _clean_keys(k, v):
 
 
 @triton.jit
-def _rows_ptrs(base, offs, ss, offs_d, sd):
-    """Pointers ``[len(offs), BLOCK_D]`` to rows ``offs`` of one (sequence, head) of a tensor."""
-    return base + offs[:, None] * ss + offs_d[None, :] * sd
-
-
-@triton.jit
-def _query_tile(TIDS, QLENS, KVLENS, KVSTARTS, PLENS, Hq, D,
-                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Set-up of a (sequence, q head, query tile) program of the forward / dQ grid: ``(pid_bh,
-    b, h, hk, t, P, q_len, kv_len, kv_start, m_lo, offs_d, d_valid)``, ``m_lo`` the tile's first
-    query. The heaviest tiles (last, causal) run first."""
+def _query_tile(TIDS, QLENS, KVLENS, KVSTARTS, PLENS, Hq, D, window, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Set-up of a (sequence, q head, query tile) program of the forward / dQ grid, heaviest
+    (last, causal) tiles first. Returns ``(pid_bh, b, h, hk, t, P, kv_len, kv_start, pos,
+    offs_m, m_valid, offs_d, d_valid, p_end, lo, hi)``: ``pos`` the queries' absolute positions,
+    ``[0, p_end)`` the prefix rows to scan (none for a tile of padding rows), ``[lo, hi)`` the
+    band of own keys the tile can see (so fully masked key tiles are skipped)."""
     pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    m_lo = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     b = pid_bh // Hq
     h = pid_bh % Hq
     t = tl.load(TIDS + b)
+    P = tl.load(PLENS + t).to(tl.int32)
     q_len, kv_len, kv_start = seq_lens(QLENS, KVLENS, KVSTARTS, b)
+    off = kv_len - q_len                      # absolute position of query i is off + i
+    lo, hi = own_key_band(kv_start, kv_len, off, m_lo, tl.minimum(m_lo + BLOCK_M, q_len), window,
+                          CAUSAL, HAS_WINDOW)
+    offs_m = m_lo + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    return (pid_bh, b, h, h // GROUP, t, tl.load(PLENS + t).to(tl.int32), q_len, kv_len, kv_start,
-            pid_m * BLOCK_M, offs_d, offs_d < D)
+    return (pid_bh, b, h, h // GROUP, t, P, kv_len, kv_start, off + offs_m, offs_m, offs_m < q_len,
+            offs_d, offs_d < D, tl.where(m_lo < q_len, P, 0), lo, hi)
 
 
 @triton.jit
-def _load_prefix_kv(PK, PV, bt_row, sbt1, start, P, hk, spkb, spkh, spks, spkd, spvb, spvh, spvs, spvd,
-                    offs_d, d_valid, PBS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _load_prefix_kv(PK, PV, spk, spv, bt_row, sbt1, start, P, hk, offs_d, d_valid,
+                    PBS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key and value tiles of the task's prefix rows ``[start, start + BLOCK_N)``, read in place
     through the block table (rows ``>= P`` are zeros), and ``[BLOCK_N]`` the rows ``< P``."""
-    offs_n = tl.arange(0, BLOCK_N)
-    blk, within, r_valid = _prefix_rows(bt_row, sbt1, start, P, offs_n, PBS, BLOCK_N)
+    blk, within, r_valid = _prefix_rows(bt_row, sbt1, start, P, tl.arange(0, BLOCK_N), PBS, BLOCK_N)
     kv_mask = r_valid[:, None] & d_valid[None, :]
-    k = tl.load(_prefix_tile_ptrs(PK, blk, within, hk, spkb, spkh, spks, spkd, offs_d, PBS, BLOCK_N),
-                mask=kv_mask, other=0.0)
-    v = tl.load(_prefix_tile_ptrs(PV, blk, within, hk, spvb, spvh, spvs, spvd, offs_d, PBS, BLOCK_N),
-                mask=kv_mask, other=0.0)
+    k = tl.load(_prefix_tile_ptrs(PK, spk, blk, within, hk, offs_d, PBS, BLOCK_N), mask=kv_mask, other=0.0)
+    v = tl.load(_prefix_tile_ptrs(PV, spv, blk, within, hk, offs_d, PBS, BLOCK_N), mask=kv_mask, other=0.0)
     return k, v, r_valid
 
 
 @triton.jit
-def _load_own_kv(K, V, b, hk, offs_j, kv_start, kv_len, skb, skh, sks, skd, svb, svh, svs, svd,
-                 offs_d, d_valid):
+def _load_own_kv(K, V, sk, sv, b, hk, offs_j, kv_start, kv_len, offs_d, d_valid):
     """Key and value tiles of own keys ``offs_j`` of sequence ``b`` (keys outside
     ``[kv_start, kv_len)`` are never read: zeros), and ``[BLOCK_N]`` the keys inside."""
     j_valid = (offs_j < kv_len) & (offs_j >= kv_start)
     kv_mask = j_valid[:, None] & d_valid[None, :]
-    k = tl.load(_rows_ptrs(K + b * skb + hk * skh, offs_j, sks, offs_d, skd), mask=kv_mask, other=0.0)
-    v = tl.load(_rows_ptrs(V + b * svb + hk * svh, offs_j, svs, offs_d, svd), mask=kv_mask, other=0.0)
+    k = tl.load(_rows_ptrs(K, sk, b, hk, offs_j, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_rows_ptrs(V, sv, b, hk, offs_j, offs_d), mask=kv_mask, other=0.0)
     return k, v, j_valid
 
 
@@ -226,34 +235,29 @@ def _dq_step(q, k, v, do, vis, lse, delta, dq, qk_scale, DOT_PREC: tl.constexpr)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
 
+# Kernel arguments: tensors, then their strides (one tuple per tensor, in the same order), then
+# scalars, then compile-time constants.
+
 @triton.jit
 def _fwd_kernel(
     Q, K, V, PK, PV, BT, PLENS, TIDS, QLENS, KVLENS, KVSTARTS, O, LSE,
-    sqb, sqh, sqs, sqd,
-    skb, skh, sks, skd,
-    svb, svh, svs, svd,
-    spkb, spkh, spks, spkd,
-    spvb, spvh, spvs, spvd,
-    sbt0, sbt1,
-    sob, soh, sos, sod,
+    sq, sk, sv, spk, spv, sbt, so,
     Hq, Sq, D, qk_scale, window,
     GROUP: tl.constexpr, PBS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_bh, b, h, hk, t, P, q_len, kv_len, kv_start, m_lo, offs_d, d_valid = _query_tile(
-        TIDS, QLENS, KVLENS, KVSTARTS, PLENS, Hq, D, GROUP, BLOCK_M, BLOCK_D)
-    off = kv_len - q_len                      # absolute position of query i is off + i
-    offs_m = m_lo + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < q_len
-    q = tl.load(_rows_ptrs(Q + b * sqb + h * sqh, offs_m, sqs, offs_d, sqd),
-                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    """O and the row log-sum-exp of one query tile: online softmax over the task's prefix, then
+    over the own keys it can see."""
+    (pid_bh, b, h, hk, t, P, kv_len, kv_start, pos, offs_m, m_valid, offs_d, d_valid,
+     p_end, lo, hi) = _query_tile(TIDS, QLENS, KVLENS, KVSTARTS, PLENS, Hq, D, window,
+                                  GROUP, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_D)
+    q = tl.load(_rows_ptrs(Q, sq, b, h, offs_m, offs_d), mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     m_i, l_i, acc, poison = softmax_state(BLOCK_M, BLOCK_D)   # poison: rows that see a non-finite key or value
 
     # 1) the task's prefix, read in place through the block table; no causal/padding rule on it.
-    bt_row = BT + t * sbt0
-    for start in range(0, tl.where(m_lo < q_len, P, 0), BLOCK_N):
-        k, v, r_valid = _load_prefix_kv(PK, PV, bt_row, sbt1, start, P, hk, spkb, spkh, spks, spkd,
-                                        spvb, spvh, spvs, spvd, offs_d, d_valid, PBS, BLOCK_N)
+    for start in range(0, p_end, BLOCK_N):
+        k, v, r_valid = _load_prefix_kv(PK, PV, spk, spv, BT + t * sbt[0], sbt[1], start, P, hk, offs_d,
+                                        d_valid, PBS, BLOCK_N)
         # every prefix row < P is seen by every real query: a NaN value reaches them through a
         # non-zero probability, and padding rows are zeroed at the end
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -261,13 +265,9 @@ def _fwd_kernel(
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
     # 2) own keys: only tiles that intersect the visible band of this query tile.
-    lo, hi = own_key_band(kv_start, kv_len, off, m_lo, tl.minimum(m_lo + BLOCK_M, q_len), window,
-                          CAUSAL, HAS_WINDOW)
-    pos = off + offs_m
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         offs_j = start + tl.arange(0, BLOCK_N)
-        k, v, j_valid = _load_own_kv(K, V, b, hk, offs_j, kv_start, kv_len, skb, skh, sks, skd,
-                                     svb, svh, svs, svd, offs_d, d_valid)
+        k, v, j_valid = _load_own_kv(K, V, sk, sv, b, hk, offs_j, kv_start, kv_len, offs_d, d_valid)
         v, bad = clean_values(v)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         vis = visible(m_valid[:, None] & j_valid[None, :], pos[:, None], offs_j[None, :], window,
@@ -283,14 +283,13 @@ def _fwd_kernel(
     # NaN above: a constant NaN, nothing flows back through it (as a masked_fill would do).
     lse = tl.where(seen & (poison == 0), m_i + tl.log2(l_safe), float("inf"))
     row_ok = offs_m < Sq
-    tl.store(_rows_ptrs(O + b * sob + h * soh, offs_m, sos, offs_d, sod), out.to(O.dtype.element_ty),
+    tl.store(_rows_ptrs(O, so, b, h, offs_m, offs_d), out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_valid[None, :])
     tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdob, sdoh, sdos, sdod, Hq, Sq, D,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_preprocess_kernel(O, DO, DELTA, so, sdo, Hq, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``Delta = rowsum(O * dO)`` in fp32 (the softmax-backward correction), without fp32 copies."""
     pid_bh = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -298,8 +297,8 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdob, sdoh, sdos, s
     b = pid_bh // Hq
     h = pid_bh % Hq
     mask = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(_rows_ptrs(O + b * sob + h * soh, offs_m, sos, offs_d, sod), mask=mask, other=0.0)
-    do = tl.load(_rows_ptrs(DO + b * sdob + h * sdoh, offs_m, sdos, offs_d, sdod), mask=mask, other=0.0)
+    o = tl.load(_rows_ptrs(O, so, b, h, offs_m, offs_d), mask=mask, other=0.0)
+    do = tl.load(_rows_ptrs(DO, sdo, b, h, offs_m, offs_d), mask=mask, other=0.0)
     o = o.to(tl.float32)
     # rows the forward made NaN (they see a non-finite key) have no gradient: a finite Delta keeps
     # their zero probabilities (lse = +inf) from turning into 0 * NaN
@@ -310,43 +309,31 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdob, sdoh, sdos, s
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, PK, PV, BT, PLENS, TIDS, QLENS, KVLENS, KVSTARTS, DO, LSE, DELTA, DQ,
-    sqb, sqh, sqs, sqd,
-    skb, skh, sks, skd,
-    svb, svh, svs, svd,
-    spkb, spkh, spks, spkd,
-    spvb, spvh, spvs, spvd,
-    sbt0, sbt1,
-    sdob, sdoh, sdos, sdod,
-    sdqb, sdqh, sdqs, sdqd,
+    sq, sk, sv, spk, spv, sbt, sdo, sdq,
     Hq, Sq, D, qk_scale, scale, window,
     GROUP: tl.constexpr, PBS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_bh, b, h, hk, t, P, q_len, kv_len, kv_start, m_lo, offs_d, d_valid = _query_tile(
-        TIDS, QLENS, KVLENS, KVSTARTS, PLENS, Hq, D, GROUP, BLOCK_M, BLOCK_D)
-    off = kv_len - q_len
-    offs_m = m_lo + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < q_len
+    """dQ of one query tile (same tiling as the forward), over the prefix and the visible own
+    keys. No atomics."""
+    (pid_bh, b, h, hk, t, P, kv_len, kv_start, pos, offs_m, m_valid, offs_d, d_valid,
+     p_end, lo, hi) = _query_tile(TIDS, QLENS, KVLENS, KVSTARTS, PLENS, Hq, D, window,
+                                  GROUP, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_D)
     qd_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(_rows_ptrs(Q + b * sqb + h * sqh, offs_m, sqs, offs_d, sqd), mask=qd_mask, other=0.0)
-    do = tl.load(_rows_ptrs(DO + b * sdob + h * sdoh, offs_m, sdos, offs_d, sdod), mask=qd_mask, other=0.0)
+    q = tl.load(_rows_ptrs(Q, sq, b, h, offs_m, offs_d), mask=qd_mask, other=0.0)
+    do = tl.load(_rows_ptrs(DO, sdo, b, h, offs_m, offs_d), mask=qd_mask, other=0.0)
     lse = tl.load(LSE + pid_bh * Sq + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * Sq + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    bt_row = BT + t * sbt0
-    for start in range(0, tl.where(m_lo < q_len, P, 0), BLOCK_N):
-        k, v, r_valid = _load_prefix_kv(PK, PV, bt_row, sbt1, start, P, hk, spkb, spkh, spks, spkd,
-                                        spvb, spvh, spvs, spvd, offs_d, d_valid, PBS, BLOCK_N)
+    for start in range(0, p_end, BLOCK_N):
+        k, v, r_valid = _load_prefix_kv(PK, PV, spk, spv, BT + t * sbt[0], sbt[1], start, P, hk, offs_d,
+                                        d_valid, PBS, BLOCK_N)
         dq = _dq_step(q, k, v, do, m_valid[:, None] & r_valid[None, :], lse, delta, dq, qk_scale, DOT_PREC)
 
-    lo, hi = own_key_band(kv_start, kv_len, off, m_lo, tl.minimum(m_lo + BLOCK_M, q_len), window,
-                          CAUSAL, HAS_WINDOW)
-    pos = off + offs_m
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         offs_j = start + tl.arange(0, BLOCK_N)
-        k, v, j_valid = _load_own_kv(K, V, b, hk, offs_j, kv_start, kv_len, skb, skh, sks, skd,
-                                     svb, svh, svs, svd, offs_d, d_valid)
+        k, v, j_valid = _load_own_kv(K, V, sk, sv, b, hk, offs_j, kv_start, kv_len, offs_d, d_valid)
         k, v = _clean_keys(k, v)
         vis = visible(m_valid[:, None] & j_valid[None, :], pos[:, None], offs_j[None, :], window,
                       CAUSAL, HAS_WINDOW)
@@ -354,22 +341,21 @@ def _bwd_dq_kernel(
 
     dq = dq * scale
     row_ok = offs_m < Sq
-    tl.store(_rows_ptrs(DQ + b * sdqb + h * sdqh, offs_m, sdqs, offs_d, sdqd), dq.to(DQ.dtype.element_ty),
+    tl.store(_rows_ptrs(DQ, sdq, b, h, offs_m, offs_d), dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_valid[None, :])
 
 
 @triton.jit
-def _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE, DELTA, b, h, q_len, m_start,
-                      sqb, sqh, sqs, sqd, sdob, sdoh, sdos, sdod, Sq,
-                      key_vis, offs_m0, offs_d, d_valid, qk_scale, pos_off, offs_j, window,
+def _bwd_kv_tile_step(k, v, dk, dv, Q, DO, sq, sdo, LSE, DELTA, b, h, q_len, m_start, key_vis, offs_m0, offs_d,
+                      d_valid, qk_scale, pos_off, offs_j, window,
                       CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile against one query tile (transposed scores [N, M]).
     Prefix keys pass ``CAUSAL = HAS_WINDOW = False``: every real query sees them."""
     offs_m = m_start + offs_m0
     m_valid = offs_m < q_len
     qd_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(_rows_ptrs(Q + b * sqb + h * sqh, offs_m, sqs, offs_d, sqd), mask=qd_mask, other=0.0)
-    do = tl.load(_rows_ptrs(DO + b * sdob + h * sdoh, offs_m, sdos, offs_d, sdod), mask=qd_mask, other=0.0)
+    q = tl.load(_rows_ptrs(Q, sq, b, h, offs_m, offs_d), mask=qd_mask, other=0.0)
+    do = tl.load(_rows_ptrs(DO, sdo, b, h, offs_m, offs_d), mask=qd_mask, other=0.0)
     lse = tl.load(LSE + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale      # [N, M]
@@ -387,16 +373,13 @@ def _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE, DELTA, b, h, q_len, m_start,
 @triton.jit
 def _bwd_dkdv_own_kernel(
     Q, K, V, QLENS, KVLENS, KVSTARTS, DO, LSE, DELTA, DK, DV,
-    sqb, sqh, sqs, sqd,
-    skb, skh, sks, skd,
-    svb, svh, svs, svd,
-    sdob, sdoh, sdos, sdod,
-    sdkb, sdkh, sdks, sdkd,
-    sdvb, sdvh, sdvs, sdvd,
+    sq, sk, sv, sdo, sdk, sdv,
     Hq, Hkv, Sq, Skv, D, qk_scale, scale, window,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """dK, dV of one own-key tile of one kv head: loops over the GROUP q heads and the query
+    tiles that can see the tile; accumulated in fp32 registers, written once. No atomics."""
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     b = pid_bh // Hkv
@@ -409,8 +392,7 @@ def _bwd_dkdv_own_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    k, v, key_vis = _load_own_kv(K, V, b, hk, offs_j, kv_start, kv_len, skb, skh, sks, skd,
-                                 svb, svh, svs, svd, offs_d, d_valid)
+    k, v, key_vis = _load_own_kv(K, V, sk, sv, b, hk, offs_j, kv_start, kv_len, offs_d, d_valid)
     k, v = _clean_keys(k, v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -430,29 +412,20 @@ def _bwd_dkdv_own_kernel(
         h = hk * GROUP + g
         row = b * Hq + h
         for m_start in range((q_lo // BLOCK_M) * BLOCK_M, q_hi, BLOCK_M):
-            dk, dv = _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE + row * Sq, DELTA + row * Sq, b, h, q_len,
-                                       m_start, sqb, sqh, sqs, sqd, sdob, sdoh, sdos, sdod, Sq,
-                                       key_vis, offs_m0, offs_d, d_valid, qk_scale,
+            dk, dv = _bwd_kv_tile_step(k, v, dk, dv, Q, DO, sq, sdo, LSE + row * Sq, DELTA + row * Sq, b, h,
+                                       q_len, m_start, key_vis, offs_m0, offs_d, d_valid, qk_scale,
                                        off, offs_j, window, CAUSAL, HAS_WINDOW, DOT_PREC)
     dk = dk * scale
     st_mask = (offs_j < Skv)[:, None] & d_valid[None, :]
-    tl.store(_rows_ptrs(DK + b * sdkb + hk * sdkh, offs_j, sdks, offs_d, sdkd), dk.to(DK.dtype.element_ty),
-             mask=st_mask)
-    tl.store(_rows_ptrs(DV + b * sdvb + hk * sdvh, offs_j, sdvs, offs_d, sdvd), dv.to(DV.dtype.element_ty),
-             mask=st_mask)
+    tl.store(_rows_ptrs(DK, sdk, b, hk, offs_j, offs_d), dk.to(DK.dtype.element_ty), mask=st_mask)
+    tl.store(_rows_ptrs(DV, sdv, b, hk, offs_j, offs_d), dv.to(DV.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit
 def _bwd_dkdv_prefix_kernel(
     Q, PK, PV, BT, OUT_BT, PLENS, QLENS, ORDER, UNIT_TASK, UNIT_START, UNIT_COUNT,
     DO, LSE, DELTA, DPK, DPV,
-    sqb, sqh, sqs, sqd,
-    spkb, spkh, spks, spkd,
-    spvb, spvh, spvs, spvd,
-    sbt0, sbt1, sobt0, sobt1,
-    sdob, sdoh, sdos, sdod,
-    sgkb, sgkh, sgks, sgkd,
-    sgvb, sgvh, sgvs, sgvd,
+    sq, spk, spv, sbt, sobt, sdo, sgk, sgv,
     Hq, Hkv, Sq, D, qk_scale, scale,
     GROUP: tl.constexpr, PBS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -478,8 +451,8 @@ def _bwd_dkdv_prefix_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    k, v, r_valid = _load_prefix_kv(PK, PV, BT + t * sbt0, sbt1, n_lo, P, hk, spkb, spkh, spks, spkd,
-                                    spvb, spvh, spvs, spvd, offs_d, d_valid, PBS, BLOCK_N)
+    k, v, r_valid = _load_prefix_kv(PK, PV, spk, spv, BT + t * sbt[0], sbt[1], n_lo, P, hk, offs_d, d_valid,
+                                    PBS, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -491,17 +464,16 @@ def _bwd_dkdv_prefix_kernel(
             h = hk * GROUP + g
             row = b * Hq + h
             for m_start in range(0, q_len, BLOCK_M):
-                dk, dv = _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE + row * Sq, DELTA + row * Sq, b, h, q_len,
-                                           m_start, sqb, sqh, sqs, sqd, sdob, sdoh, sdos, sdod, Sq,
-                                           r_valid, offs_m0, offs_d, d_valid, qk_scale,
+                dk, dv = _bwd_kv_tile_step(k, v, dk, dv, Q, DO, sq, sdo, LSE + row * Sq, DELTA + row * Sq, b, h,
+                                           q_len, m_start, r_valid, offs_m0, offs_d, d_valid, qk_scale,
                                            0, offs_n, 0, False, False, DOT_PREC)
     dk = dk * scale
     # Where this unit's rows go: row ``pid_u`` of OUT_BT (the pool table, or scratch slots).
-    oblk, owithin, _ = _prefix_rows(OUT_BT + pid_u * sobt0, sobt1, n_lo, P, offs_n, PBS, BLOCK_N)
+    oblk, owithin, _ = _prefix_rows(OUT_BT + pid_u * sobt[0], sobt[1], n_lo, P, offs_n, PBS, BLOCK_N)
     # Rows this program owns, or none when the task is absent from the batch (count 0).
     st_mask = ((n_lo + offs_n) < tl.where(live, P, 0))[:, None] & d_valid[None, :]
-    gk = _prefix_tile_ptrs(DPK, oblk, owithin, hk, sgkb, sgkh, sgks, sgkd, offs_d, PBS, BLOCK_N)
-    gv = _prefix_tile_ptrs(DPV, oblk, owithin, hk, sgvb, sgvh, sgvs, sgvd, offs_d, PBS, BLOCK_N)
+    gk = _prefix_tile_ptrs(DPK, sgk, oblk, owithin, hk, offs_d, PBS, BLOCK_N)
+    gv = _prefix_tile_ptrs(DPV, sgv, oblk, owithin, hk, offs_d, PBS, BLOCK_N)
     if ATOMIC:
         tl.atomic_add(gk, dk, mask=st_mask)
         tl.atomic_add(gv, dv, mask=st_mask)
@@ -515,6 +487,7 @@ def _bwd_dkdv_prefix_kernel(
 # --------------------------------------------------------------------------------------------
 
 def _strides(t: torch.Tensor):
+    """A tensor's strides as one kernel argument (a tuple; Triton specialises each element)."""
     return tuple(t.stride())
 
 
@@ -562,8 +535,8 @@ def _forward(q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, meta: _M
     _fwd_kernel[grid](
         q, _nonnull(k), _nonnull(v), _nonnull(pk), _nonnull(pv), _nonnull(bt), plens, tids, qlens, kvlens,
         kvstarts, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(bt),
-        *_strides(out),
+        _strides(q), _strides(k), _strides(v), _strides(pk), _strides(pv), _strides(bt),
+        _strides(out),
         Hq, Sq, D, meta.scale * LOG2E, meta.window or 0,
         GROUP=Hq // Hkv, PBS=pk.shape[2], CAUSAL=meta.causal, HAS_WINDOW=meta.window is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D), DOT_PREC=_dot_precision(q.dtype),
@@ -603,7 +576,7 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
     if delta.numel():
         _bwd_preprocess_kernel[(B * Hq, triton.cdiv(Sq, cfg.block_m))](
-            out, do, delta, *_strides(out), *_strides(do), Hq, Sq, D,
+            out, do, delta, _strides(out), _strides(do), Hq, Sq, D,
             BLOCK_M=cfg.block_m, BLOCK_D=BLOCK_D, num_warps=cfg.warps(BLOCK_D), num_stages=1)
 
     dq = dk = dv = dpk = dpv = None
@@ -614,8 +587,8 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
             _bwd_dq_kernel[(B * Hq, triton.cdiv(Sq, cfg.block_m))](
                 q, _nonnull(k), _nonnull(v), _nonnull(pk), _nonnull(pv), _nonnull(bt), plens, tids, qlens,
                 kvlens, kvstarts, do, lse, delta, dq,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(bt),
-                *_strides(do), *_strides(dq),
+                _strides(q), _strides(k), _strides(v), _strides(pk), _strides(pv), _strides(bt),
+                _strides(do), _strides(dq),
                 Hq, Sq, D, qk_scale, meta.scale, window,
                 GROUP=G, PBS=pk.shape[2], CAUSAL=meta.causal, HAS_WINDOW=has_window, **common)
     if need_k or need_v:
@@ -625,7 +598,7 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
             if work:
                 _bwd_dkdv_own_kernel[(B * Hkv, triton.cdiv(Skv, cfg.block_n))](
                     q, k, v, qlens, kvlens, kvstarts, do, lse, delta, dk, dv,
-                    *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+                    _strides(q), _strides(k), _strides(v), _strides(do), _strides(dk), _strides(dv),
                     Hq, Hkv, Sq, Skv, D, qk_scale, meta.scale, window,
                     GROUP=G, CAUSAL=meta.causal, HAS_WINDOW=has_window, **common)
             else:
@@ -667,8 +640,8 @@ def _prefix_grads(q, pk, pv, bt, plens, tids, qlens, do, lse, delta, meta: _Meta
         _bwd_dkdv_prefix_kernel[(unit_task.shape[0], rows_tiles, Hkv)](
             q, pk, pv, bt, out_bt, plens, qlens, order, unit_task, unit_start, unit_count,
             do, lse, delta, gk, gv,
-            *_strides(q), *_strides(pk), *_strides(pv), *_strides(bt), *_strides(out_bt),
-            *_strides(do), *_strides(gk), *_strides(gv),
+            _strides(q), _strides(pk), _strides(pv), _strides(bt), _strides(out_bt),
+            _strides(do), _strides(gk), _strides(gv),
             Hq, Hkv, Sq, D, meta.scale * LOG2E, meta.scale,
             GROUP=Hq // Hkv, PBS=PBS, ATOMIC=atomic, **common)
 
