@@ -382,16 +382,23 @@ def compile_check(args_ns):
                  td._grouped_warps(tile_m, block_d)),
                 ("own + fused merge", td._sequence_kernel,
                  dict(G=G, M_TILES=td._cdiv(G * Sq, seq_m), BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                      INCLUDE_PREFIX=False, CAUSAL=True, HAS_WINDOW=False, FINALIZE=True, PREC=prec),
+                      INCLUDE_PREFIX=False, CAUSAL=True, HAS_WINDOW=False, FINALIZE=True, PER_ROW_MASK=False,
+                      PREC=prec),
                  td._sequence_warps(block_d)),
                 ("per-sequence, window, split", td._sequence_kernel,
                  dict(G=G, M_TILES=td._cdiv(G * Sq, seq_m), BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                      INCLUDE_PREFIX=True, CAUSAL=True, HAS_WINDOW=True, FINALIZE=False, PREC=prec),
+                      INCLUDE_PREFIX=True, CAUSAL=True, HAS_WINDOW=True, FINALIZE=False, PER_ROW_MASK=True,
+                      PREC=prec),
                  td._sequence_warps(block_d)),
                 ("merge", td._merge_kernel, dict(BLOCK_S=4, BLOCK_D=block_d), td._merge_warps(block_d)),
             ]
             for label, fn, consts, warps in jobs:
                 sig, attrs, cst = {}, {}, dict(consts)
+                missing = [n for i, n in enumerate(fn.arg_names) if fn.params[i].is_constexpr and n not in consts]
+                if missing:                                  # would silently compile as a runtime int
+                    failures += 1
+                    print(f"FAIL {names[dtype]} D={D} {label}: constexpr {missing} not given")
+                    continue
                 for i, n in enumerate(fn.arg_names):
                     if n in consts:
                         sig[n] = "constexpr"

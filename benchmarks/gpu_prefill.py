@@ -332,6 +332,17 @@ def compile_check(sm: int) -> int:
     ptr_types = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
                  torch.int64: "*i64", torch.int32: "*i32"}
 
+    def arg_type(v):
+        if isinstance(v, tuple):                     # a tensor's strides, passed as one tuple
+            return tuple(arg_type(e) for e in v)
+        if isinstance(v, torch.Tensor):
+            return ptr_types[v.dtype]
+        if isinstance(v, bool):
+            return "i1"
+        if isinstance(v, int):
+            return "i32" if -2**31 <= v < 2**31 else "i64"
+        return "fp32"
+
     def compile_one(fn, args, kw, target):
         opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
         vals = dict(zip(fn.arg_names, args))
@@ -341,14 +352,8 @@ def compile_check(sm: int) -> int:
             v = vals[n]
             if fn.params[i].is_constexpr:
                 sig[n], consts[n] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                sig[n] = ptr_types[v.dtype]
-            elif isinstance(v, bool):
-                sig[n] = "i1"
-            elif isinstance(v, int):
-                sig[n] = "i32" if -2**31 <= v < 2**31 else "i64"
             else:
-                sig[n] = "fp32"
+                sig[n] = arg_type(v)
         return triton.compile(ASTSource(fn, sig, consts), target=target, options=opts)
 
     target = GPUTarget("cuda", sm, 32)

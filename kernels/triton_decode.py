@@ -30,6 +30,9 @@ Two paths, both exact (checked against ``reference`` in ``tests/test_triton_deco
     prefix through the block table and then its own cache, in one virtual key range split over
     KV; a single split writes the output directly, several are merged by ``_merge_kernel``.
 
+The visibility rule, own-key band and online-softmax step are the shared ``@triton.jit`` helpers
+of ``triton_common.py`` (also used by the prefill kernels).
+
 Choosing the path: :func:`choose_path`. Grouping pays when tasks have several sequences each:
 the grouped path is taken when the batch has on average at least ``GROUP_MIN_SEQS`` (2)
 sequences per task present in the batch and some prefix can be non-empty. ``B >= 2*T`` decides
@@ -63,6 +66,8 @@ import triton
 import triton.language as tl
 
 from .inputs import PrefixAttentionInputs
+from .triton_common import (clean_values, flag_rows, flag_scores, online_softmax_step, own_key_band, seq_lens,
+                            softmax_state, visible)
 
 LOG2E = 1.4426950408889634
 GROUP_MIN_SEQS = 2          # mean sequences per present task from which grouping pays
@@ -77,36 +82,24 @@ ENV_OVERLAP = "SOFTPROMPT_DECODE_OVERLAP"
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _online_step(q, k, v, visible, m_i, l_i, acc, poison, qk_scale, PREC: tl.constexpr):
-    """One key tile of the online softmax. ``k`` is ``[BLOCK_D, BLOCK_N]``, ``v`` ``[BLOCK_N, BLOCK_D]``.
-
-    Scores are in log2 units (``qk_scale`` = scale * log2(e)); rows with nothing visible so far
-    keep ``m = -inf`` and ``l = 0`` without ever producing NaN. A visible non-finite score (a NaN
-    or inf key) would be dropped by the max or zero the row: it is left out of the state and the
-    row is flagged in ``poison`` instead (its output becomes NaN). A visible NaN value needs no
-    flag: it reaches ``acc`` through a non-zero probability.
-    """
-    qk = tl.dot(q, k, input_precision=PREC) * qk_scale
-    finite = (qk == qk) & (tl.abs(qk) != float("inf"))
-    poison = tl.maximum(poison, tl.max((visible & ~finite).to(tl.int32), 1))
-    qk = tl.where(visible & finite, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(qk - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc, poison
+def _online_step(q, k, v, vis, m_i, l_i, acc, poison, qk_scale, PREC: tl.constexpr):
+    """One key tile of the online softmax. ``k`` is ``[BLOCK_D, BLOCK_N]``, ``v`` ``[BLOCK_N, BLOCK_D]``,
+    ``vis`` the visible (row, key) pairs; see ``triton_common.flag_scores`` for non-finite keys
+    (a visible NaN value needs no flag: it reaches ``acc`` through a non-zero probability)."""
+    s, poison = flag_scores(tl.dot(q, k, input_precision=PREC) * qk_scale, vis, poison)
+    m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PREC)
+    return m_i, l_i, acc, poison
 
 
 @triton.jit
-def _clean_values(v):
-    """Value tile ``v [BLOCK_N, BLOCK_D]`` with non-finite elements zeroed, and ``[BLOCK_N]`` the
-    keys that had one. A value masked for one row of the tile (causal, window) may hold anything,
-    and ``0 * NaN`` in ``p @ v`` is NaN. (Keys need no cleaning: a masked score is replaced by
-    -inf, and a visible non-finite score is flagged in ``_online_step``.)"""
-    v_ok = (v == v) & (tl.abs(v) != float("inf"))
-    return tl.where(v_ok, v, 0.0), tl.min(v_ok.to(tl.int32), 1) == 0
+def _partial_state(m_i, l_i, acc, poison):
+    """``(o, lse)``: the normalised fp32 partial output and its log2-sum-exp. An empty state is
+    ``(0, -inf)``; a poisoned one ``(NaN, 0)``: a finite log-sum-exp, so every merge keeps it NaN."""
+    has = l_i > 0
+    flagged = poison > 0
+    o = tl.where(flagged[:, None], float("nan"), acc / tl.where(has, l_i, 1.0)[:, None])
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    return o, tl.where(flagged, 0.0, lse)
 
 
 @triton.jit
@@ -128,8 +121,8 @@ def _prefix_tile(q, PK, PV, BT, bt_row, start, end, h,
         v_off = blk * s_pvb + h * s_pvh + row * s_pvn
         v = tl.load(PV + v_off[:, None] + offs_d[None, :] * s_pvd,
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
-        visible = rvalid[:, None] & nmask[None, :]
-        m_i, l_i, acc, poison = _online_step(q, k, v, visible, m_i, l_i, acc, poison, qk_scale, PREC)
+        m_i, l_i, acc, poison = _online_step(q, k, v, rvalid[:, None] & nmask[None, :], m_i, l_i, acc, poison,
+                                             qk_scale, PREC)
     return m_i, l_i, acc, poison
 
 
@@ -224,23 +217,12 @@ def _grouped_prefix_kernel(
     plen = tl.where(live, tl.load(PLENS + task), 0)
     start = split * chunk
     end = tl.minimum(plen, start + chunk)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    poison = tl.zeros([BLOCK_M], tl.int32)
+    m_i, l_i, acc, poison = softmax_state(BLOCK_M, BLOCK_D)
     m_i, l_i, acc, poison = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, end, h,
                                          s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
                                          block_size, rvalid, offs_d, dmask, m_i, l_i, acc, poison, qk_scale,
                                          BLOCK_N, PREC)
-
-    # Normalised fp32 partial + log2-sum-exp; an empty state is (0, -inf); a poisoned one is
-    # (NaN, 0): a finite log-sum-exp, so every merge keeps it NaN.
-    has = l_i > 0
-    flagged = poison > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    o = tl.where(flagged[:, None], float("nan"), o)
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    lse = tl.where(flagged, 0.0, lse)
+    o, lse = _partial_state(m_i, l_i, acc, poison)
     prow = ((b * Hq + hq) * Sq + i) * NS + split
     tl.store(PL + prow, lse, mask=rmask)
     tl.store(PO + prow[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
@@ -279,9 +261,7 @@ def _sequence_kernel(
     g = r // Sq
     i = r % Sq
     hq = h * G + g
-    qlen = tl.load(QLENS + b)
-    kvlen = tl.load(KVLENS + b)
-    kvstart = tl.load(KVSTARTS + b)
+    qlen, kvlen, kvstart = seq_lens(QLENS, KVLENS, KVSTARTS, b)
     rvalid = rmask & (i < qlen)
     pos = kvlen - qlen + i                               # absolute position of query i
 
@@ -290,10 +270,8 @@ def _sequence_kernel(
     q = tl.load(Q + b * s_qb + hq[:, None] * s_qh + i[:, None] * s_qs + offs_d[None, :] * s_qd,
                 mask=rvalid[:, None] & dmask[None, :], other=0.0)
 
-    lo = kvstart
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, kvlen - qlen - window + 1)   # first key the earliest query can see
-    own_len = tl.maximum(kvlen - lo, 0)
+    lo, hi = own_key_band(kvstart, kvlen, kvlen - qlen, 0, qlen, window, CAUSAL, HAS_WINDOW)
+    own_len = hi - lo
     if INCLUDE_PREFIX:
         task = tl.load(TIDS + b)
         plen = tl.load(PLENS + task)
@@ -304,10 +282,7 @@ def _sequence_kernel(
     start = split * chunk
     end = tl.minimum(total, start + chunk)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    poison = tl.zeros([BLOCK_M], tl.int32)             # rows that see a non-finite key or value
+    m_i, l_i, acc, poison = softmax_state(BLOCK_M, BLOCK_D)   # poison: rows that see a non-finite key/value
     if INCLUDE_PREFIX:
         m_i, l_i, acc, poison = _prefix_tile(q, PK, PV, BT, task * s_bt0, start, tl.minimum(end, plen), h,
                                              s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
@@ -325,18 +300,13 @@ def _sequence_kernel(
                     mask=nmask[None, :] & dmask[:, None], other=0.0)
         v = tl.load(v_base + j[:, None] * s_vs + offs_d[None, :] * s_vd,
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
-        visible = rvalid[:, None] & nmask[None, :]
-        if CAUSAL:
-            visible = visible & (j[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            visible = visible & (pos[:, None] - j[None, :] < window)
+        vis = visible(rvalid[:, None] & nmask[None, :], pos[:, None], j[None, :], window, CAUSAL, HAS_WINDOW)
         if PER_ROW_MASK:
             # rows of this program see different keys (several queries, causal or window): a key
             # masked for one row may be NaN, and 0 * NaN in p @ v is NaN
-            v, bad = _clean_values(v)
-            poison = tl.maximum(poison, tl.max((visible & bad[None, :]).to(tl.int32), 1))
-        m_i, l_i, acc, poison = _online_step(q, k, v, visible, m_i, l_i, acc, poison, qk_scale, PREC)
-    flagged = poison > 0
+            v, bad = clean_values(v)
+            poison = flag_rows(poison, vis & bad[None, :])
+        m_i, l_i, acc, poison = _online_step(q, k, v, vis, m_i, l_i, acc, poison, qk_scale, PREC)
 
     prow = ((b * Hq + hq) * Sq + i) * NS
     if FINALIZE:
@@ -354,15 +324,11 @@ def _sequence_kernel(
             m_i = m_new
         keep = rvalid & (l_i > 0)
         out = tl.where(keep[:, None], acc / tl.where(keep, l_i, 1.0)[:, None], 0.0)
-        out = tl.where(flagged[:, None], float("nan"), out)       # a visible NaN stays visible
+        out = tl.where(poison[:, None] > 0, float("nan"), out)    # a visible NaN stays visible
         tl.store(OUT + b * s_ob + hq[:, None] * s_oh + i[:, None] * s_os + offs_d[None, :] * s_od,
                  out.to(OUT.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     else:
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        o = tl.where(flagged[:, None], float("nan"), o)           # (NaN, 0): the merge keeps it NaN
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        lse = tl.where(flagged, 0.0, lse)
+        o, lse = _partial_state(m_i, l_i, acc, poison)
         slot = prow + slot_off + split
         tl.store(PL + slot, lse, mask=rmask)
         tl.store(PO + slot[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])

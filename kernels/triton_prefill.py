@@ -33,6 +33,10 @@ for this contract, not copied):
                            ``tl.atomic_add``-ed into an fp32 pool-shaped buffer (most
                            parallelism, no scratch; summation order varies run to run).
 
+The visibility rule, own-key band, online-softmax step and non-finite flags are the shared
+``@triton.jit`` helpers of ``triton_common.py`` (also used by the decode kernels); each tensor's
+strides reach a kernel as one tuple argument.
+
 Default: the deterministic path. This was written without access to a GPU, so neither path's
 speed has been measured (``benchmarks/gpu_prefill.py`` times both); we chose the path whose
 results are reproducible. Set ``SOFTPROMPT_PREFILL_ATOMICS=1`` or pass ``deterministic=False`` to
@@ -72,6 +76,8 @@ import triton.language as tl
 
 from .inputs import PrefixAttentionInputs
 from .torch_backend import torch_attention
+from .triton_common import (clean_values, flag_rows, flag_scores, online_softmax_step, own_key_band, seq_lens,
+                            softmax_state, visible)
 
 LOG2E = 1.4426950408889634
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -148,139 +154,126 @@ def _prefix_rows(bt_row, stride_btc, start, P, offs_n, PBS: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _prefix_tile_ptrs(base, blk, within, hk, sb, sh, ss, sd, offs_d, PBS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Pointers ``[BLOCK_N, BLOCK_D]`` to rows ``within`` of blocks ``blk`` (head ``hk``) of a pool."""
+def _prefix_tile_ptrs(base, st, blk, within, hk, offs_d, PBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers ``[BLOCK_N, BLOCK_D]`` to rows ``within`` of blocks ``blk`` (head ``hk``) of a pool
+    with strides ``st``."""
     if PBS % BLOCK_N == 0:
         # scalar 64-bit block base + 32-bit in-tile offsets (no per-element 64-bit arithmetic)
-        return (base + blk * sb + hk * sh) + (within[:, None] * ss + offs_d[None, :] * sd)
+        return (base + blk * st[0] + hk * st[1]) + (within[:, None] * st[2] + offs_d[None, :] * st[3])
     else:
-        return (base + hk * sh) + (blk * sb + within * ss)[:, None] + offs_d[None, :] * sd
+        return (base + hk * st[1]) + (blk * st[0] + within * st[2])[:, None] + offs_d[None, :] * st[3]
+
+
+@triton.jit
+def _rows_ptrs(base, st, b, h, offs, offs_d):
+    """Pointers ``[len(offs), BLOCK_D]`` to rows ``offs`` of sequence ``b``, head ``h`` of a
+    ``[B, H, S, D]`` tensor with strides ``st``."""
+    return base + b * st[0] + h * st[1] + offs[:, None] * st[2] + offs_d[None, :] * st[3]
 
 
 @triton.jit
 def _clean_keys(k, v):
     """Key/value tiles ``[BLOCK_N, BLOCK_D]`` with non-finite elements zeroed (the backward: a key
     masked for a query may hold anything, and ``0 * NaN`` in ``dS @ k`` or ``dO @ v^T`` is NaN)."""
-    return tl.where((k == k) & (tl.abs(k) != float("inf")), k, 0.0), _clean_values(v)[0]
+    return tl.where((k == k) & (tl.abs(k) != float("inf")), k, 0.0), clean_values(v)[0]
 
 
 @triton.jit
-def _clean_values(v):
-    """Value tile ``[BLOCK_N, BLOCK_D]`` with non-finite elements zeroed, and ``[BLOCK_N]`` the
-    keys that had one. A value masked for one query of a tile (causal, window) may hold anything,
-    and ``0 * NaN`` in ``p @ v`` is NaN. (Keys need no cleaning in the forward: a masked score is
-    replaced by -inf; a visible non-finite score is flagged instead, see ``_flag``.)"""
-    ok = (v == v) & (tl.abs(v) != float("inf"))
-    return tl.where(ok, v, 0.0), tl.min(ok.to(tl.int32), 1) == 0
+def _query_tile(TIDS, QLENS, KVLENS, KVSTARTS, PLENS, Hq, D, window, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Set-up of a (sequence, q head, query tile) program of the forward / dQ grid, heaviest
+    (last, causal) tiles first. Returns ``(pid_bh, b, h, hk, t, P, kv_len, kv_start, pos,
+    offs_m, m_valid, offs_d, d_valid, p_end, lo, hi)``: ``pos`` the queries' absolute positions,
+    ``[0, p_end)`` the prefix rows to scan (none for a tile of padding rows), ``[lo, hi)`` the
+    band of own keys the tile can see (so fully masked key tiles are skipped)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    m_lo = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    t = tl.load(TIDS + b)
+    P = tl.load(PLENS + t).to(tl.int32)
+    q_len, kv_len, kv_start = seq_lens(QLENS, KVLENS, KVSTARTS, b)
+    off = kv_len - q_len                      # absolute position of query i is off + i
+    lo, hi = own_key_band(kv_start, kv_len, off, m_lo, tl.minimum(m_lo + BLOCK_M, q_len), window,
+                          CAUSAL, HAS_WINDOW)
+    offs_m = m_lo + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return (pid_bh, b, h, h // GROUP, t, P, kv_len, kv_start, off + offs_m, offs_m, offs_m < q_len,
+            offs_d, offs_d < D, tl.where(m_lo < q_len, P, 0), lo, hi)
 
 
 @triton.jit
-def _flag(s, vis, poison):
-    """Scores with masked and non-finite entries at -inf, and ``poison`` updated with the rows
-    that see a non-finite score (a NaN / inf key): the max would drop it or it would zero the
-    row, so the row's output is made NaN instead (a visible NaN stays visible)."""
-    finite = (s == s) & (tl.abs(s) != float("inf"))
-    poison = tl.maximum(poison, tl.max((vis & ~finite).to(tl.int32), 1))
-    return tl.where(vis & finite, s, float("-inf")), poison
+def _load_prefix_kv(PK, PV, spk, spv, bt_row, sbt1, start, P, hk, offs_d, d_valid,
+                    PBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key and value tiles of the task's prefix rows ``[start, start + BLOCK_N)``, read in place
+    through the block table (rows ``>= P`` are zeros), and ``[BLOCK_N]`` the rows ``< P``."""
+    blk, within, r_valid = _prefix_rows(bt_row, sbt1, start, P, tl.arange(0, BLOCK_N), PBS, BLOCK_N)
+    kv_mask = r_valid[:, None] & d_valid[None, :]
+    k = tl.load(_prefix_tile_ptrs(PK, spk, blk, within, hk, offs_d, PBS, BLOCK_N), mask=kv_mask, other=0.0)
+    v = tl.load(_prefix_tile_ptrs(PV, spv, blk, within, hk, offs_d, PBS, BLOCK_N), mask=kv_mask, other=0.0)
+    return k, v, r_valid
 
 
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
-    """One online-softmax update with scores ``s`` (log2 units, -inf where masked)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows that saw nothing yet stay finite
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+def _load_own_kv(K, V, sk, sv, b, hk, offs_j, kv_start, kv_len, offs_d, d_valid):
+    """Key and value tiles of own keys ``offs_j`` of sequence ``b`` (keys outside
+    ``[kv_start, kv_len)`` are never read: zeros), and ``[BLOCK_N]`` the keys inside."""
+    j_valid = (offs_j < kv_len) & (offs_j >= kv_start)
+    kv_mask = j_valid[:, None] & d_valid[None, :]
+    k = tl.load(_rows_ptrs(K, sk, b, hk, offs_j, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_rows_ptrs(V, sv, b, hk, offs_j, offs_d), mask=kv_mask, other=0.0)
+    return k, v, j_valid
 
+
+@triton.jit
+def _dq_step(q, k, v, do, vis, lse, delta, dq, qk_scale, DOT_PREC: tl.constexpr):
+    """dQ of one query tile accumulated over one key tile (``vis``: the visible pairs)."""
+    s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale, float("-inf"))
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+
+# Kernel arguments: tensors, then their strides (one tuple per tensor, in the same order), then
+# scalars, then compile-time constants.
 
 @triton.jit
 def _fwd_kernel(
     Q, K, V, PK, PV, BT, PLENS, TIDS, QLENS, KVLENS, KVSTARTS, O, LSE,
-    sqb, sqh, sqs, sqd,
-    skb, skh, sks, skd,
-    svb, svh, svs, svd,
-    spkb, spkh, spks, spkd,
-    spvb, spvh, spvs, spvd,
-    sbt0, sbt1,
-    sob, soh, sos, sod,
+    sq, sk, sv, spk, spv, sbt, so,
     Hq, Sq, D, qk_scale, window,
     GROUP: tl.constexpr, PBS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)   # heaviest (last, causal) tiles first
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // GROUP
-    t = tl.load(TIDS + b)
-    q_len = tl.load(QLENS + b).to(tl.int32)
-    kv_len = tl.load(KVLENS + b).to(tl.int32)
-    kv_start = tl.load(KVSTARTS + b).to(tl.int32)
-    P = tl.load(PLENS + t).to(tl.int32)
-    off = kv_len - q_len                      # absolute position of query i is off + i
-
-    m_lo = pid_m * BLOCK_M
-    offs_m = m_lo + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < q_len
-    d_valid = offs_d < D
-    live = m_lo < q_len                       # tile holds at least one real query
-
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    poison = tl.zeros([BLOCK_M], dtype=tl.int32)   # rows that see a non-finite key or value
+    """O and the row log-sum-exp of one query tile: online softmax over the task's prefix, then
+    over the own keys it can see."""
+    (pid_bh, b, h, hk, t, P, kv_len, kv_start, pos, offs_m, m_valid, offs_d, d_valid,
+     p_end, lo, hi) = _query_tile(TIDS, QLENS, KVLENS, KVSTARTS, PLENS, Hq, D, window,
+                                  GROUP, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_D)
+    q = tl.load(_rows_ptrs(Q, sq, b, h, offs_m, offs_d), mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    m_i, l_i, acc, poison = softmax_state(BLOCK_M, BLOCK_D)   # poison: rows that see a non-finite key or value
 
     # 1) the task's prefix, read in place through the block table; no causal/padding rule on it.
-    p_end = tl.where(live, P, 0)
-    bt_row = BT + t * sbt0
     for start in range(0, p_end, BLOCK_N):
-        blk, within, r_valid = _prefix_rows(bt_row, sbt1, start, P, offs_n, PBS, BLOCK_N)
-        kv_mask = r_valid[:, None] & d_valid[None, :]
-        k = tl.load(_prefix_tile_ptrs(PK, blk, within, hk, spkb, spkh, spks, spkd, offs_d, PBS, BLOCK_N),
-                    mask=kv_mask, other=0.0)
-        v = tl.load(_prefix_tile_ptrs(PV, blk, within, hk, spvb, spvh, spvs, spvd, offs_d, PBS, BLOCK_N),
-                    mask=kv_mask, other=0.0)
+        k, v, r_valid = _load_prefix_kv(PK, PV, spk, spv, BT + t * sbt[0], sbt[1], start, P, hk, offs_d,
+                                        d_valid, PBS, BLOCK_N)
         # every prefix row < P is seen by every real query: a NaN value reaches them through a
         # non-zero probability, and padding rows are zeroed at the end
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s, poison = _flag(s, m_valid[:, None] & r_valid[None, :], poison)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
+        s, poison = flag_scores(s, m_valid[:, None] & r_valid[None, :], poison)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
     # 2) own keys: only tiles that intersect the visible band of this query tile.
-    lo = kv_start
-    hi = kv_len
-    if CAUSAL:
-        hi = tl.minimum(hi, off + tl.minimum(m_lo + BLOCK_M, q_len))
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, off + m_lo - window + 1)
-    hi = tl.maximum(tl.where(live, hi, 0), 0)    # >= 0: no negative key tiles, whatever `//` rounds to
-    lo = tl.minimum(lo, hi)
-    pos = off + offs_m
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        offs_j = start + offs_n
-        j_valid = (offs_j < kv_len) & (offs_j >= kv_start)   # keys before kv_start are never read
-        kv_mask = j_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + b * skb + hk * skh + offs_j[:, None] * sks + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0)
-        v, bad = _clean_values(v)
+        offs_j = start + tl.arange(0, BLOCK_N)
+        k, v, j_valid = _load_own_kv(K, V, sk, sv, b, hk, offs_j, kv_start, kv_len, offs_d, d_valid)
+        v, bad = clean_values(v)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        vis = m_valid[:, None] & j_valid[None, :]
-        if CAUSAL:
-            vis = vis & (offs_j[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            vis = vis & (pos[:, None] - offs_j[None, :] < window)
-        poison = tl.maximum(poison, tl.max((vis & bad[None, :]).to(tl.int32), 1))
-        s, poison = _flag(s, vis, poison)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
+        vis = visible(m_valid[:, None] & j_valid[None, :], pos[:, None], offs_j[None, :], window,
+                      CAUSAL, HAS_WINDOW)
+        s, poison = flag_scores(s, vis, flag_rows(poison, vis & bad[None, :]))
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -290,14 +283,13 @@ def _fwd_kernel(
     # NaN above: a constant NaN, nothing flows back through it (as a masked_fill would do).
     lse = tl.where(seen & (poison == 0), m_i + tl.log2(l_safe), float("inf"))
     row_ok = offs_m < Sq
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_valid[None, :])
+    tl.store(_rows_ptrs(O, so, b, h, offs_m, offs_d), out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_valid[None, :])
     tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdob, sdoh, sdos, sdod, Hq, Sq, D,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_preprocess_kernel(O, DO, DELTA, so, sdo, Hq, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``Delta = rowsum(O * dO)`` in fp32 (the softmax-backward correction), without fp32 copies."""
     pid_bh = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -305,8 +297,8 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdob, sdoh, sdos, s
     b = pid_bh // Hq
     h = pid_bh % Hq
     mask = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :] * sdod, mask=mask, other=0.0)
+    o = tl.load(_rows_ptrs(O, so, b, h, offs_m, offs_d), mask=mask, other=0.0)
+    do = tl.load(_rows_ptrs(DO, sdo, b, h, offs_m, offs_d), mask=mask, other=0.0)
     o = o.to(tl.float32)
     # rows the forward made NaN (they see a non-finite key) have no gradient: a finite Delta keeps
     # their zero probabilities (lse = +inf) from turning into 0 * NaN
@@ -317,121 +309,58 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sos, sod, sdob, sdoh, sdos, s
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, PK, PV, BT, PLENS, TIDS, QLENS, KVLENS, KVSTARTS, DO, LSE, DELTA, DQ,
-    sqb, sqh, sqs, sqd,
-    skb, skh, sks, skd,
-    svb, svh, svs, svd,
-    spkb, spkh, spks, spkd,
-    spvb, spvh, spvs, spvd,
-    sbt0, sbt1,
-    sdob, sdoh, sdos, sdod,
-    sdqb, sdqh, sdqs, sdqd,
+    sq, sk, sv, spk, spv, sbt, sdo, sdq,
     Hq, Sq, D, qk_scale, scale, window,
     GROUP: tl.constexpr, PBS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)   # heaviest (last, causal) tiles first
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // GROUP
-    t = tl.load(TIDS + b)
-    q_len = tl.load(QLENS + b).to(tl.int32)
-    kv_len = tl.load(KVLENS + b).to(tl.int32)
-    kv_start = tl.load(KVSTARTS + b).to(tl.int32)
-    P = tl.load(PLENS + t).to(tl.int32)
-    off = kv_len - q_len
-
-    m_lo = pid_m * BLOCK_M
-    offs_m = m_lo + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < q_len
-    d_valid = offs_d < D
-    live = m_lo < q_len
+    """dQ of one query tile (same tiling as the forward), over the prefix and the visible own
+    keys. No atomics."""
+    (pid_bh, b, h, hk, t, P, kv_len, kv_start, pos, offs_m, m_valid, offs_d, d_valid,
+     p_end, lo, hi) = _query_tile(TIDS, QLENS, KVLENS, KVSTARTS, PLENS, Hq, D, window,
+                                  GROUP, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_D)
     qd_mask = m_valid[:, None] & d_valid[None, :]
-
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :] * sdod,
-                 mask=qd_mask, other=0.0)
+    q = tl.load(_rows_ptrs(Q, sq, b, h, offs_m, offs_d), mask=qd_mask, other=0.0)
+    do = tl.load(_rows_ptrs(DO, sdo, b, h, offs_m, offs_d), mask=qd_mask, other=0.0)
     lse = tl.load(LSE + pid_bh * Sq + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * Sq + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    p_end = tl.where(live, P, 0)
-    bt_row = BT + t * sbt0
     for start in range(0, p_end, BLOCK_N):
-        blk, within, r_valid = _prefix_rows(bt_row, sbt1, start, P, offs_n, PBS, BLOCK_N)
-        kv_mask = r_valid[:, None] & d_valid[None, :]
-        k = tl.load(_prefix_tile_ptrs(PK, blk, within, hk, spkb, spkh, spks, spkd, offs_d, PBS, BLOCK_N),
-                    mask=kv_mask, other=0.0)
-        v = tl.load(_prefix_tile_ptrs(PV, blk, within, hk, spvb, spvh, spvs, spvd, offs_d, PBS, BLOCK_N),
-                    mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(m_valid[:, None] & r_valid[None, :], s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        k, v, r_valid = _load_prefix_kv(PK, PV, spk, spv, BT + t * sbt[0], sbt[1], start, P, hk, offs_d,
+                                        d_valid, PBS, BLOCK_N)
+        dq = _dq_step(q, k, v, do, m_valid[:, None] & r_valid[None, :], lse, delta, dq, qk_scale, DOT_PREC)
 
-    lo = kv_start
-    hi = kv_len
-    if CAUSAL:
-        hi = tl.minimum(hi, off + tl.minimum(m_lo + BLOCK_M, q_len))
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, off + m_lo - window + 1)
-    hi = tl.maximum(tl.where(live, hi, 0), 0)    # >= 0: no negative key tiles, whatever `//` rounds to
-    lo = tl.minimum(lo, hi)
-    pos = off + offs_m
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        offs_j = start + offs_n
-        j_valid = (offs_j < kv_len) & (offs_j >= kv_start)
-        kv_mask = j_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + b * skb + hk * skh + offs_j[:, None] * sks + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0)
+        offs_j = start + tl.arange(0, BLOCK_N)
+        k, v, j_valid = _load_own_kv(K, V, sk, sv, b, hk, offs_j, kv_start, kv_len, offs_d, d_valid)
         k, v = _clean_keys(k, v)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        vis = m_valid[:, None] & j_valid[None, :]
-        if CAUSAL:
-            vis = vis & (offs_j[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            vis = vis & (pos[:, None] - offs_j[None, :] < window)
-        s = tl.where(vis, s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        vis = visible(m_valid[:, None] & j_valid[None, :], pos[:, None], offs_j[None, :], window,
+                      CAUSAL, HAS_WINDOW)
+        dq = _dq_step(q, k, v, do, vis, lse, delta, dq, qk_scale, DOT_PREC)
 
     dq = dq * scale
     row_ok = offs_m < Sq
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_valid[None, :])
+    tl.store(_rows_ptrs(DQ, sdq, b, h, offs_m, offs_d), dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_valid[None, :])
 
 
 @triton.jit
-def _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE, DELTA, b, h, q_len, m_start,
-                      sqb, sqh, sqs, sqd, sdob, sdoh, sdos, sdod, Sq,
-                      key_vis, offs_m0, offs_d, d_valid, qk_scale,
-                      OWN: tl.constexpr, pos_off, offs_j, window,
+def _bwd_kv_tile_step(k, v, dk, dv, Q, DO, sq, sdo, LSE, DELTA, b, h, q_len, m_start, key_vis, offs_m0, offs_d,
+                      d_valid, qk_scale, pos_off, offs_j, window,
                       CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate dK, dV of one key tile against one query tile (transposed scores [N, M])."""
+    """Accumulate dK, dV of one key tile against one query tile (transposed scores [N, M]).
+    Prefix keys pass ``CAUSAL = HAS_WINDOW = False``: every real query sees them."""
     offs_m = m_start + offs_m0
     m_valid = offs_m < q_len
     qd_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :] * sdod,
-                 mask=qd_mask, other=0.0)
+    q = tl.load(_rows_ptrs(Q, sq, b, h, offs_m, offs_d), mask=qd_mask, other=0.0)
+    do = tl.load(_rows_ptrs(DO, sdo, b, h, offs_m, offs_d), mask=qd_mask, other=0.0)
     lse = tl.load(LSE + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale      # [N, M]
-    vis = key_vis[:, None] & m_valid[None, :]
-    if OWN:
-        pos = pos_off + offs_m
-        if CAUSAL:
-            vis = vis & (offs_j[:, None] <= pos[None, :])
-        if HAS_WINDOW:
-            vis = vis & (pos[None, :] - offs_j[:, None] < window)
+    vis = visible(key_vis[:, None] & m_valid[None, :], (pos_off + offs_m)[None, :], offs_j[:, None], window,
+                  CAUSAL, HAS_WINDOW)
     sT = tl.where(vis, sT, float("-inf"))
     pT = tl.exp2(sT - lse[None, :])
     dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
@@ -444,23 +373,18 @@ def _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE, DELTA, b, h, q_len, m_start,
 @triton.jit
 def _bwd_dkdv_own_kernel(
     Q, K, V, QLENS, KVLENS, KVSTARTS, DO, LSE, DELTA, DK, DV,
-    sqb, sqh, sqs, sqd,
-    skb, skh, sks, skd,
-    svb, svh, svs, svd,
-    sdob, sdoh, sdos, sdod,
-    sdkb, sdkh, sdks, sdkd,
-    sdvb, sdvh, sdvs, sdvd,
+    sq, sk, sv, sdo, sdk, sdv,
     Hq, Hkv, Sq, Skv, D, qk_scale, scale, window,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """dK, dV of one own-key tile of one kv head: loops over the GROUP q heads and the query
+    tiles that can see the tile; accumulated in fp32 registers, written once. No atomics."""
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
-    q_len = tl.load(QLENS + b).to(tl.int32)
-    kv_len = tl.load(KVLENS + b).to(tl.int32)
-    kv_start = tl.load(KVSTARTS + b).to(tl.int32)
+    q_len, kv_len, kv_start = seq_lens(QLENS, KVLENS, KVSTARTS, b)
     off = kv_len - q_len
 
     n_lo = pid_n * BLOCK_N
@@ -468,10 +392,7 @@ def _bwd_dkdv_own_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    key_vis = (offs_j < kv_len) & (offs_j >= kv_start)
-    kv_mask = key_vis[:, None] & d_valid[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_j[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_j[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    k, v, key_vis = _load_own_kv(K, V, sk, sv, b, hk, offs_j, kv_start, kv_len, offs_d, d_valid)
     k, v = _clean_keys(k, v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -491,29 +412,20 @@ def _bwd_dkdv_own_kernel(
         h = hk * GROUP + g
         row = b * Hq + h
         for m_start in range((q_lo // BLOCK_M) * BLOCK_M, q_hi, BLOCK_M):
-            dk, dv = _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE + row * Sq, DELTA + row * Sq, b, h, q_len,
-                                       m_start, sqb, sqh, sqs, sqd, sdob, sdoh, sdos, sdod, Sq,
-                                       key_vis, offs_m0, offs_d, d_valid, qk_scale,
-                                       True, off, offs_j, window, CAUSAL, HAS_WINDOW, DOT_PREC)
+            dk, dv = _bwd_kv_tile_step(k, v, dk, dv, Q, DO, sq, sdo, LSE + row * Sq, DELTA + row * Sq, b, h,
+                                       q_len, m_start, key_vis, offs_m0, offs_d, d_valid, qk_scale,
+                                       off, offs_j, window, CAUSAL, HAS_WINDOW, DOT_PREC)
     dk = dk * scale
     st_mask = (offs_j < Skv)[:, None] & d_valid[None, :]
-    tl.store(DK + b * sdkb + hk * sdkh + offs_j[:, None] * sdks + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=st_mask)
-    tl.store(DV + b * sdvb + hk * sdvh + offs_j[:, None] * sdvs + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=st_mask)
+    tl.store(_rows_ptrs(DK, sdk, b, hk, offs_j, offs_d), dk.to(DK.dtype.element_ty), mask=st_mask)
+    tl.store(_rows_ptrs(DV, sdv, b, hk, offs_j, offs_d), dv.to(DV.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit
 def _bwd_dkdv_prefix_kernel(
     Q, PK, PV, BT, OUT_BT, PLENS, QLENS, ORDER, UNIT_TASK, UNIT_START, UNIT_COUNT,
     DO, LSE, DELTA, DPK, DPV,
-    sqb, sqh, sqs, sqd,
-    spkb, spkh, spks, spkd,
-    spvb, spvh, spvs, spvd,
-    sbt0, sbt1, sobt0, sobt1,
-    sdob, sdoh, sdos, sdod,
-    sgkb, sgkh, sgks, sgkd,
-    sgvb, sgvh, sgvs, sgvd,
+    sq, spk, spv, sbt, sobt, sdo, sgk, sgv,
     Hq, Hkv, Sq, D, qk_scale, scale,
     GROUP: tl.constexpr, PBS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -539,12 +451,8 @@ def _bwd_dkdv_prefix_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    blk, within, r_valid = _prefix_rows(BT + t * sbt0, sbt1, n_lo, P, offs_n, PBS, BLOCK_N)
-    kv_mask = r_valid[:, None] & d_valid[None, :]
-    k = tl.load(_prefix_tile_ptrs(PK, blk, within, hk, spkb, spkh, spks, spkd, offs_d, PBS, BLOCK_N),
-                mask=kv_mask, other=0.0)
-    v = tl.load(_prefix_tile_ptrs(PV, blk, within, hk, spvb, spvh, spvs, spvd, offs_d, PBS, BLOCK_N),
-                mask=kv_mask, other=0.0)
+    k, v, r_valid = _load_prefix_kv(PK, PV, spk, spv, BT + t * sbt[0], sbt[1], n_lo, P, hk, offs_d, d_valid,
+                                    PBS, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -556,17 +464,16 @@ def _bwd_dkdv_prefix_kernel(
             h = hk * GROUP + g
             row = b * Hq + h
             for m_start in range(0, q_len, BLOCK_M):
-                dk, dv = _bwd_kv_tile_step(k, v, dk, dv, Q, DO, LSE + row * Sq, DELTA + row * Sq, b, h, q_len,
-                                           m_start, sqb, sqh, sqs, sqd, sdob, sdoh, sdos, sdod, Sq,
-                                           r_valid, offs_m0, offs_d, d_valid, qk_scale,
-                                           False, 0, offs_n, 0, False, False, DOT_PREC)
+                dk, dv = _bwd_kv_tile_step(k, v, dk, dv, Q, DO, sq, sdo, LSE + row * Sq, DELTA + row * Sq, b, h,
+                                           q_len, m_start, r_valid, offs_m0, offs_d, d_valid, qk_scale,
+                                           0, offs_n, 0, False, False, DOT_PREC)
     dk = dk * scale
     # Where this unit's rows go: row ``pid_u`` of OUT_BT (the pool table, or scratch slots).
-    oblk, owithin, _ = _prefix_rows(OUT_BT + pid_u * sobt0, sobt1, n_lo, P, offs_n, PBS, BLOCK_N)
+    oblk, owithin, _ = _prefix_rows(OUT_BT + pid_u * sobt[0], sobt[1], n_lo, P, offs_n, PBS, BLOCK_N)
     # Rows this program owns, or none when the task is absent from the batch (count 0).
     st_mask = ((n_lo + offs_n) < tl.where(live, P, 0))[:, None] & d_valid[None, :]
-    gk = _prefix_tile_ptrs(DPK, oblk, owithin, hk, sgkb, sgkh, sgks, sgkd, offs_d, PBS, BLOCK_N)
-    gv = _prefix_tile_ptrs(DPV, oblk, owithin, hk, sgvb, sgvh, sgvs, sgvd, offs_d, PBS, BLOCK_N)
+    gk = _prefix_tile_ptrs(DPK, sgk, oblk, owithin, hk, offs_d, PBS, BLOCK_N)
+    gv = _prefix_tile_ptrs(DPV, sgv, oblk, owithin, hk, offs_d, PBS, BLOCK_N)
     if ATOMIC:
         tl.atomic_add(gk, dk, mask=st_mask)
         tl.atomic_add(gv, dv, mask=st_mask)
@@ -580,6 +487,7 @@ def _bwd_dkdv_prefix_kernel(
 # --------------------------------------------------------------------------------------------
 
 def _strides(t: torch.Tensor):
+    """A tensor's strides as one kernel argument (a tuple; Triton specialises each element)."""
     return tuple(t.stride())
 
 
@@ -627,8 +535,8 @@ def _forward(q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, meta: _M
     _fwd_kernel[grid](
         q, _nonnull(k), _nonnull(v), _nonnull(pk), _nonnull(pv), _nonnull(bt), plens, tids, qlens, kvlens,
         kvstarts, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(bt),
-        *_strides(out),
+        _strides(q), _strides(k), _strides(v), _strides(pk), _strides(pv), _strides(bt),
+        _strides(out),
         Hq, Sq, D, meta.scale * LOG2E, meta.window or 0,
         GROUP=Hq // Hkv, PBS=pk.shape[2], CAUSAL=meta.causal, HAS_WINDOW=meta.window is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D), DOT_PREC=_dot_precision(q.dtype),
@@ -668,7 +576,7 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
     if delta.numel():
         _bwd_preprocess_kernel[(B * Hq, triton.cdiv(Sq, cfg.block_m))](
-            out, do, delta, *_strides(out), *_strides(do), Hq, Sq, D,
+            out, do, delta, _strides(out), _strides(do), Hq, Sq, D,
             BLOCK_M=cfg.block_m, BLOCK_D=BLOCK_D, num_warps=cfg.warps(BLOCK_D), num_stages=1)
 
     dq = dk = dv = dpk = dpv = None
@@ -679,8 +587,8 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
             _bwd_dq_kernel[(B * Hq, triton.cdiv(Sq, cfg.block_m))](
                 q, _nonnull(k), _nonnull(v), _nonnull(pk), _nonnull(pv), _nonnull(bt), plens, tids, qlens,
                 kvlens, kvstarts, do, lse, delta, dq,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(bt),
-                *_strides(do), *_strides(dq),
+                _strides(q), _strides(k), _strides(v), _strides(pk), _strides(pv), _strides(bt),
+                _strides(do), _strides(dq),
                 Hq, Sq, D, qk_scale, meta.scale, window,
                 GROUP=G, PBS=pk.shape[2], CAUSAL=meta.causal, HAS_WINDOW=has_window, **common)
     if need_k or need_v:
@@ -690,7 +598,7 @@ def _backward(do, q, k, v, pk, pv, bt, plens, tids, qlens, kvlens, kvstarts, out
             if work:
                 _bwd_dkdv_own_kernel[(B * Hkv, triton.cdiv(Skv, cfg.block_n))](
                     q, k, v, qlens, kvlens, kvstarts, do, lse, delta, dk, dv,
-                    *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+                    _strides(q), _strides(k), _strides(v), _strides(do), _strides(dk), _strides(dv),
                     Hq, Hkv, Sq, Skv, D, qk_scale, meta.scale, window,
                     GROUP=G, CAUSAL=meta.causal, HAS_WINDOW=has_window, **common)
             else:
@@ -732,8 +640,8 @@ def _prefix_grads(q, pk, pv, bt, plens, tids, qlens, do, lse, delta, meta: _Meta
         _bwd_dkdv_prefix_kernel[(unit_task.shape[0], rows_tiles, Hkv)](
             q, pk, pv, bt, out_bt, plens, qlens, order, unit_task, unit_start, unit_count,
             do, lse, delta, gk, gv,
-            *_strides(q), *_strides(pk), *_strides(pv), *_strides(bt), *_strides(out_bt),
-            *_strides(do), *_strides(gk), *_strides(gv),
+            _strides(q), _strides(pk), _strides(pv), _strides(bt), _strides(out_bt),
+            _strides(do), _strides(gk), _strides(gv),
             Hq, Hkv, Sq, D, meta.scale * LOG2E, meta.scale,
             GROUP=Hq // Hkv, PBS=PBS, ATOMIC=atomic, **common)
 

@@ -429,3 +429,69 @@ def test_keys_masked_for_some_queries_of_a_tile_never_reach_them(deterministic):
     x = replace(validate_inputs(*clean, **kw), block_table=junk)
     torch.testing.assert_close(prefill_attention(x, deterministic=deterministic).detach(),
                                reference(*clean, **kw).detach(), **TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------------------------
+# The shared jit helpers (kernels/triton_common.py) against the contract's dense masks
+# --------------------------------------------------------------------------------------------
+
+import types  # noqa: E402
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kernels.masks import own_key_visibility  # noqa: E402
+from kernels.triton_common import own_key_band, visible  # noqa: E402
+
+PROBE_S, PROBE_TILE = 16, 4
+
+
+@triton.jit
+def _visibility_probe(VIS, BAND, q_len, kv_len, kv_start, window, S: tl.constexpr, TILE: tl.constexpr,
+                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The visibility of every (query, own key) of one sequence, and the band of each query tile."""
+    i = tl.arange(0, S)
+    j = tl.arange(0, S)
+    off = kv_len - q_len
+    ok = (i < q_len)[:, None] & ((j >= kv_start) & (j < kv_len))[None, :]
+    vis = visible(ok, (off + i)[:, None], j[None, :], window, CAUSAL, HAS_WINDOW)
+    tl.store(VIS + i[:, None] * S + j[None, :], vis.to(tl.int32))
+    for m_lo in tl.static_range(0, S, TILE):
+        lo, hi = own_key_band(kv_start, kv_len, off, m_lo, tl.minimum(m_lo + TILE, q_len), window,
+                              CAUSAL, HAS_WINDOW)
+        tl.store(BAND + 2 * (m_lo // TILE), lo)
+        tl.store(BAND + 2 * (m_lo // TILE) + 1, hi)
+
+
+@st.composite
+def _sequences(draw):
+    kv_len = draw(st.integers(0, PROBE_S))
+    return dict(kv_len=kv_len, q_len=draw(st.integers(0, kv_len)), kv_start=draw(st.integers(0, kv_len)),
+                causal=draw(st.booleans()), window=draw(st.none() | st.integers(1, PROBE_S + 2)))
+
+
+@given(seq=_sequences())
+def test_shared_visibility_helpers_match_masks(seq):
+    """``visible`` is the rule of ``masks.own_key_visibility``, and ``own_key_band`` of a query tile
+    holds every key any of its queries sees (the kernels skip key tiles outside it)."""
+    S, n_tiles = PROBE_S, PROBE_S // PROBE_TILE
+    vis = torch.zeros((S, S), dtype=torch.int32)
+    band = torch.zeros(2 * n_tiles, dtype=torch.int32)
+    _visibility_probe[(1,)](vis, band, seq["q_len"], seq["kv_len"], seq["kv_start"], seq["window"] or 0,
+                            S=S, TILE=PROBE_TILE, CAUSAL=seq["causal"], HAS_WINDOW=seq["window"] is not None)
+    lens = lambda n: torch.tensor([n])  # noqa: E731
+    x = types.SimpleNamespace(q=torch.zeros(1, 1, S, 1), q_len=S, kv_len=S, batch=1, attn_mask=None,
+                              q_lens=lens(seq["q_len"]), kv_lens=lens(seq["kv_len"]),
+                              kv_starts=lens(seq["kv_start"]), causal=seq["causal"], window=seq["window"])
+    expected = own_key_visibility(x)[0, 0]
+    assert torch.equal(vis.bool(), expected), f"{seq}\n{vis}\n{expected.int()}"
+    keys = torch.arange(S)
+    for tile in range(n_tiles):
+        lo, hi = int(band[2 * tile]), int(band[2 * tile + 1])
+        seen = expected[tile * PROBE_TILE:(tile + 1) * PROBE_TILE].any(0)
+        assert 0 <= hi and lo <= hi, f"{seq} tile {tile}: band [{lo}, {hi})"
+        assert not (seen & ((keys < lo) | (keys >= hi))).any(), f"{seq} tile {tile}: band [{lo}, {hi}) misses {seen}"
+        if tile * PROBE_TILE >= seq["q_len"]:
+            assert lo == hi, f"{seq} tile {tile}: a tile of padding rows scans [{lo}, {hi})"
