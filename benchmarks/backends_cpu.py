@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from kernels import prefix_attention
+from softprompt.kernels import prefix_attention
 
 from .common import cpu_peak_bytes, environment, markdown_table, median_seconds, prefix_problem, write_results
 

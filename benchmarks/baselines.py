@@ -14,8 +14,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import prefix_attention
-from kernels.backends import triton_runs_on
+from softprompt.kernels import prefix_attention
+from softprompt.kernels.backends import triton_runs_on
 
 
 def _ours(backend: str):

@@ -77,7 +77,7 @@ def prefix_problem(*, B: int, T: int, P: int, Sq: int, Skv: int, Hq: int, Hkv: i
 
 
 def environment() -> Dict[str, str]:
-    import kernels  # noqa: F401  (versions of what ran)
+    import softprompt.kernels  # noqa: F401  (versions of what ran)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()

@@ -177,8 +177,8 @@ def copy_bandwidth(torch, device, bench, smoke):
 # ---- correctness --------------------------------------------------------------------------------
 
 def correctness(torch, device, smoke):
-    from kernels import prefix_attention, validate_inputs
-    from kernels.triton_decode import decode_attention
+    from softprompt.kernels import prefix_attention, validate_inputs
+    from softprompt.kernels.triton_decode import decode_attention
 
     tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
     shapes = [dict(B=5, T=3, P=13, S=11, Hq=4, Hkv=2, D=16, Sq=1, block_size=4)] if smoke else [
@@ -217,8 +217,8 @@ def correctness(torch, device, smoke):
 # ---- the benchmark ------------------------------------------------------------------------------
 
 def run_case(torch, F, device, bench, copy_bw, name, args_ns, T):
-    from kernels import prefix_attention, validate_inputs
-    from kernels.triton_decode import choose_path, decode_attention
+    from softprompt.kernels import prefix_attention, validate_inputs
+    from softprompt.kernels.triton_decode import choose_path, decode_attention
 
     dtype = getattr(torch, args_ns.dtype)
     args, kw = build_problem(torch, B=args_ns.seqs, T=T, P=args_ns.prefix, S=args_ns.own,
@@ -340,7 +340,7 @@ def compile_check(args_ns):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sys.path.insert(0, str(ROOT))
-    from kernels import triton_decode as td
+    from softprompt.kernels import triton_decode as td
 
     try:
         from triton.backends.nvidia.compiler import get_ptxas

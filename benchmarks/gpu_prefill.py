@@ -116,7 +116,7 @@ def build(shape: Shape, dtype, block_size, seed=0, device="cuda"):
 
 def visible_pairs(x) -> int:
     """Unmasked (query, key) pairs of a validated call: prefix pairs + own pairs."""
-    from kernels.masks import own_key_visibility
+    from softprompt.kernels.masks import own_key_visibility
     prefix = int((x.q_lens * x.prefix_lens[x.task_ids]).sum())
     return prefix + int(own_key_visibility(x).sum())
 
@@ -127,8 +127,8 @@ def visible_pairs(x) -> int:
 
 def triton_method(tensors, index, deterministic):
     import torch
-    from kernels import validate_inputs
-    from kernels.triton_prefill import prefill_attention
+    from softprompt.kernels import validate_inputs
+    from softprompt.kernels.triton_prefill import prefill_attention
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     x = validate_inputs(*leaves, *index, causal=True)            # validated once, outside the timing
     x_ng = validate_inputs(*tensors, *index, causal=True)
@@ -263,9 +263,9 @@ def check_correctness(dtype_names, lines, shape: Shape = CHECK_SHAPE, device="cu
     prefix-gradient paths.
     """
     import torch
-    from kernels import prefix_attention
-    from kernels.triton_prefill import prefill_attention
-    from kernels import validate_inputs
+    from softprompt.kernels import prefix_attention
+    from softprompt.kernels.triton_prefill import prefill_attention
+    from softprompt.kernels import validate_inputs
     assert shape.B == 6 and shape.T == 3
     tol = {"float32": 2e-3, "float16": 1e-2, "bfloat16": 3e-2}
     ok = True
@@ -314,8 +314,8 @@ def compile_check(sm: int) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import kernels.triton_prefill as tp
-    from kernels import validate_inputs
+    import softprompt.kernels.triton_prefill as tp
+    from softprompt.kernels import validate_inputs
 
     names = ["_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dq_kernel", "_bwd_dkdv_own_kernel",
              "_bwd_dkdv_prefix_kernel"]
@@ -406,7 +406,7 @@ def peak_mib(fn) -> float:
 def bench_shape(shape: Shape, dtype, args, rows):
     import torch
     from triton.testing import do_bench
-    from kernels import validate_inputs
+    from softprompt.kernels import validate_inputs
     bench = dict(warmup=args.warmup, rep=args.rep, return_mode="median")
 
     tensors16, index16 = build(shape, dtype, 16)
@@ -425,7 +425,7 @@ def bench_shape(shape: Shape, dtype, args, rows):
         def make_flex():
             fwd, fwd_bwd, unpack = flex_method(tensors16, index16, shape)
             # The packed mask must give the same answer as the kernels (else its timing is meaningless).
-            from kernels.triton_prefill import prefill_attention
+            from softprompt.kernels.triton_prefill import prefill_attention
             with torch.no_grad():
                 mine = prefill_attention(validate_inputs(*tensors16, *index16, causal=True))
             err = rel_err(unpack(fwd()), mine)

@@ -18,7 +18,7 @@ def interpreter_enabled() -> bool:
 
 
 def triton_kernels_built() -> bool:
-    return importlib.util.find_spec("kernels.triton_prefill") is not None
+    return importlib.util.find_spec("softprompt.kernels.triton_prefill") is not None
 
 
 def triton_unavailable_reason(device: torch.device) -> str:
@@ -32,7 +32,7 @@ def triton_unavailable_reason(device: torch.device) -> str:
 
 
 def decode_kernels_built() -> bool:
-    return importlib.util.find_spec("kernels.triton_decode") is not None
+    return importlib.util.find_spec("softprompt.kernels.triton_decode") is not None
 
 
 def wants_decode_path(x: PrefixAttentionInputs) -> bool:

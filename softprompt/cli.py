@@ -20,7 +20,7 @@ def _version(dist: str) -> str:
 def info() -> int:
     import torch
 
-    from kernels import available_backends
+    from softprompt.kernels import available_backends
 
     print(f"softprompt   {__version__}")
     print(f"python       {platform.python_version()} ({platform.machine()})")
@@ -41,7 +41,7 @@ def info() -> int:
 PASSTHROUGH = {
     "train": ("softprompt.training.cli", "train_command"),
     "generate": ("softprompt.engine.cli", "generate_command"),
-    "bench": ("benchmarks.run", "main"),
+    "bench": ("softprompt.benchmarks.run", "main"),
 }
 
 

@@ -12,7 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from kernels import prefix_attention
+from softprompt.kernels import prefix_attention
 
 from .store import PrefixStore
 

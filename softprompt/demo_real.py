@@ -187,7 +187,7 @@ def plot(results, tasks, methods, path: Path) -> None:
 def serve(spm, tok, tasks, methods, opts, clock) -> dict:
     """A mixed batch of requests (every task x method) through the Engine vs the generate baselines."""
     import torch
-    from benchmarks.generate import _cache, _left_pad
+    from softprompt.benchmarks.generate import _cache, _left_pad
     from .engine import Engine, SamplingParams
     names = [f"{t}-{m}" for t in tasks for m in methods]
     texts = []

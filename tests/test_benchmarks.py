@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from benchmarks import run as bench_run
-from benchmarks.baselines import METHODS
-from benchmarks.suite import Shape, build_problem, format_rows, run_sweep
+from softprompt.benchmarks import run as bench_run
+from softprompt.benchmarks.baselines import METHODS
+from softprompt.benchmarks.suite import Shape, build_problem, format_rows, run_sweep
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -32,7 +32,7 @@ def test_sweep_reports_ratios_and_memory():
 
 
 def test_run_writes_json_markdown_and_plot(tmp_path, monkeypatch):
-    import benchmarks.presets as presets
+    import softprompt.benchmarks.presets as presets
     tiny = {"prefix": [Shape(B=2, T=2, P=p, Sq=1, Skv=4, Hq=2, Hkv=1, D=8, block_size=4) for p in (4, 8)],
             "batch": [Shape(B=b, T=2, P=4, Sq=1, Skv=4, Hq=2, Hkv=1, D=8, block_size=4) for b in (2, 4)]}
     monkeypatch.setattr(bench_run, "sweeps", lambda bench, preset: tiny)
@@ -48,8 +48,8 @@ def test_run_writes_json_markdown_and_plot(tmp_path, monkeypatch):
 def test_engine_benchmark_runs_every_method_side_by_side():
     """The engine benchmark on a tiny model: both baselines, the engine and (on request) the engine
     with torch-ops attention, every method's tokens equal to the PEFT-style batch."""
-    from benchmarks.engine import TORCH_ATTENTION, run as engine_run
-    from benchmarks.generate import tiny_llama
+    from softprompt.benchmarks.engine import TORCH_ATTENTION, run as engine_run
+    from softprompt.benchmarks.generate import tiny_llama
     table, summary, _ = engine_run(tiny_llama(), tasks=2, per_task=2, prefix=4, new_tokens=3, repeats=1,
                                    torch_attention=True)
     methods = [row["method"] for row in table]

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from kernels import prefix_attention
+from softprompt.kernels import prefix_attention
 from softprompt.engine import cpu_kernel
 from softprompt.engine.cpu_decode import CpuDecoder, unsupported_reason
 from softprompt.engine.decode_attention import DecodeAttention, split_by_length

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from kernels import prefix_attention
+from softprompt.kernels import prefix_attention
 from softprompt.engine import cpu_kernel
 from softprompt.engine.cpu_decode import CpuDecoder
 from softprompt.engine.cpu_kernel import PagedAttention

@@ -26,8 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cases import weighted_sum
-from kernels import available_backends, prefix_attention, validate_inputs
-from kernels.masks import own_key_visibility
+from softprompt.kernels import available_backends, prefix_attention, validate_inputs
+from softprompt.kernels.masks import own_key_visibility
 
 POISONS = (float("nan"), float("inf"), float("-inf"))
 

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import prefix_attention
+from softprompt.kernels import prefix_attention
 from softprompt.integration.families import FAMILIES
 from softprompt.integration.store import ModelPrefixStore
 

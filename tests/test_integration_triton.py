@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import softprompt
-from kernels import available_backends
+from softprompt.kernels import available_backends
 from test_integration_common import (left_pad, make_model, positions_from_mask, random_prefixes, random_rows,
                                      right_pad)
 

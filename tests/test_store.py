@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import prefix_attention
+from softprompt.kernels import prefix_attention
 from softprompt import PrefixStore
 
 L, H, D = 3, 2, 8

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cases import Case, outputs_and_grads
-from kernels import prefix_attention
+from softprompt.kernels import prefix_attention
 
 NAMES = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
 
@@ -152,8 +152,8 @@ def test_prefix_gradient_sums_over_sequences_of_a_task(seed):
 def test_inference_plan_is_never_stale(seed):
     """Layers of a forward share one plan (task buckets, masks); a caller changing its index
     tensors in place between calls must still get the right answer."""
-    from kernels.inputs import validate_inputs
-    from kernels.torch_backend import _PLANS, _plan
+    from softprompt.kernels.inputs import validate_inputs
+    from softprompt.kernels.torch_backend import _PLANS, _plan
     case = Case(seed=seed, B=6, T=3, tasks=[0, 0, 1, 1, 2, 2], Sq=1, Skv=9, padding="left",
                 prefix_lens=[3, 8, 5], requires_grad=False)
     args, kw = case.build()
@@ -173,8 +173,8 @@ def test_inference_plan_is_never_stale(seed):
 @pytest.mark.parametrize("name", list(CASES))
 def test_torch_inference_path_matches_reference(name, seed):
     """Calls that need no gradient take the fused CPU path (flash kernel + fp32 state merge)."""
-    from kernels.inputs import validate_inputs
-    from kernels.torch_backend import _fused_inference_applies
+    from softprompt.kernels.inputs import validate_inputs
+    from softprompt.kernels.torch_backend import _fused_inference_applies
     for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
         case = Case(seed=seed, dtype=dtype, requires_grad=False, **CASES[name])
         args, kw = case.build()
@@ -203,7 +203,7 @@ def test_inference_path_reads_strided_inputs(name, seed):
 
 EMPTY_SHAPES_SCRIPT = r"""
 import torch
-from kernels import prefix_attention
+from softprompt.kernels import prefix_attention
 pk, pv = torch.randn(4, 2, 4, 8), torch.randn(4, 2, 4, 8)
 table, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([5, 3])
 for B, Hq, Sq, Skv in ((3, 4, 0, 5), (0, 4, 3, 5), (3, 4, 2, 0), (3, 4, 0, 0), (3, 0, 2, 5), (2, 2, 1, 5)):

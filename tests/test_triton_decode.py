@@ -16,9 +16,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kernels import available_backends, prefix_attention, validate_inputs  # noqa: E402
-from kernels import triton_decode  # noqa: E402
-from kernels.triton_decode import choose_path, decode_attention  # noqa: E402
+from softprompt.kernels import available_backends, prefix_attention, validate_inputs  # noqa: E402
+from softprompt.kernels import triton_decode  # noqa: E402
+from softprompt.kernels.triton_decode import choose_path, decode_attention  # noqa: E402
 
 PATHS = ["grouped", "per_sequence"]
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=4e-3, rtol=4e-3)}
@@ -278,7 +278,7 @@ def test_env_forces_path(monkeypatch):
 
 def test_dispatcher_routes_decode_calls():
     """``triton_backend.triton_attention`` sends Sq <= 16, no-grad, mask-free calls here."""
-    from kernels import triton_backend
+    from softprompt.kernels import triton_backend
     seed = new_seed()
     args, kw = make_problem(seed, B=6, T=2, Hq=4, Hkv=2, Sq=3, Skv=13)
     assert triton_backend.wants_decode_path(validate_inputs(*args, **kw))

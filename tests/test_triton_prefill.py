@@ -18,9 +18,8 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import prefix_attention, validate_inputs  # noqa: E402
-from kernels.triton_prefill import PrefillConfig, prefill_attention  # noqa: E402
+from softprompt.kernels import prefix_attention, validate_inputs  # noqa: E402
+from softprompt.kernels.triton_prefill import PrefillConfig, prefill_attention  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -442,8 +441,8 @@ import triton.language as tl  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kernels.masks import own_key_visibility  # noqa: E402
-from kernels.triton_common import own_key_band, visible  # noqa: E402
+from softprompt.kernels.masks import own_key_visibility  # noqa: E402
+from softprompt.kernels.triton_common import own_key_band, visible  # noqa: E402
 
 PROBE_S, PROBE_TILE = 16, 4
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cases import Case
-from kernels import prefix_attention
+from softprompt.kernels import prefix_attention
 
 
 def good():

@@ -33,7 +33,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from kernels import prefix_attention
+from softprompt.kernels import prefix_attention
 
 from ..integration.attention import sliding_window_of
 from . import cpu_kernel

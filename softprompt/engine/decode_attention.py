@@ -29,8 +29,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from kernels.masks import all_finite
-from kernels.torch_backend import HAS_CPU_FLASH, cpu_flash, merge_states, read_prefixes
+from softprompt.kernels.masks import all_finite
+from softprompt.kernels.torch_backend import HAS_CPU_FLASH, cpu_flash, merge_states, read_prefixes
 
 
 @dataclass

@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from kernels import prefix_attention
-from kernels.masks import all_finite, nonfinite_rows, zero_rows
+from softprompt.kernels import prefix_attention
+from softprompt.kernels.masks import all_finite, nonfinite_rows, zero_rows
 
 ATTN_NAME = "softprompt"
 SLOT = "_softprompt_slot"

@@ -31,7 +31,7 @@ def check_model(model, caller: str) -> None:
 
 
 def check_backend(backend) -> None:
-    from kernels import BACKENDS
+    from softprompt.kernels import BACKENDS
     if backend is not None and backend not in ("auto", *BACKENDS):
         raise ValueError(f"softprompt.attach: `backend` {backend!r} is invalid; expected None (Triton on CUDA, "
                          f"torch on the CPU) or one of {['auto', *BACKENDS]}")
