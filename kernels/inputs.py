@@ -183,6 +183,10 @@ class BatchMeta:
     window: Optional[int]
     attn_mask: Optional[torch.Tensor]
     lengths_given: bool
+    # paged own keys: [B, pages] int64 (unused entries 0), the pool's page size and page count
+    own_page_table: Optional[torch.Tensor] = None
+    own_page_size: int = 0
+    own_num_pages: int = 0
 
 
 def check_metadata(block_table, prefix_lens, task_ids, *, batch, num_q_heads, num_kv_heads, q_len, kv_len,
@@ -323,6 +327,38 @@ def _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts
     if checks[5]:
         _fail("kv_starts", f"with values {_span(kv_starts)}", "starts in [0, kv_lens[b]] per sequence")
     return torch.where(used, block_table.long(), 0)
+
+
+def check_own_pages(page_table, kv_lens: torch.Tensor, *, batch: int, kv_len: int, page_size: int,
+                    num_pages: int, device) -> torch.Tensor:
+    """Paged own keys: ``page_table [B, max_pages]`` int, row b's own key j at page
+    ``page_table[b, j // page_size]``, slot ``j % page_size`` of a ``[num_pages, Hkv, page_size, D]``
+    pool. Returns the int64 table of the pages ``kv_len`` needs, with every entry a row does not
+    use (past ``kv_lens[b]``) set to 0; the used ones must point into the pool."""
+    _check_tensor("own_page_table", page_table, 2, INT_DTYPES, "an int32/int64 tensor [B, max_pages]")
+    pages = -(-kv_len // page_size)
+    if page_table.shape[0] != batch or page_table.shape[1] < pages:
+        _fail("own_page_table", f"with shape {tuple(page_table.shape)}",
+              f"[B={batch}, max_pages >= ceil(kv_len / page_size) = {pages}]")
+    if page_table.device != device:
+        _fail("own_page_table", f"on device {page_table.device}", f"the device of q ({device})")
+    table = page_table[:, :pages].long()
+    used = torch.arange(pages, device=device)[None, :] * page_size < kv_lens[:, None]
+    bad = used & ((table < 0) | (table >= num_pages))
+    if bool(bad.any()):
+        b, j = bad.nonzero()[0].tolist()
+        _fail("own_page_table", f"entry [{b},{j}] = {int(table[b, j])}",
+              f"page indices in [0, num_pages={num_pages}) for every page a row's kv_lens uses")
+    return torch.where(used, table, 0)
+
+
+def gather_pages(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """Rows' own keys (or values) read out of a page pool ``[num_pages, Hkv, page_size, D]`` through
+    ``table [B, pages]``: ``[B, Hkv, length, D]`` (differentiable: gradients reach the pool)."""
+    B, n = table.shape
+    g = pool[table]                                                     # [B, pages, Hkv, ps, D]
+    _, _, Hkv, ps, D = g.shape
+    return g.permute(0, 2, 1, 3, 4).reshape(B, Hkv, n * ps, D)[:, :, :length]
 
 
 def _span(t: torch.Tensor) -> str:

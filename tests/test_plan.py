@@ -176,3 +176,76 @@ def test_integration_plans_once_per_forward(monkeypatch):
         assert len(built) == 1 and store.calls["lengths"] == 3
         model(ids, attention_mask=mask, task_ids=torch.tensor([1, 0]))
     assert len(built) == 2 and store.calls["lengths"] == 6
+
+
+# ---- paged own keys: a page pool + a per-row page table ---------------------------------------
+
+def paged(k, v, kv_lens, page_size, seed):
+    """``k, v [B, Hkv, Skv, D]`` scattered into shuffled page pools (NaN wherever a row's keys are
+    not: unused slots, spare pages) and the page table (-1 past the pages a row uses)."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, Skv, D = k.shape
+    n = -(-Skv // page_size)
+    num_pages = B * n + 2
+    order = torch.randperm(num_pages, generator=g)
+    table = torch.full((B, n + 1), -1, dtype=torch.long)
+    pools = []
+    for src in (k, v):
+        pool = torch.full((num_pages, Hkv, page_size, D), float("nan"), dtype=src.dtype)
+        for b in range(B):
+            used = -(-int(kv_lens[b]) // page_size)
+            table[b, :used] = order[b * n: b * n + used]
+            for p in range(used):
+                rows = src[b, :, p * page_size: (p + 1) * page_size].detach()
+                pool[table[b, p], :, : rows.shape[1]] = rows
+        pools.append(pool.requires_grad_())
+    return pools, table
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("page_size", [1, 3, 4])
+def test_paged_own_keys_match_dense(backend, page_size, seed):
+    case = Case(seed=seed, B=4, T=3, Hq=4, Hkv=2, Sq=3, Skv=7, D=8, padding="right")
+    args, kw = case.build()
+    q, k, v, pk, pv = args[:5]
+    (kpool, vpool), table = paged(k, v, kw["kv_lens"], page_size, seed)
+    sizes = check_layer_tensors(*args[:5])
+    plan = plan_prefix_attention(*args[5:], backend=backend, own_page_table=table, own_page_size=page_size,
+                                 own_num_pages=kpool.shape[0], **kw, **sizes)
+    want = outputs_and_grads(lambda *a, **k_: prefix_attention(*a, backend="reference", **k_), args, kw, seed)
+    got = outputs_and_grads(lambda *a: plan.run(*a), (q, kpool, vpool, pk, pv), {}, seed)
+    torch.testing.assert_close(got[0], want[0], **TOL[backend])
+    dq, dkpool, dvpool, dpk, dpv = got[1]
+    for name, w, g in (("dq", want[1][0], dq), ("dprefix_k", want[1][3], dpk), ("dprefix_v", want[1][4], dpv)):
+        torch.testing.assert_close(g, w, **TOL[backend], msg=lambda m: f"{name}: {m}")
+    from kernels.inputs import gather_pages
+    mine = (torch.arange(k.shape[2])[None, :] < kw["kv_lens"][:, None])[:, None, :, None]   # a row's own slots
+    for name, w, pool_grad in (("dk", want[1][1], dkpool), ("dv", want[1][2], dvpool)):
+        assert torch.isfinite(pool_grad).all(), name       # NaN in unused slots never reaches a gradient
+        got_rows = gather_pages(pool_grad, plan.meta.own_page_table, k.shape[2]) * mine
+        torch.testing.assert_close(got_rows, w, **TOL[backend], msg=lambda m: f"{name}: {m}")
+    assert float(dkpool.abs().sum()) == pytest.approx(float(want[1][1].abs().sum()), rel=1e-4)   # nothing elsewhere
+    with torch.no_grad():
+        torch.testing.assert_close(plan.run(q, kpool, vpool, pk, pv), want[0], **TOL[backend])
+
+
+def test_paged_own_keys_reject_bad_tables_and_pools(seed):
+    args, kw = Case(seed=seed, B=3, T=2, Hq=2, Hkv=1, Sq=2, Skv=5, D=8).build()
+    sizes = check_layer_tensors(*args[:5])
+    (kpool, vpool), table = paged(args[1], args[2], kw.get("kv_lens", torch.full((3,), 5)), 2, seed)
+    make = lambda **over: plan_prefix_attention(*args[5:], **kw, **sizes, **{  # noqa: E731
+        "own_page_table": table, "own_page_size": 2, "own_num_pages": kpool.shape[0], "backend": "torch", **over})
+    bad = table.clone()
+    bad[1, 0] = kpool.shape[0]
+    for over, name in ((dict(own_page_table=bad), "own_page_table"), (dict(own_page_table=table[:, :2]), "own_page_table"),
+                       (dict(own_page_size=0), "own_page_size"), (dict(own_num_pages=None), "own_num_pages")):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            make(**over)
+    if "triton" in BACKENDS:
+        with pytest.raises(ValueError, match="`backend`"):
+            make(backend="triton")
+    plan = make()
+    with pytest.raises(ValueError, match="`k`"):
+        plan.run(args[0], args[1], args[2], *args[3:5])       # dense own keys given to a paged plan
+    with pytest.raises(ValueError, match="`v`"):
+        plan.run(args[0], kpool, vpool[:-1], *args[3:5])
