@@ -220,7 +220,8 @@ def check_metadata(block_table, prefix_lens, task_ids, *, batch, num_q_heads, nu
 
     block_table = _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts,
                                 num_blocks, block_size, Sq, Skv)
-    own = lambda t: t.to(torch.int64, copy=True)       # noqa: E731  (a copy: later in-place edits of the caller's don't reach it)
+    # copies: a caller changing its tensors in place after planning cannot reach the plan
+    own = lambda t: t.to(torch.int64, copy=True)       # noqa: E731
     return BatchMeta(batch=B, num_q_heads=Hq, num_kv_heads=num_kv_heads, q_len=Sq, kv_len=Skv, head_dim=head_dim,
                      num_blocks=num_blocks, block_size=block_size, device=device, block_table=block_table,
                      prefix_lens=own(prefix_lens), task_ids=own(task_ids), q_lens=own(q_lens),

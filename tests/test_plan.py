@@ -237,7 +237,8 @@ def test_paged_own_keys_reject_bad_tables_and_pools(seed):
         "own_page_table": table, "own_page_size": 2, "own_num_pages": kpool.shape[0], "backend": "torch", **over})
     bad = table.clone()
     bad[1, 0] = kpool.shape[0]
-    for over, name in ((dict(own_page_table=bad), "own_page_table"), (dict(own_page_table=table[:, :2]), "own_page_table"),
+    for over, name in ((dict(own_page_table=bad), "own_page_table"),
+                       (dict(own_page_table=table[:, :2]), "own_page_table"),
                        (dict(own_page_size=0), "own_page_size"), (dict(own_num_pages=None), "own_num_pages")):
         with pytest.raises(ValueError, match=f"`{name}`"):
             make(**over)
