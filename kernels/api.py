@@ -1,10 +1,10 @@
-"""The public entry point: :func:`prefix_attention`."""
+"""The public entry points: :func:`prefix_attention` (one call) = plan + run."""
 from __future__ import annotations
 
 import torch
 
-from .backends import resolve_backend
-from .inputs import validate_inputs
+from .inputs import check_layer_tensors
+from .plan import plan_prefix_attention
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids, *,
@@ -34,10 +34,12 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task
         query cannot see never influences it, whatever it holds (NaN in an uninitialised page,
         in the rest of a prefix's last block, in unused ``block_table`` entries); a query that
         sees a NaN / inf key or value returns a non-finite row.
+
+    Layers that share the metadata should plan once (:func:`~kernels.plan_prefix_attention`) and
+    ``run`` per layer: this function validates and derives everything on every call.
     """
-    x = validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids,
-                        causal=causal, scale=scale, q_lens=q_lens, kv_lens=kv_lens,
-                        kv_starts=kv_starts, window=window, attn_mask=attn_mask)
-    if not isinstance(backend, str):
-        raise ValueError(f"prefix_attention: `backend` {backend!r} is invalid; expected a backend name")
-    return resolve_backend(backend, q.device)(x)
+    shapes = check_layer_tensors(q, k, v, prefix_k, prefix_v)
+    plan = plan_prefix_attention(block_table, prefix_lens, task_ids, causal=causal, scale=scale, q_lens=q_lens,
+                                 kv_lens=kv_lens, kv_starts=kv_starts, window=window, attn_mask=attn_mask,
+                                 backend=backend, **shapes)
+    return plan.run(q, k, v, prefix_k, prefix_v)

@@ -47,7 +47,8 @@ def available_backends(device="cpu") -> list:
     return names
 
 
-def resolve_backend(name: str, device: torch.device) -> BackendFn:
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """The backend ``name`` stands for on ``device`` (``auto`` resolved); ValueError when it cannot run."""
     if name == "auto":
         # The Triton interpreter is a correctness tool, never the CPU default.
         name = "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
@@ -58,4 +59,4 @@ def resolve_backend(name: str, device: torch.device) -> BackendFn:
         from .triton_backend import triton_unavailable_reason
         raise ValueError(f"prefix_attention: `backend` 'triton' cannot run on {device}: "
                          f"{triton_unavailable_reason(device)}")
-    return BACKENDS[name]
+    return name

@@ -2,19 +2,19 @@
 
 Every backend receives one :class:`PrefixAttentionInputs`: shapes checked, optional
 per-sequence lengths filled in with their defaults, all index tensors int64 on the
-query's device. Validation happens once, here, at the public boundary; backends may
+query's device. The batch metadata is validated once per plan (:func:`check_metadata`),
+the per-layer tensors cheaply on every run (:func:`check_layer_tensors`); backends may
 assume everything below holds.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from .memo import ValueMemo
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
@@ -47,6 +47,10 @@ class PrefixAttentionInputs:
     attn_mask: Optional[torch.Tensor]
     # True when the caller passed the lengths (False: the defaults, nothing is padded).
     lengths_given: bool
+    # What backends derive from the metadata, shared by every layer run with one plan (see derived()).
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
+    # False when attn_mask came with this call rather than with the plan (mask-derived data is per call).
+    mask_planned: bool = True
 
     @property
     def batch(self) -> int:
@@ -116,10 +120,9 @@ def _lengths(name: str, t, batch: int, default: int, device) -> torch.Tensor:
     return t.long()
 
 
-def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids, *,
-                    causal=True, scale=None, q_lens=None, kv_lens=None, kv_starts=None,
-                    window=None, attn_mask=None) -> PrefixAttentionInputs:
-    """Check every argument of ``prefix_attention``; raise ``ValueError`` naming the bad one."""
+def check_layer_tensors(q, k, v, prefix_k, prefix_v) -> dict:
+    """Check the per-layer tensors against each other; return the shapes they imply (the keyword
+    arguments of :func:`check_metadata` that describe them)."""
     float_text = "float16, bfloat16, float32 or float64"
     _check_tensor("q", q, 4, FLOAT_DTYPES, float_text)
     B, Hq, Sq, D = q.shape
@@ -148,7 +151,50 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_
     if prefix_v.shape != prefix_k.shape:
         _fail("prefix_v", f"with shape {tuple(prefix_v.shape)}",
               f"the shape of prefix_k {tuple(prefix_k.shape)}")
+    return dict(batch=B, num_q_heads=Hq, num_kv_heads=Hkv, q_len=Sq, kv_len=Skv, head_dim=D,
+                num_blocks=num_blocks, block_size=block_size, device=device)
 
+
+@dataclass(frozen=True)
+class BatchMeta:
+    """The validated batch metadata a plan is built from (everything but the per-layer tensors).
+
+    Index tensors are int64 copies owned by the metadata (a caller changing its own tensors
+    afterwards changes nothing here); ``block_table`` has every entry a task does not use set to 0.
+    """
+
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    num_blocks: int
+    block_size: int
+    device: torch.device
+    block_table: torch.Tensor
+    prefix_lens: torch.Tensor
+    task_ids: torch.Tensor
+    q_lens: torch.Tensor
+    kv_lens: torch.Tensor
+    kv_starts: torch.Tensor
+    causal: bool
+    scale: float
+    window: Optional[int]
+    attn_mask: Optional[torch.Tensor]
+    lengths_given: bool
+    # paged own keys: [B, pages] int64 (unused entries 0), the pool's page size and page count
+    own_page_table: Optional[torch.Tensor] = None
+    own_page_size: int = 0
+    own_num_pages: int = 0
+
+
+def check_metadata(block_table, prefix_lens, task_ids, *, batch, num_q_heads, num_kv_heads, q_len, kv_len,
+                   head_dim, num_blocks, block_size, device, causal=True, scale=None, q_lens=None,
+                   kv_lens=None, kv_starts=None, window=None, attn_mask=None) -> BatchMeta:
+    """Check the batch metadata of ``prefix_attention`` once (one device synchronisation for all
+    the range checks); raise ``ValueError`` naming the bad argument."""
+    B, Hq, Sq, Skv = batch, num_q_heads, q_len, kv_len
     _check_tensor("block_table", block_table, 2, INT_DTYPES, "an int32/int64 tensor [T, max_blocks]")
     T, max_blocks = block_table.shape
     _check_tensor("prefix_lens", prefix_lens, 1, INT_DTYPES, "an int32/int64 tensor [T]")
@@ -161,7 +207,7 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_
         if t.device != device:
             _fail(name, f"on device {t.device}", f"the device of q ({device})")
 
-    scale = _scale(scale, D)
+    scale = _scale(scale, head_dim)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
         _fail("window", repr(window), "a positive int or None")
 
@@ -169,29 +215,64 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_
     q_lens = _lengths("q_lens", q_lens, B, Sq, device)
     kv_lens = _lengths("kv_lens", kv_lens, B, Skv, device)
     kv_starts = _lengths("kv_starts", kv_starts, B, 0, device)
-
     if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or attn_mask.dim() != 4:
-            seen = (f"with dtype {attn_mask.dtype} and shape {tuple(attn_mask.shape)}"
-                    if isinstance(attn_mask, torch.Tensor) else f"of type {type(attn_mask).__name__}")
-            _fail("attn_mask", seen, f"a bool tensor [B={B}, 1 or Hq={Hq}, Sq={Sq}, Skv={Skv}]")
-        if (attn_mask.shape[0] != B or attn_mask.shape[1] not in (1, Hq)
-                or attn_mask.shape[2] != Sq or attn_mask.shape[3] != Skv):
-            _fail("attn_mask", f"with shape {tuple(attn_mask.shape)}",
-                  f"[B={B}, 1 or Hq={Hq}, Sq={Sq}, Skv={Skv}]")
-        if attn_mask.device != device:
-            _fail("attn_mask", f"on device {attn_mask.device}", f"the device of q ({device})")
+        check_mask(attn_mask, B, Hq, Sq, Skv, device)
 
-    # The layers of one forward pass equal index tensors: on the CPU they are range-checked once.
-    block_table = _CHECKED.get((block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts),
-                               (num_blocks, block_size, Sq, Skv),
-                               lambda: _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens,
-                                                     kv_starts, num_blocks, block_size, Sq, Skv))
+    block_table = _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts,
+                                num_blocks, block_size, Sq, Skv)
+    # copies: a caller changing its tensors in place after planning cannot reach the plan
+    own = lambda t: t.to(torch.int64, copy=True)       # noqa: E731
+    return BatchMeta(batch=B, num_q_heads=Hq, num_kv_heads=num_kv_heads, q_len=Sq, kv_len=Skv, head_dim=head_dim,
+                     num_blocks=num_blocks, block_size=block_size, device=device, block_table=block_table,
+                     prefix_lens=own(prefix_lens), task_ids=own(task_ids), q_lens=own(q_lens),
+                     kv_lens=own(kv_lens), kv_starts=own(kv_starts), causal=bool(causal), scale=scale,
+                     window=window, attn_mask=attn_mask, lengths_given=lengths_given)
+
+
+def check_mask(attn_mask, B: int, Hq: int, Sq: int, Skv: int, device) -> None:
+    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or attn_mask.dim() != 4:
+        seen = (f"with dtype {attn_mask.dtype} and shape {tuple(attn_mask.shape)}"
+                if isinstance(attn_mask, torch.Tensor) else f"of type {type(attn_mask).__name__}")
+        _fail("attn_mask", seen, f"a bool tensor [B={B}, 1 or Hq={Hq}, Sq={Sq}, Skv={Skv}]")
+    if (attn_mask.shape[0] != B or attn_mask.shape[1] not in (1, Hq)
+            or attn_mask.shape[2] != Sq or attn_mask.shape[3] != Skv):
+        _fail("attn_mask", f"with shape {tuple(attn_mask.shape)}",
+              f"[B={B}, 1 or Hq={Hq}, Sq={Sq}, Skv={Skv}]")
+    if attn_mask.device != device:
+        _fail("attn_mask", f"on device {attn_mask.device}", f"the device of q ({device})")
+
+
+def inputs_of(meta: BatchMeta, q, k, v, prefix_k, prefix_v, attn_mask=None, derived=None) -> "PrefixAttentionInputs":
+    """One layer's inputs: the plan's metadata and this layer's tensors. ``attn_mask`` replaces
+    the planned mask for this call; ``derived`` is the plan's cache (None: a fresh one)."""
+    planned = attn_mask is None
     return PrefixAttentionInputs(
-        q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, block_table=block_table,
-        prefix_lens=prefix_lens.long(), task_ids=task_ids.long(), q_lens=q_lens, kv_lens=kv_lens,
-        kv_starts=kv_starts, causal=bool(causal), scale=scale, window=window,
-        attn_mask=attn_mask, lengths_given=lengths_given)
+        q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, block_table=meta.block_table,
+        prefix_lens=meta.prefix_lens, task_ids=meta.task_ids, q_lens=meta.q_lens, kv_lens=meta.kv_lens,
+        kv_starts=meta.kv_starts, causal=meta.causal, scale=meta.scale, window=meta.window,
+        attn_mask=meta.attn_mask if planned else attn_mask, lengths_given=meta.lengths_given,
+        derived={} if derived is None else derived, mask_planned=planned)
+
+
+def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids, *,
+                    causal=True, scale=None, q_lens=None, kv_lens=None, kv_starts=None,
+                    window=None, attn_mask=None) -> PrefixAttentionInputs:
+    """Check every argument of ``prefix_attention``; raise ``ValueError`` naming the bad one."""
+    shapes = check_layer_tensors(q, k, v, prefix_k, prefix_v)
+    meta = check_metadata(block_table, prefix_lens, task_ids, causal=causal, scale=scale, q_lens=q_lens,
+                          kv_lens=kv_lens, kv_starts=kv_starts, window=window, attn_mask=attn_mask, **shapes)
+    return inputs_of(meta, q, k, v, prefix_k, prefix_v)
+
+
+def derived(x: "PrefixAttentionInputs", key: str, compute, mask_dependent: bool = False):
+    """What a backend derives from the batch metadata alone, computed once per plan (shared by
+    every layer that runs it). ``mask_dependent`` results are recomputed when the call brought
+    its own ``attn_mask``."""
+    if mask_dependent and not x.mask_planned:
+        return compute()
+    if key not in x.derived:
+        x.derived[key] = compute()
+    return x.derived[key]
 
 
 def _scale(scale, D: int) -> float:
@@ -207,9 +288,6 @@ def _scale(scale, D: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         _fail("scale", repr(scale), "a finite positive number or None")
     return float(scale)
-
-
-_CHECKED = ValueMemo(size=4)
 
 
 def _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts,
@@ -250,6 +328,38 @@ def _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts
     if checks[5]:
         _fail("kv_starts", f"with values {_span(kv_starts)}", "starts in [0, kv_lens[b]] per sequence")
     return torch.where(used, block_table.long(), 0)
+
+
+def check_own_pages(page_table, kv_lens: torch.Tensor, *, batch: int, kv_len: int, page_size: int,
+                    num_pages: int, device) -> torch.Tensor:
+    """Paged own keys: ``page_table [B, max_pages]`` int, row b's own key j at page
+    ``page_table[b, j // page_size]``, slot ``j % page_size`` of a ``[num_pages, Hkv, page_size, D]``
+    pool. Returns the int64 table of the pages ``kv_len`` needs, with every entry a row does not
+    use (past ``kv_lens[b]``) set to 0; the used ones must point into the pool."""
+    _check_tensor("own_page_table", page_table, 2, INT_DTYPES, "an int32/int64 tensor [B, max_pages]")
+    pages = -(-kv_len // page_size)
+    if page_table.shape[0] != batch or page_table.shape[1] < pages:
+        _fail("own_page_table", f"with shape {tuple(page_table.shape)}",
+              f"[B={batch}, max_pages >= ceil(kv_len / page_size) = {pages}]")
+    if page_table.device != device:
+        _fail("own_page_table", f"on device {page_table.device}", f"the device of q ({device})")
+    table = page_table[:, :pages].long()
+    used = torch.arange(pages, device=device)[None, :] * page_size < kv_lens[:, None]
+    bad = used & ((table < 0) | (table >= num_pages))
+    if bool(bad.any()):
+        b, j = bad.nonzero()[0].tolist()
+        _fail("own_page_table", f"entry [{b},{j}] = {int(table[b, j])}",
+              f"page indices in [0, num_pages={num_pages}) for every page a row's kv_lens uses")
+    return torch.where(used, table, 0)
+
+
+def gather_pages(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """Rows' own keys (or values) read out of a page pool ``[num_pages, Hkv, page_size, D]`` through
+    ``table [B, pages]``: ``[B, Hkv, length, D]`` (differentiable: gradients reach the pool)."""
+    B, n = table.shape
+    g = pool[table]                                                     # [B, pages, Hkv, ps, D]
+    _, _, Hkv, ps, D = g.shape
+    return g.permute(0, 2, 1, 3, 4).reshape(B, Hkv, n * ps, D)[:, :, :length]
 
 
 def _span(t: torch.Tensor) -> str:

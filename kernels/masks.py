@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from .inputs import PrefixAttentionInputs
+from .inputs import PrefixAttentionInputs, derived
 
 
 def query_valid(x: PrefixAttentionInputs) -> torch.Tensor:
-    """``[B, Sq]`` bool: query row i of sequence b is real (``i < q_lens[b]``)."""
+    """``[B, Sq]`` bool: query row i of sequence b is real (``i < q_lens[b]``); once per plan."""
+    return derived(x, "query_valid", lambda: _query_valid(x))
+
+
+def _query_valid(x: PrefixAttentionInputs) -> torch.Tensor:
     rows = torch.arange(x.q_len, device=x.q.device)
     return rows[None, :] < x.q_lens[:, None]
 
@@ -17,8 +21,12 @@ def own_key_visibility(x: PrefixAttentionInputs) -> torch.Tensor:
 
     ``kv_starts[b] <= j < kv_lens[b]``; with ``causal`` also ``j <= kv_lens - q_lens + i``;
     with ``window`` also ``(kv_lens - q_lens + i) - j < window``; and the explicit mask.
-    Rows of padding queries (``i >= q_lens[b]``) are all False.
+    Rows of padding queries (``i >= q_lens[b]``) are all False. Once per plan (and mask).
     """
+    return derived(x, "own_visible", lambda: _own_key_visibility(x), mask_dependent=True)
+
+
+def _own_key_visibility(x: PrefixAttentionInputs) -> torch.Tensor:
     i = torch.arange(x.q_len, device=x.q.device)[None, :, None]      # [1, Sq, 1]
     j = torch.arange(x.kv_len, device=x.q.device)[None, None, :]     # [1, 1, Skv]
     starts = x.kv_starts[:, None, None]
@@ -37,10 +45,10 @@ def own_key_visibility(x: PrefixAttentionInputs) -> torch.Tensor:
 
 
 def prefix_row_count(x: PrefixAttentionInputs) -> int:
-    """Prefix rows the widest task in this batch uses (a host sync)."""
+    """Prefix rows the widest task in this batch uses (a host sync, once per plan)."""
     if x.batch == 0:
         return 0
-    return int(x.prefix_lens[x.task_ids].max())
+    return derived(x, "prefix_rows", lambda: int(x.prefix_lens[x.task_ids].max()))
 
 
 # Keys a query cannot see must never reach its output, whatever they hold (an uninitialised

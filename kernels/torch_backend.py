@@ -17,9 +17,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .inputs import PrefixAttentionInputs
+from .inputs import PrefixAttentionInputs, derived
 from .masks import all_finite, nonfinite_rows, own_key_visibility, query_valid, zero_rows
-from .memo import ValueMemo
 from .reference import compute_dtype
 
 
@@ -36,7 +35,12 @@ class Bucket:
 
 
 def task_buckets(x: PrefixAttentionInputs) -> List[Bucket]:
-    """Group the batch by task (tasks with an empty prefix are left out) and bucket groups by size."""
+    """Group the batch by task (tasks with an empty prefix are left out) and bucket groups by size
+    (once per plan)."""
+    return derived(x, "task_buckets", lambda: _task_buckets(x))
+
+
+def _task_buckets(x: PrefixAttentionInputs) -> List[Bucket]:
     task_list = x.task_ids.tolist()               # one host sync for all the bookkeeping
     lengths = x.prefix_lens.tolist()
     members = {}
@@ -165,8 +169,8 @@ def _clean_prefix(pk, pv, beyond):
 # Inference on the CPU: PyTorch's fused flash-attention kernel returns each part's log-sum-exp,
 # so prefix and own parts run fused (no score matrices in memory) and merge in fp32. Its
 # log-sum-exp output carries no gradient, hence this path serves calls that need none.
-# Everything that depends only on task ids and lengths is planned once per forward pass
-# (``_PLANS`` below) and reused by every layer.
+# Everything that depends only on the batch metadata is derived once per plan and reused by
+# every layer that runs it.
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 HAS_CPU_FLASH = _FLASH_CPU is not None
@@ -196,10 +200,16 @@ class _PrefixPart:
 
 
 @dataclass
-class _FusedPlan:
+class _OwnPlan:
+    """What the own-key part needs (depends on the mask: per call when the call brings one)."""
     own_bias: Optional[torch.Tensor]   # [B, 1|Hkv, G*Sq, Skv] additive (0 / -inf), None when Skv == 0
     own_blind: Optional[torch.Tensor]  # [B, 1|Hkv, G*Sq] rows that see no own key, or None
     sees_nothing: Optional[torch.Tensor]   # [B, 1|Hkv, G*Sq] rows that see no key at all, or None
+
+
+@dataclass
+class _PrefixPlan:
+    """What the prefix parts need (the metadata alone: once per plan)."""
     query_pad: Optional[torch.Tensor]      # [B, 1, Sq, 1] padding queries, None when every query is real
     prefixes: List[_PrefixPart]
 
@@ -213,10 +223,9 @@ def _span_of(bucket: Bucket, seqs: List[int], group_sizes: List[int]) -> Optiona
     return (start, start + len(seqs)) if seqs == list(range(start, start + len(seqs))) else None
 
 
-def _plan(x: PrefixAttentionInputs) -> _FusedPlan:
+def _own_plan(x: PrefixAttentionInputs) -> _OwnPlan:
     B, Sq, Skv = x.batch, x.q_len, x.kv_len
     Hkv, G = x.num_kv_heads, x.group_size
-    f32 = torch.float32
     own_bias = own_blind = None
     sees = torch.zeros(B, 1, G * Sq, dtype=torch.bool)
     if Skv:
@@ -225,12 +234,16 @@ def _plan(x: PrefixAttentionInputs) -> _FusedPlan:
             visible = visible.expand(B, G, Sq, Skv).reshape(B, 1, G * Sq, Skv)
         else:
             visible = visible.reshape(B, Hkv, G * Sq, Skv)
-        own_bias = torch.zeros(visible.shape, dtype=f32).masked_fill_(~visible, float("-inf"))
+        own_bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
         sees = visible.any(-1)
         # The kernel gives rows that see nothing a log-sum-exp of 0; they must contribute nothing.
         own_blind = None if bool(sees.all()) else ~sees
     has_prefix = (x.prefix_lens[x.task_ids] > 0)[:, None, None]
     nothing = ~(sees | has_prefix)
+    return _OwnPlan(own_bias=own_bias, own_blind=own_blind, sees_nothing=nothing if bool(nothing.any()) else None)
+
+
+def _prefix_plan(x: PrefixAttentionInputs) -> _PrefixPlan:
     valid = query_valid(x)
     prefixes = []
     for bucket in task_buckets(x):
@@ -239,27 +252,13 @@ def _plan(x: PrefixAttentionInputs) -> _FusedPlan:
         bias = None
         if bool((bucket.lengths < bucket.rows).any()):
             beyond = torch.arange(bucket.rows)[None, :] >= bucket.lengths[:, None]
-            bias = torch.zeros(bucket.tasks.shape[0], 1, 1, bucket.rows, dtype=f32).masked_fill_(
+            bias = torch.zeros(bucket.tasks.shape[0], 1, 1, bucket.rows, dtype=torch.float32).masked_fill_(
                 beyond[:, None, None, :], float("-inf"))
         seqs = bucket.seqs.tolist()
         sizes = torch.bincount(bucket.group, minlength=bucket.tasks.shape[0]).tolist()
         ordered = bucket.group.tolist() == sorted(bucket.group.tolist())
         prefixes.append(_PrefixPart(bucket, table, bias, _span_of(bucket, seqs, sizes) if ordered else None))
-    return _FusedPlan(own_bias=own_bias, own_blind=own_blind,
-                      sees_nothing=nothing if bool(nothing.any()) else None,
-                      query_pad=None if bool(valid.all()) else ~valid[:, None, :, None],
-                      prefixes=prefixes)
-
-
-_PLANS = ValueMemo(size=4)
-
-
-def _fused_plan(x: PrefixAttentionInputs) -> _FusedPlan:
-    if x.attn_mask is not None:            # an explicit mask: no cheap key, plan it every call
-        return _plan(x)
-    key = (x.task_ids, x.prefix_lens, x.block_table, x.q_lens, x.kv_lens, x.kv_starts)
-    extra = (x.batch, x.num_q_heads, x.num_kv_heads, x.q_len, x.kv_len, x.block_size, x.causal, x.window)
-    return _PLANS.get(key, extra, lambda: _plan(x))
+    return _PrefixPlan(query_pad=None if bool(valid.all()) else ~valid[:, None, :, None], prefixes=prefixes)
 
 
 def merge_states(own_out, own_lse, pre_out, pre_lse):
@@ -285,11 +284,12 @@ def _fused_inference(x: PrefixAttentionInputs, clean: bool) -> torch.Tensor:
     Hkv, G, Skv = x.num_kv_heads, x.group_size, x.kv_len
     M = G * Sq
     f32 = torch.float32
-    plan = _fused_plan(x)
+    plan = derived(x, "fused_own", lambda: _own_plan(x), mask_dependent=True)
+    pre = derived(x, "fused_prefix", lambda: _prefix_plan(x))
     # GQA heads of a kv head are stacked into query rows: [B, Hkv, G*Sq, D], K/V never repeated.
     q = x.q.to(f32)
-    if plan.query_pad is not None:        # padding queries: whatever they hold reaches nothing
-        q = q.masked_fill(plan.query_pad, 0.0)
+    if pre.query_pad is not None:        # padding queries: whatever they hold reaches nothing
+        q = q.masked_fill(pre.query_pad, 0.0)
     q = q.reshape(B, Hkv, M, D)
     sees_bad = None                       # [B, Hkv, M] queries that see a non-finite key or value
     if Skv:
@@ -303,7 +303,7 @@ def _fused_inference(x: PrefixAttentionInputs, clean: bool) -> torch.Tensor:
             lse = lse.masked_fill(plan.own_blind, float("-inf"))
     else:
         out, lse = q.new_zeros(B, Hkv, M, D), q.new_full((B, Hkv, M), float("-inf"))
-    for part in plan.prefixes:
+    for part in pre.prefixes:
         bucket = part.bucket
         Gb, W, P = bucket.tasks.shape[0], bucket.width, bucket.rows
         pk = read_prefixes(x.prefix_k, part.table, P).to(f32)
@@ -335,8 +335,8 @@ def _fused_inference(x: PrefixAttentionInputs, clean: bool) -> torch.Tensor:
     if sees_bad is not None:
         out = out.masked_fill(sees_bad[..., None], float("nan"))
     out = out.reshape(B, Hq, Sq, D)
-    if plan.query_pad is not None:
-        out = out.masked_fill(plan.query_pad, 0.0)                      # padding queries give zeros
+    if pre.query_pad is not None:
+        out = out.masked_fill(pre.query_pad, 0.0)                      # padding queries give zeros
     return out.to(x.q.dtype)
 
 

@@ -150,22 +150,24 @@ def test_prefix_gradient_sums_over_sequences_of_a_task(seed):
 
 
 def test_inference_plan_is_never_stale(seed):
-    """Layers of a forward share one plan (task buckets, masks); a caller changing its index
-    tensors in place between calls must still get the right answer."""
-    from softprompt.kernels.inputs import validate_inputs
-    from softprompt.kernels.torch_backend import _PLANS, _plan
+    """Layers share one plan (task buckets, masks derived once); the plan owns copies of the index
+    tensors, so a caller changing its tensors in place after planning changes neither the plan's
+    answer nor the next one-shot call's."""
+    from softprompt.kernels import plan_prefix_attention
+    from softprompt.kernels.inputs import check_layer_tensors, validate_inputs
+    from softprompt.kernels.torch_backend import _prefix_plan
     case = Case(seed=seed, B=6, T=3, tasks=[0, 0, 1, 1, 2, 2], Sq=1, Skv=9, padding="left",
                 prefix_lens=[3, 8, 5], requires_grad=False)
     args, kw = case.build()
     tids = args[7]
-    assert all(part.span for part in _plan(validate_inputs(*args, **kw)).prefixes)   # the view path
-    hits = _PLANS.hits
-    for _ in range(2):
-        torch.testing.assert_close(prefix_attention(*args, backend="torch", **kw),
-                                   prefix_attention(*args, backend="reference", **kw))
-    assert _PLANS.hits > hits                                      # the second call reused the plan
+    assert all(part.span for part in _prefix_plan(validate_inputs(*args, **kw)).prefixes)   # the view path
+    plan = plan_prefix_attention(*args[5:], backend="torch", **kw, **check_layer_tensors(*args[:5]))
+    want = prefix_attention(*args, backend="reference", **kw)
+    torch.testing.assert_close(plan.run(*args[:5]), want)
+    assert "fused_prefix" in plan._derived                         # derived once, kept for the next layer
     tids.copy_(torch.tensor([2, 1, 0, 2, 1, 0]))                    # same tensor object, new tasks
     kw["kv_starts"].copy_(kw["kv_starts"].flip(0))
+    torch.testing.assert_close(plan.run(*args[:5]), want)          # the plan kept its own copies
     torch.testing.assert_close(prefix_attention(*args, backend="torch", **kw),
                                prefix_attention(*args, backend="reference", **kw))
 

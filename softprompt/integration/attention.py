@@ -5,9 +5,11 @@
 with a prefix in front, an upper-left ``is_causal`` would be wrong).
 
 ``softprompt_attention`` receives, after the HF cache update, ``query [B, Hq, Sq, D]`` and the
-sequence's own ``key/value [B, Hkv, Skv, D]`` plus that mask, and calls
-``kernels.prefix_attention`` with the task prefix of this layer from the model's prefix store:
+sequence's own ``key/value [B, Hkv, Skv, D]`` plus that mask, and runs
+the kernels' prefix attention with the task prefix of this layer from the model's prefix store:
 
+0. The batch metadata (task ids, the store's block table, the mask) is planned once per forward
+   (:class:`ForwardPlans`, kept on the store): the first layer plans, every layer runs the plan.
 1. The mask is reduced to per-sequence ``kv_starts / kv_lens`` (+ ``causal`` and the layer's
    sliding ``window``) when it is exactly plain padding + causal (or bidirectional) + window;
    the reduction is verified against the mask, and anything else goes to the kernel as a bool
@@ -26,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from softprompt.kernels import prefix_attention
+from softprompt.kernels import plan_prefix_attention
 from softprompt.kernels.masks import all_finite, nonfinite_rows, zero_rows
 
 ATTN_NAME = "softprompt"
@@ -110,17 +112,6 @@ def derive_lengths(visible: torch.Tensor, window: Optional[int]):
     return None
 
 
-def _memo_derive(store, mask: torch.Tensor, window):
-    """Layers of one forward share the mask object: derive once per (mask, window)."""
-    for ref, w, result in store._mask_memo:
-        if ref() is mask and w == window:
-            return result
-    result = derive_lengths(mask, window)
-    store._mask_memo = [e for e in store._mask_memo if e[0]() is not None][-3:]
-    store._mask_memo.append((weakref.ref(mask), window, result))
-    return result
-
-
 # ---------------------------------------------------------------------------------------- dense path
 def gather_prefix(pool: torch.Tensor, block_table: torch.Tensor, prefix_lens: torch.Tensor,
                   task_ids: torch.Tensor):
@@ -199,10 +190,99 @@ def sliding_window_of(module, sliding_window: Optional[int] = None) -> Optional[
     return int(window) if isinstance(window, int) and window > 0 else None
 
 
+class ForwardPlans:
+    """The attention plans of the current forward, kept on the store: the first layer that sees
+    the forward's batch metadata plans (validation, task grouping, mask -> lengths) and every
+    other layer runs that plan. :meth:`new_forward` (called by the model's wrapped forward) drops
+    the previous forward's plans. An entry is reused only for the very same metadata objects,
+    unmodified (tensor identity and in-place version: mask, task ids, the store's block table and
+    prefix lengths) and the same sizes and settings, so a forward that bypasses the wrapper (or a
+    gradient-checkpointing recomputation after another forward) plans again instead of reusing a
+    stale plan. Copies (deepcopy, pickle) start empty."""
+
+    SIZE = 8                              # distinct plans per forward (windows, encoder / decoder, devices)
+
+    def __init__(self):
+        self.entries = []                 # [(key, [(weakref or holder, version)], value)]
+
+    def new_forward(self) -> None:
+        self.entries = []
+
+    def get(self, key, objects, build):
+        idents = [_ident(o) for o in objects]
+        for saved_key, saved, value in self.entries:
+            if saved_key == key and all(_same(s, o) for s, o in zip(saved, objects)):
+                return value
+        value = build()
+        self.entries = self.entries[-(self.SIZE - 1):] + [(key, idents, value)]
+        return value
+
+    def __getstate__(self):
+        return {"entries": []}            # weak references do not pickle; plans are per forward
+
+    def __deepcopy__(self, memo):
+        return ForwardPlans()
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version                 # bumped by every in-place change
+    except RuntimeError:                  # inference tensors keep no version counter
+        return None
+
+
+def _ident(obj):
+    if isinstance(obj, torch.Tensor):
+        return weakref.ref(obj), _version(obj)
+    return (lambda: obj), None            # None, lists of names: held (they are small)
+
+
+def _same(saved, obj) -> bool:
+    ref, version = saved
+    return ref() is obj and (not isinstance(obj, torch.Tensor) or _version(obj) == version)
+
+
+def forward_plans(store) -> ForwardPlans:
+    plans = store.__dict__.get("_forward_plans")
+    if plans is None:
+        plans = store.__dict__["_forward_plans"] = ForwardPlans()
+    return plans
+
+
+def _batch_tasks(store, tables, task_ids, B: int, device: torch.device):
+    """``(block_table, prefix_lens, task_ids)`` of the batch on ``device`` (``tables``: the store's
+    block table and prefix lengths); no prefix without a store (cross-attention) or task ids."""
+    if store is None or task_ids is None:
+        zeros = torch.zeros(B, dtype=torch.long, device=device)
+        return torch.zeros(1, 0, dtype=torch.long, device=device), zeros[:1], zeros
+    ids = store.resolve_task_ids(task_ids, batch=B, device=device)
+    return tables[0].to(device), tables[1].to(device), ids
+
+
+def _plan(store, tables, query, key, prefix_k, task_ids, visible, causal: bool, window, scale: float):
+    """``(plan, path)``: the forward's plan for this layer's metadata; ``path`` is ``"lengths"``
+    when the mask reduced to per-sequence lengths, ``"mask"`` when it goes as a bool mask."""
+    B, Hq, Sq, D = query.shape
+    device = query.device
+    table, lens, ids = _batch_tasks(store, tables, task_ids, B, device)
+    kw, path = dict(causal=causal, window=window), "lengths"
+    if visible is not None:
+        derived = derive_lengths(visible, window)
+        if derived is not None:
+            kw["causal"], kw["kv_starts"], kw["kv_lens"] = derived
+        else:
+            kw, path = dict(causal=False, attn_mask=visible), "mask"
+    plan = plan_prefix_attention(table, lens, ids, num_q_heads=Hq, num_kv_heads=key.shape[1], head_dim=D,
+                                 q_len=Sq, kv_len=key.shape[2], num_blocks=prefix_k.shape[0],
+                                 block_size=prefix_k.shape[2], device=device, scale=scale,
+                                 backend=_backend(store, device), **kw)
+    return plan, path
+
+
 def softprompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                          scaling: Optional[float] = None, softcap: Optional[float] = None,
                          sliding_window: Optional[int] = None, task_ids=None, **kwargs):
-    """transformers attention function: prefix attention through ``kernels.prefix_attention``."""
+    """transformers attention function: prefix attention through the forward's kernel plan."""
     slot = module.__dict__.get(SLOT)
     store = slot.store_ref() if slot is not None else None
     B, Hq, Sq, D = query.shape
@@ -211,24 +291,13 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
     device = query.device
 
     if store is not None:
-        prefix_k, prefix_v, block_table, prefix_lens = store.layer(slot.layer)
-        if task_ids is None:
-            task_ids = torch.zeros(B, dtype=torch.long, device=device)
-            block_table = block_table.new_zeros(1, 0)
-            prefix_lens = prefix_lens.new_zeros(1)
-        else:
-            task_ids = store.resolve_task_ids(task_ids, batch=B, device=device)
+        prefix_k, prefix_v, *tables = store.layer(slot.layer)
     else:   # cross-attention or a module the store does not cover: no prefix
         prefix_k = query.new_zeros(0, key.shape[1], 1, D)
-        prefix_v = prefix_k
-        block_table = torch.zeros(1, 0, dtype=torch.long, device=device)
-        prefix_lens = torch.zeros(1, dtype=torch.long, device=device)
-        task_ids = torch.zeros(B, dtype=torch.long, device=device)
+        prefix_v, tables = prefix_k, None
     # (a copy only when the model is split over devices or runs in another dtype than the store)
     prefix_k = prefix_k.to(device=device, dtype=query.dtype)
     prefix_v = prefix_v.to(device=device, dtype=query.dtype)
-    block_table = block_table.to(device)
-    prefix_lens = prefix_lens.to(device)
 
     if attention_mask is None:
         causal = bool(getattr(module, "is_causal", False)) and Sq > 1
@@ -251,30 +320,22 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
             j = torch.arange(Skv, device=device)[None]
             visible = ((j <= i) if causal else torch.ones(Sq, Skv, dtype=torch.bool, device=device))
             visible = visible[None, None].expand(B, 1, Sq, Skv)
-        pk, valid = gather_prefix(prefix_k, block_table, prefix_lens, task_ids)
-        pv, _ = gather_prefix(prefix_v, block_table, prefix_lens, task_ids)
+        block_table, prefix_lens, ids = _batch_tasks(store, tables, task_ids, B, device)
+        pk, valid = gather_prefix(prefix_k, block_table, prefix_lens, ids)
+        pv, _ = gather_prefix(prefix_v, block_table, prefix_lens, ids)
         out = dense_prefix_attention(query, key, value, pk, pv, valid, visible, scale=scale, softcap=softcap,
                                      bias=bias, dropout=dropout, training=module.training)
         return out.transpose(1, 2).contiguous(), None
 
-    kw = dict(causal=causal, scale=scale)
-    derived = _memo_derive(store, visible, window) if (visible is not None and store is not None) else (
-        derive_lengths(visible, window) if visible is not None else None)
-    if derived is not None:
-        kw["causal"], kw["kv_starts"], kw["kv_lens"] = derived
-        kw["window"] = window
-        if store is not None:
-            store.calls["lengths"] += 1
-    elif visible is not None:
-        kw["attn_mask"] = visible
-        if store is not None:
-            store.calls["mask"] += 1
+    build = lambda: _plan(store, tables, query, key, prefix_k, task_ids, visible, causal, window, scale)  # noqa: E731
+    if store is None:
+        plan, path = build()
     else:
-        kw["window"] = window
-        if store is not None:
-            store.calls["lengths"] += 1
-    out = prefix_attention(query, key, value, prefix_k, prefix_v, block_table, prefix_lens, task_ids,
-                           backend=_backend(store, device), **kw)
+        settings = (B, Hq, key.shape[1], Sq, Skv, D, prefix_k.shape[0], prefix_k.shape[2], device, causal,
+                    window, scale, store.backend)
+        plan, path = forward_plans(store).get(settings, (attention_mask, task_ids, *tables), build)
+        store.calls[path] += 1
+    out = plan.run(query, key, value, prefix_k, prefix_v)
     return out.transpose(1, 2).contiguous(), None
 
 

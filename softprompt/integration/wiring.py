@@ -18,7 +18,7 @@ import types
 import torch
 from torch import nn
 
-from .attention import SLOT, Slot, softprompt_mask
+from .attention import SLOT, Slot, forward_plans, softprompt_mask
 
 STORE_NAME = "softprompt_store"
 SAVED = "_softprompt_saved"         # the model's __dict__ key of what uninstall restores
@@ -161,6 +161,7 @@ class TaskIdsForward:
         return twin
 
     def __call__(self, *args, task_ids=None, **kwargs):
+        forward_plans(self.store).new_forward()      # the layers of this forward plan afresh, once
         args, kwargs, task_ids = self.prepare(args, kwargs, task_ids)
         if task_ids is None:
             return self.original(*args, **kwargs)
