@@ -29,8 +29,10 @@ import time
 
 import torch
 
+from softprompt.baselines import copied_prefix_cache, left_pad
+
 from .common import RESULTS_DIR, environment, markdown_table
-from .generate import _cache, _left_pad, problem, tiny_llama
+from .generate import problem, tiny_llama
 
 TORCH_ATTENTION = "engine, torch-ops attention"      # the optional side-by-side row (--torch-attention)
 
@@ -62,19 +64,19 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
         outs = [None] * B
         for t in range(tasks):
             idx = [b for b, n in enumerate(names) if n == f"task{t}"]
-            ids, mask = _left_pad([rows[b] for b in idx], 0)
+            ids, mask = left_pad([rows[b] for b in idx], 0)
             mask = torch.cat([torch.ones(len(idx), prefix, dtype=torch.long), mask], 1)
             out = model.generate(ids.to(device), attention_mask=mask.to(device),
-                                 cache=_cache({k: (a.to(device), b.to(device)) for k, (a, b) in prefixes.items()},
+                                 cache=copied_prefix_cache({k: (a.to(device), b.to(device)) for k, (a, b) in prefixes.items()},
                                               [names[b] for b in idx]), **gen)
             for j, b in enumerate(idx):
                 outs[b] = out[j, ids.shape[1]:].cpu()
         return torch.stack(outs)
 
     def batch_copied():
-        ids, mask = _left_pad(rows, 0)
+        ids, mask = left_pad(rows, 0)
         mask = torch.cat([torch.ones(B, prefix, dtype=torch.long), mask], 1)
-        cache = _cache({k: (a.to(device), b.to(device)) for k, (a, b) in prefixes.items()}, names)
+        cache = copied_prefix_cache({k: (a.to(device), b.to(device)) for k, (a, b) in prefixes.items()}, names)
         return model.generate(ids.to(device), attention_mask=mask.to(device), cache=cache, **gen)[:, ids.shape[1]:].cpu()
 
     store = None

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from softprompt.baselines import copied_prefix_cache, left_pad
+
 from .common import RESULTS_DIR, environment, markdown_table
 
 
@@ -37,28 +39,6 @@ def smollm2():
     from softprompt.assets import load_smollm2   # installs nothing; raises with the install command if absent
     model, _ = load_smollm2()
     return model.eval()
-
-
-def _cache(prefixes, names):
-    """A DynamicCache whose row b holds the prefix of task names[b] (copied per row)."""
-    from transformers import DynamicCache
-    cache = DynamicCache()
-    L = next(iter(prefixes.values()))[0].shape[0]
-    for layer in range(L):
-        k = torch.stack([prefixes[n][0][layer] for n in names])
-        v = torch.stack([prefixes[n][1][layer] for n in names])
-        cache.update(k, v, layer)
-    return cache
-
-
-def _left_pad(rows, pad):
-    S = max(len(r) for r in rows)
-    ids = torch.full((len(rows), S), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), S), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, S - len(r):] = r
-        mask[b, S - len(r):] = 1
-    return ids, mask
 
 
 def problem(model, *, tasks, per_task, prefix, seed=0):
@@ -99,17 +79,18 @@ def run(model, *, tasks: int, per_task: int, prefix: int, new_tokens: int, seed:
             outs = [None] * B
             for t in range(tasks):
                 idx = [b for b, n in enumerate(names) if n == f"task{t}"]
-                ids, mask = _left_pad([rows[b] for b in idx], pad)
+                ids, mask = left_pad([rows[b] for b in idx], pad)
                 mask = torch.cat([torch.ones(len(idx), prefix, dtype=torch.long), mask], 1)
-                out = model.generate(ids, attention_mask=mask, cache=_cache(prefixes, [names[b] for b in idx]), **gen)
+                cache = copied_prefix_cache(prefixes, [names[b] for b in idx])
+                out = model.generate(ids, attention_mask=mask, cache=cache, **gen)
                 for j, b in enumerate(idx):
                     outs[b] = out[j, ids.shape[1]:]
             return torch.stack(outs)
 
         def batch_copied():
-            ids, mask = _left_pad(rows, pad)
+            ids, mask = left_pad(rows, pad)
             mask = torch.cat([torch.ones(B, prefix, dtype=torch.long), mask], 1)
-            return model.generate(ids, attention_mask=mask, cache=_cache(prefixes, names), **gen)[:, ids.shape[1]:]
+            return model.generate(ids, attention_mask=mask, cache=copied_prefix_cache(prefixes, names), **gen)[:, ids.shape[1]:]
 
         timed("per-task generate", per_task)
         timed("batch, prefix copied", batch_copied)
@@ -117,7 +98,7 @@ def run(model, *, tasks: int, per_task: int, prefix: int, new_tokens: int, seed:
         try:
             for name, (k, v) in prefixes.items():
                 store.add(name, k, v)
-            ids, mask = _left_pad(rows, pad)
+            ids, mask = left_pad(rows, pad)
             task_ids = store.task_ids(names)
             timed("softprompt", lambda: model.generate(ids, attention_mask=mask, task_ids=task_ids,
                                                        **gen)[:, ids.shape[1]:])

@@ -38,8 +38,17 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task
     Layers that share the metadata should plan once (:func:`~kernels.plan_prefix_attention`) and
     ``run`` per layer: this function validates and derives everything on every call.
     """
-    shapes = check_layer_tensors(q, k, v, prefix_k, prefix_v)
-    plan = plan_prefix_attention(block_table, prefix_lens, task_ids, causal=causal, scale=scale, q_lens=q_lens,
-                                 kv_lens=kv_lens, kv_starts=kv_starts, window=window, attn_mask=attn_mask,
-                                 backend=backend, **shapes)
+    plan = plan_for_layer(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids, causal=causal,
+                          scale=scale, q_lens=q_lens, kv_lens=kv_lens, kv_starts=kv_starts, window=window,
+                          attn_mask=attn_mask, backend=backend)
     return plan.run(q, k, v, prefix_k, prefix_v)
+
+
+def plan_for_layer(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids, **options):
+    """The plan of :func:`prefix_attention` for layers shaped like these tensors (sizes read from them).
+
+    ``options`` are ``prefix_attention``'s keywords. ``plan.run(q, k, v, prefix_k, prefix_v)`` then
+    serves every layer of the same shapes without validating or deriving anything again.
+    """
+    shapes = check_layer_tensors(q, k, v, prefix_k, prefix_v)
+    return plan_prefix_attention(block_table, prefix_lens, task_ids, **options, **shapes)

@@ -187,7 +187,7 @@ def plot(results, tasks, methods, path: Path) -> None:
 def serve(spm, tok, tasks, methods, opts, clock) -> dict:
     """A mixed batch of requests (every task x method) through the Engine vs the generate baselines."""
     import torch
-    from softprompt.benchmarks.generate import _cache, _left_pad
+    from .baselines import copied_prefix_cache, left_pad
     from .engine import Engine, SamplingParams
     names = [f"{t}-{m}" for t in tasks for m in methods]
     texts = []
@@ -223,17 +223,17 @@ def serve(spm, tok, tasks, methods, opts, clock) -> dict:
             toks = [None] * len(rows)
             for n in dict.fromkeys(row_tasks):
                 idx = [b for b, t in enumerate(row_tasks) if t == n]
-                ids, mask = _left_pad([rows[b] for b in idx], pad)
+                ids, mask = left_pad([rows[b] for b in idx], pad)
                 mask = torch.cat([torch.ones(len(idx), P[n], dtype=torch.long), mask], 1)
-                o = model.generate(ids, attention_mask=mask, cache=_cache(prefixes, [n] * len(idx)), **gen)
+                o = model.generate(ids, attention_mask=mask, cache=copied_prefix_cache(prefixes, [n] * len(idx)), **gen)
                 for j, b in enumerate(idx):
                     toks[b] = o[j, ids.shape[1]:].tolist()
             return toks
 
         def batch_copied():
-            ids, mask = _left_pad(rows, pad)
+            ids, mask = left_pad(rows, pad)
             mask = torch.cat([torch.ones(len(rows), P[row_tasks[0]], dtype=torch.long), mask], 1)
-            o = model.generate(ids, attention_mask=mask, cache=_cache(prefixes, row_tasks), **gen)
+            o = model.generate(ids, attention_mask=mask, cache=copied_prefix_cache(prefixes, row_tasks), **gen)
             return o[:, ids.shape[1]:].tolist()
 
         baselines = {"per-task HF generate, prefix copied per row": per_task}

@@ -33,7 +33,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from softprompt.kernels import prefix_attention
+from softprompt.kernels import plan_for_layer
 
 from ..integration.attention import sliding_window_of
 from . import cpu_kernel
@@ -306,7 +306,7 @@ class CpuDecoder:
                           torch.zeros(cache.batch, dtype=torch.long))
             else:
                 prefix = (block_table, prefix_lens, task_ids)
-            shapes.append((starts, torch.full_like(starts, cache.Skv), *prefix))
+            shapes.append((starts, torch.full_like(starts, cache.Skv), *prefix, {}))   # {}: its plans by (window, scale)
         return shapes
 
     def _padded_attention(self, parts, shapes, sizes, q, k, v, pool_k, pool_v, prefix_k, prefix_v, attn):
@@ -317,17 +317,22 @@ class CpuDecoder:
         backend = self.store.backend or "torch"
         out = torch.empty_like(q)
         at = 0
-        for (cache, _, _), (starts, lens, table, plens, tids), n in zip(parts, shapes, sizes):
+        window = sliding_window_of(attn)
+        for (cache, _, _), (starts, lens, table, plens, tids, plans), n in zip(parts, shapes, sizes):
             B, Sq, Skv = cache.batch, cache.Sq, cache.Skv
             pool_k.index_copy_(0, cache.write_dst, k[at: at + n].to(pool_k.dtype))
             pool_v.index_copy_(0, cache.write_dst, v[at: at + n].to(pool_v.dtype))
             own_k = pool_k.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
             own_v = pool_v.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
             padded = q.new_zeros(B * Sq, Hq, D).index_copy_(0, cache.write_src, q[at: at + n])
-            o = prefix_attention(padded.view(B, Sq, Hq, D).transpose(1, 2), own_k.to(q.dtype),
-                                 own_v.to(q.dtype), prefix_k.to(q.dtype), prefix_v.to(q.dtype), table, plens,
-                                 tids, causal=True, scale=attn.scaling, kv_starts=starts, kv_lens=lens,
-                                 window=sliding_window_of(attn), backend=backend)            # [B, Hq, Sq, D]
+            layer = (padded.view(B, Sq, Hq, D).transpose(1, 2), own_k.to(q.dtype), own_v.to(q.dtype),
+                     prefix_k.to(q.dtype), prefix_v.to(q.dtype))
+            key = (window, attn.scaling)          # planned on the step's first layer, run by the rest
+            if key not in plans:
+                plans[key] = plan_for_layer(*layer, table, plens, tids, causal=True, scale=attn.scaling,
+                                            kv_starts=starts, kv_lens=lens, window=window, backend=backend)
+            plan = plans[key]
+            o = plan.run(*layer)                                                             # [B, Hq, Sq, D]
             out[at: at + n] = o.transpose(1, 2).reshape(B * Sq, Hq, D).index_select(0, cache.write_src)
             at += n
         return out
