@@ -2,7 +2,9 @@
 (own tokens in scattered pages, prefixes in scattered blocks; one query per row and causal packed
 queries), its input checks, its off-switch and build fallback. The CPU decoder's steps and
 prefills through it are checked against the HF forward in test_engine_cpu_decode.py."""
+import os
 import random
+import time
 
 import pytest
 import torch
@@ -167,20 +169,29 @@ def test_kernel_causal_queries_match_reference(window, seed):
                        head_dim=D, scale=1.0)
 
 
-@pytest.mark.parametrize("failure", ["no compiler", "compile error"])
+@pytest.mark.parametrize("failure", ["no compiler", "compile error", "stale lock"])
 def test_failed_build_falls_back_with_a_reason(failure, monkeypatch, tmp_path):
+    """Whatever stops the build, the engine runs the torch path and says why; a lock left by a
+    killed build (torch's lock has no timeout) is reported instead of waited on forever."""
     for name, value in (("_tried", False), ("_op", None), ("_reason", None)):     # restored afterwards
         monkeypatch.setattr(cpu_kernel, name, value)
     monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(tmp_path))        # not the cached real build
+    expected = {"no compiler": "false", "compile error": "softprompt-test-broken-source", "stale lock": "build lock"}
     if failure == "no compiler":
         monkeypatch.setenv("CXX", "false")                              # a "compiler" that always fails
-    else:
+    elif failure == "compile error":
         broken = tmp_path / "paged_attention.cpp"
         broken.write_text("#error softprompt-test-broken-source\n")
         monkeypatch.setattr(cpu_kernel, "SOURCE", broken)
+    else:
+        name = cpu_kernel.extension_name(cpu_kernel.SOURCE.read_bytes(), cpu_kernel.compile_flags())
+        lock = tmp_path / "torch_extensions" / name / "lock"
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+        os.utime(lock, (time.time() - 2 * cpu_kernel.STALE_LOCK_S,) * 2)
     assert cpu_kernel.load() is None
     reason = cpu_kernel.unavailable_reason()
-    assert "could not build" in reason and (failure == "no compiler" or "softprompt-test-broken-source" in reason)
+    assert "could not build" in reason and expected[failure] in reason, reason
     with pytest.raises(RuntimeError, match="unavailable"):
         PagedAttention(torch.tensor([[1]]), torch.tensor([1]), 4, None, torch.tensor([[1]]), torch.tensor([4]), 4,
                        num_kv_heads=1, group_size=1, head_dim=8, scale=1.0)
@@ -292,7 +303,6 @@ print("ok")
 
 def test_zero_page_or_block_size_is_a_value_error_not_a_crash():
     """The C kernel divides by page_size and block_size: 0 raised SIGFPE in the process."""
-    import os
     import subprocess
     import sys
     from pathlib import Path

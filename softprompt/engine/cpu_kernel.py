@@ -9,12 +9,12 @@ queries split over ATen's intra-op thread pool (``at::parallel_for``). It serves
 query per row) and packed causal prefills (one query per new token). Inference only: it computes
 no gradients (the engine runs it under ``torch.inference_mode``).
 
-It is built on first use by ``torch.utils.cpp_extension.load`` (ninja, the system C++ compiler)
-into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
-or ``$SOFTPROMPT_CACHE_DIR/torch_extensions``; torch's file lock there serialises concurrent
-builds. The extension's name carries a hash of the source, the flags and torch's version, so
-different versions live side by side and none is ever deleted (another process may have it
-loaded). Where there is no compiler, the build fails, or ``SOFTPROMPT_CPU_KERNEL=0`` is set,
+It is built on first use by ``torch.utils.cpp_extension.load`` (ninja, the system C++ compiler;
+about 20 s) into ``$SOFTPROMPT_CACHE_DIR/torch_extensions`` or torch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); torch's file lock there
+serialises concurrent builds. The extension's name carries a hash of the source, the flags and
+the torch and Python versions, so different versions live side by side and none is ever deleted
+(another process may have it loaded). Where there is no compiler, the build fails, or ``SOFTPROMPT_CPU_KERNEL=0`` is set,
 :func:`load` returns None (``unavailable_reason()`` says why) and the CPU decoder keeps the torch
 path (:class:`~softprompt.engine.decode_attention.DecodeAttention`). Tests check the kernel against
 the ``reference`` backend.
@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -59,21 +61,24 @@ def compile_flags() -> list:
     return flags
 
 
-def _build_directory(name: str) -> Optional[str]:
-    """$SOFTPROMPT_CACHE_DIR/torch_extensions/<name>, or None: torch's own extension cache."""
-    root = os.environ.get("SOFTPROMPT_CACHE_DIR")
-    if not root:
-        return None
-    folder = Path(root) / "torch_extensions" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    return str(folder)
-
-
 def extension_name(source: bytes, flags: list) -> str:
-    """One name (and cache folder) per source, flags, torch version and machine: a build is
-    never rebuilt in place under a process that has it loaded, and none is deleted."""
-    key = hashlib.sha256(source + " ".join(flags + [torch.__version__, platform.machine()]).encode())
+    """One name (and cache folder) per source, flags, torch and Python version and machine: a
+    build is never rebuilt in place under a process that has it loaded, and none is deleted."""
+    key = hashlib.sha256(source + " ".join(flags + [torch.__version__, sys.version, platform.machine()]).encode())
     return f"softprompt_paged_attention_{key.hexdigest()[:16]}"
+
+
+def _build_directory(name: str, cpp_extension) -> Path:
+    """$SOFTPROMPT_CACHE_DIR/torch_extensions/<name>, else torch's extension cache folder for it."""
+    root = os.environ.get("SOFTPROMPT_CACHE_DIR")
+    base = (Path(root) / "torch_extensions" if root else
+            Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()))
+    folder = base / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+STALE_LOCK_S = 900      # a build takes well under a minute; a lock this old was left by a killed one
 
 
 def _build():
@@ -82,8 +87,15 @@ def _build():
 
     flags = compile_flags()
     name = extension_name(SOURCE.read_bytes(), flags)
+    folder = _build_directory(name, cpp_extension)
+    lock = folder / "lock"
+    # torch's file lock has no timeout: a build killed midway leaves it behind and every later
+    # load would wait forever. Not deleted here (it may be a live build's): reported instead.
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        raise RuntimeError(f"the build lock {lock} is {time.time() - lock.stat().st_mtime:.0f} s old, left by a "
+                           f"killed build; delete it to rebuild")
     cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                       build_directory=_build_directory(name), is_python_module=False, verbose=False)
+                       build_directory=str(folder), is_python_module=False, verbose=False)
     return torch.ops.softprompt.paged_attention
 
 
