@@ -2,7 +2,9 @@
 (own tokens in scattered pages, prefixes in scattered blocks; one query per row and causal packed
 queries), its input checks, its off-switch and build fallback. The CPU decoder's steps and
 prefills through it are checked against the HF forward in test_engine_cpu_decode.py."""
+import os
 import random
+import time
 
 import pytest
 import torch
@@ -121,7 +123,7 @@ def test_kernel_can_be_turned_off(monkeypatch):
     assert "torch ops (compiled kernel: turned off)" in eng.stats()["forward_path"]
     assert "HF forward" in engine(model, cpu_decoder=False).stats()["forward_path"]
     monkeypatch.setattr(cpu_kernel, "_tried", False)
-    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setattr(cpu_kernel, "_op", None)
     monkeypatch.setenv("SOFTPROMPT_CPU_KERNEL", "0")
     assert cpu_kernel.load() is None and "SOFTPROMPT_CPU_KERNEL" in cpu_kernel.unavailable_reason()
     assert not engine(model).cpu_decoder._use_kernel()                  # the torch path serves instead
@@ -167,21 +169,87 @@ def test_kernel_causal_queries_match_reference(window, seed):
                        head_dim=D, scale=1.0)
 
 
-def test_failed_build_falls_back_with_a_reason(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernel, "_tried", False)
-    monkeypatch.setattr(cpu_kernel, "_lib", None)
-    monkeypatch.setattr(cpu_kernel, "_reason", None)
-    monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CC", "false")                                      # a "compiler" that always fails
+@pytest.mark.parametrize("failure", ["no compiler", "compile error", "stale lock"])
+def test_failed_build_falls_back_with_a_reason(failure, monkeypatch, tmp_path):
+    """Whatever stops the build, the engine runs the torch path and says why; a lock left by a
+    killed build (torch's lock has no timeout) is reported instead of waited on forever."""
+    for name, value in (("_tried", False), ("_op", None), ("_reason", None)):     # restored afterwards
+        monkeypatch.setattr(cpu_kernel, name, value)
+    monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(tmp_path))        # not the cached real build
+    expected = {"no compiler": "false", "compile error": "softprompt-test-broken-source", "stale lock": "build lock"}
+    if failure == "no compiler":
+        monkeypatch.setenv("CXX", "false")                              # a "compiler" that always fails
+    elif failure == "compile error":
+        broken = tmp_path / "paged_attention.cpp"
+        broken.write_text("#error softprompt-test-broken-source\n")
+        monkeypatch.setattr(cpu_kernel, "SOURCE", broken)
+    else:
+        name = cpu_kernel.extension_name(cpu_kernel.SOURCE.read_bytes(), cpu_kernel.compile_flags())
+        lock = tmp_path / "torch_extensions" / name / "lock"
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+        os.utime(lock, (time.time() - 2 * cpu_kernel.STALE_LOCK_S,) * 2)
     assert cpu_kernel.load() is None
-    assert "could not build" in cpu_kernel.unavailable_reason()
+    reason = cpu_kernel.unavailable_reason()
+    assert "could not build" in reason and expected[failure] in reason, reason
     with pytest.raises(RuntimeError, match="unavailable"):
         PagedAttention(torch.tensor([[1]]), torch.tensor([1]), 4, None, torch.tensor([[1]]), torch.tensor([4]), 4,
                        num_kv_heads=1, group_size=1, head_dim=8, scale=1.0)
     model, prefixes, _ = setup("llama")
     attach(model, prefixes)
     assert not engine(model).cpu_decoder._use_kernel()                  # the engine runs the torch path
-    monkeypatch.setattr(cpu_kernel, "_tried", False)                     # let later tests load the real one
+
+
+def test_builds_of_other_sources_flags_or_cpus_get_their_own_name():
+    """Each build lives in its own cache folder: a changed source or flag set (another CPU's
+    -mavx2) never rebuilds, serves or deletes the .so another process may have loaded."""
+    flags = cpu_kernel.compile_flags()
+    name = cpu_kernel.extension_name(b"source", flags)
+    assert name == cpu_kernel.extension_name(b"source", list(flags))
+    assert name != cpu_kernel.extension_name(b"source 2", flags)
+    assert name != cpu_kernel.extension_name(b"source", [f for f in flags if f != "-mavx2"] + ["-mno-avx2"])
+
+
+def _op_args():
+    """A valid direct call of the op: two rows of 3 and 4 own tokens in pages 1 and 2 of a
+    12-slot pool (page size 4), both on task 0 whose 4-token prefix is block 1 of 2."""
+    return dict(q=torch.randn(2, 1, 2, 8), pool_k=torch.randn(12, 1, 8), pool_v=torch.randn(12, 1, 8),
+                page_table=torch.tensor([[1], [2]]), visible=torch.tensor([3, 4]), query_rows=None, page_size=4,
+                prefix_k=torch.randn(2, 1, 4, 8), prefix_v=torch.randn(2, 1, 4, 8), block_table=torch.tensor([[1]]),
+                prefix_lens=torch.tensor([4]), task_ids=torch.tensor([0, 0]), scale=0.5, window=0, num_threads=2)
+
+
+OP_MISUSES = {    # argument -> (bad value from the valid one, the error it must give)
+    "q dtype": ("q", lambda t: t.double(), r"`q` must be Float; got Double"),
+    "q device": ("q", lambda t: t.to("meta"), r"`q` must be a CPU tensor; got meta"),
+    "pool_k layout": ("pool_k", lambda t: torch.cat([t, t], -1)[..., ::2], r"`pool_k` must be contiguous"),
+    "pool_v shape": ("pool_v", lambda t: t[..., :4].contiguous(), r"`pool_k` and `pool_v` must both be \[slots"),
+    "prefix_k rank": ("prefix_k", lambda t: t[0], r"`prefix_k` must have 4 dimensions"),
+    "page_table dtype": ("page_table", lambda t: t.int(), r"`page_table` must be Long; got Int"),
+    "visible range": ("visible", lambda t: torch.tensor([3, 5]), r"`visible`\[1\] = 5; expected 1 \.\. 4"),
+    "page id": ("page_table", lambda t: torch.tensor([[1], [3]]), r"page_table\[1, 0\] = 3 is read but the pools hold"),
+    "negative page id": ("page_table", lambda t: torch.tensor([[-1], [2]]), r"page_table\[0, 0\] = -1 is read"),
+    "block id": ("block_table", lambda t: torch.tensor([[2]]), r"block_table\[0, 0\] = 2 is read but the prefix pools"),
+    "prefix_lens range": ("prefix_lens", lambda t: torch.tensor([5]), r"`prefix_lens`\[0\] = 5; expected 0 \.\. 4"),
+    "task id": ("task_ids", lambda t: torch.tensor([0, 1]), r"`task_ids`\[1\] = 1; expected -1 \.\. 0"),
+    "query_rows range": ("query_rows", lambda t: torch.tensor([0, 2]), r"`query_rows`\[1\] = 2; expected 0 \.\. 1"),
+    "rows without query_rows": ("visible", lambda t: torch.tensor([3, 4, 4]), r"`visible` must be \[N=2\]"),
+    "page_size": ("page_size", lambda t: 0, r"`page_size` must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("misuse", list(OP_MISUSES))
+def test_op_checks_its_arguments(misuse):
+    """The C++ side is a second line of defence behind PagedAttention's ValueErrors: a direct call
+    of torch.ops.softprompt.paged_attention with a wrong dtype, device, layout, shape or an index
+    it would read out of bounds is a clear error, never a read of foreign memory (page and block ids
+    are checked inside the parallel loop: the error crosses back from the worker threads)."""
+    args = _op_args()
+    assert torch.ops.softprompt.paged_attention(**args).shape == (2, 1, 2, 8)
+    name, bad, message = OP_MISUSES[misuse]
+    args[name] = bad(args[name])
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.softprompt.paged_attention(**args)
 
 
 def test_kernel_ignores_junk_in_unused_table_entries_and_rejects_bad_used_ones(seed):
@@ -235,7 +303,6 @@ print("ok")
 
 def test_zero_page_or_block_size_is_a_value_error_not_a_crash():
     """The C kernel divides by page_size and block_size: 0 raised SIGFPE in the process."""
-    import os
     import subprocess
     import sys
     from pathlib import Path

@@ -1,39 +1,39 @@
-"""The compiled CPU paged-attention kernel (``csrc/paged_decode.c``): build, load, call.
+"""The compiled CPU paged-attention kernel: the custom op ``softprompt::paged_attention``
+(``csrc/paged_attention.cpp``), its build, and the planned per-layer call.
 
 On the CPU a decode step's attention through torch ops must first gather every row's own K/V out
 of the pages into a padded batch (a copy of the whole running cache per layer) and then run the
 prefix and own parts separately. The kernel reads both in place — the prefix from the store's
 blocks, the own tokens from the engine's pages — in one softmax per query (all its heads), the
-queries split over OpenMP threads: inside a torch process the runtime already loaded by torch
-(same soname), so the kernel's threads are torch's own pool rather than rivals of its spinning
-workers. It serves decode steps (one query per row) and packed causal prefills (one query per new
-token). It is plain C, built with the system compiler on first use (about a second) into a
-per-user cache, and loaded with ``ctypes`` (which releases the GIL during the call). Inference
-only: it computes no gradients (the engine runs it under ``torch.inference_mode``).
+queries split over ATen's intra-op thread pool (``at::parallel_for``). It serves decode steps (one
+query per row) and packed causal prefills (one query per new token). Inference only: it computes
+no gradients (the engine runs it under ``torch.inference_mode``).
 
-Where there is no compiler, the build fails, or ``SOFTPROMPT_CPU_KERNEL=0`` is set, :func:`load`
-returns None (``unavailable_reason()`` says why) and the CPU decoder keeps the torch path
-(:class:`~softprompt.engine.decode_attention.DecodeAttention`). Tests check the kernel against
+It is built on first use by ``torch.utils.cpp_extension.load`` (ninja, the system C++ compiler;
+about 20 s) into ``$SOFTPROMPT_CACHE_DIR/torch_extensions`` or torch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); torch's file lock there
+serialises concurrent builds. The extension's name carries a hash of the source, the flags and
+the torch and Python versions, so different versions live side by side and none is ever deleted
+(another process may have it loaded). Where there is no compiler, the build fails, or ``SOFTPROMPT_CPU_KERNEL=0`` is set,
+:func:`load` returns None (``unavailable_reason()`` says why) and the CPU decoder keeps the torch
+path (:class:`~softprompt.engine.decode_attention.DecodeAttention`). Tests check the kernel against
 the ``reference`` backend.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
-MAX_HEADS = 256                     # query heads per row the kernel's stack arrays hold
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 
-_lib = None
+_op = None
 _reason: Optional[str] = None
 _tried = False
 
@@ -51,86 +51,73 @@ def _cpu_flags() -> set:
 
 def compile_flags() -> list:
     """Optimised, vectorisable, IEEE-safe where it matters (no -ffast-math: the kernel relies on
-    exact rounding in its exp range reduction); AVX2/FMA only where this CPU reports them."""
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    exact rounding in its exp range reduction); fused multiply-adds allowed (ISO C++ mode turns
+    them off, the C original had them: 5-10% of its speed); OpenMP, since ``at::parallel_for`` is
+    inline and needs it to use torch's pool; AVX2/FMA only where this CPU reports them (part of
+    the extension's name, so a cache shared with a CPU without them never serves it this build)."""
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
     if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma"]
     return flags
 
 
-def _cache_dir() -> Path:
+def extension_name(source: bytes, flags: list) -> str:
+    """One name (and cache folder) per source, flags, torch and Python version and machine: a
+    build is never rebuilt in place under a process that has it loaded, and none is deleted."""
+    key = hashlib.sha256(source + " ".join(flags + [torch.__version__, sys.version, platform.machine()]).encode())
+    return f"softprompt_paged_attention_{key.hexdigest()[:16]}"
+
+
+def _build_directory(name: str, cpp_extension) -> Path:
+    """$SOFTPROMPT_CACHE_DIR/torch_extensions/<name>, else torch's extension cache folder for it."""
     root = os.environ.get("SOFTPROMPT_CACHE_DIR")
-    if root:
-        return Path(root) / "kernels"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softprompt" / "kernels"
+    base = (Path(root) / "torch_extensions" if root else
+            Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()))
+    folder = base / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
-def _build(compiler: str) -> Path:
-    """The built library: from the cache, else compiled with OpenMP, else (a compiler without
-    OpenMP support) compiled single-threaded."""
+STALE_LOCK_S = 900      # a build takes well under a minute; a lock this old was left by a killed one
+
+
+def _build():
+    """Builds (or finds in the cache) and loads the extension; raises on any failure."""
+    from torch.utils import cpp_extension           # imports setuptools: only when building
+
     flags = compile_flags()
-    try:
-        return _build_with(compiler, flags)
-    except RuntimeError:
-        return _build_with(compiler, [f for f in flags if f != "-fopenmp"])
-
-
-def _build_with(compiler: str, flags: list) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler] + flags).encode() + platform.machine().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"paged_decode-{key}.so"
-    if target.exists():
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:                 # no writable home: a per-user folder under the temp dir
-        target = Path(tempfile.gettempdir()) / f"softprompt-kernels-{os.getuid()}" / target.name
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-    # build under a temporary name and rename: a concurrent process never loads a half-written file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                                timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
-        os.replace(tmp, target)
-        for old in target.parent.glob("paged_decode-*.so"):     # builds of older sources or flags
-            if old != target:
-                old.unlink(missing_ok=True)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
+    name = extension_name(SOURCE.read_bytes(), flags)
+    folder = _build_directory(name, cpp_extension)
+    lock = folder / "lock"
+    # torch's file lock has no timeout: a build killed midway leaves it behind and every later
+    # load would wait forever. Not deleted here (it may be a live build's): reported instead.
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        raise RuntimeError(f"the build lock {lock} is {time.time() - lock.stat().st_mtime:.0f} s old, left by a "
+                           f"killed build; delete it to rebuild")
+    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                       build_directory=str(folder), is_python_module=False, verbose=False)
+    return torch.ops.softprompt.paged_attention
 
 
 def load():
-    """The loaded kernel library, or None when it cannot be used here (see :func:`unavailable_reason`)."""
-    global _lib, _reason, _tried
+    """The op ``torch.ops.softprompt.paged_attention``, or None when it cannot be used here (see
+    :func:`unavailable_reason`)."""
+    global _op, _reason, _tried
     if _tried:
-        return _lib
-    _tried = True
+        return _op
+    _tried, _op = True, None
     if os.environ.get("SOFTPROMPT_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
         _reason = "disabled by SOFTPROMPT_CPU_KERNEL"
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        _reason = "no C compiler found (set CC)"
-        return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        _reason = f"could not build or load {SOURCE.name}: {err}"
+        _op = _build()
+    # a build can fail in many ways (no compiler or ninja, compiler errors, an unwritable cache,
+    # a loader error); each means "use the torch path", with the reason kept for the user
+    except Exception as err:                        # noqa: BLE001
+        _reason = f"could not build or load {SOURCE.name}: {type(err).__name__}: {str(err).strip()[-1000:]}"
         return None
-    fn = lib.paged_decode_attention
-    fn.restype = ctypes.c_int
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, i64, p, p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64,
-                   i64, p, i64]
-    _lib = lib
-    return _lib
+    _reason = None
+    return _op
 
 
 def unavailable_reason() -> Optional[str]:
@@ -204,7 +191,7 @@ class PagedAttention:
         query_rows: ``[N]`` row of each query (None: query i is row i, N == B).
         num_kv_heads, group_size, head_dim, scale: the layer's attention shape.
         window: sliding window over own keys (None: none), as in the attention contract.
-        num_threads: threads for the call (default torch's intra-op count).
+        num_threads: at most this many threads for the call (default, and at most: torch's intra-op count).
     """
 
     def __init__(self, page_table: torch.Tensor, visible: torch.Tensor, page_size: int,
@@ -212,14 +199,15 @@ class PagedAttention:
                  block_size: int, *, query_rows: Optional[torch.Tensor] = None, num_kv_heads: int,
                  group_size: int, head_dim: int, scale: float, window: Optional[int] = None,
                  num_threads: Optional[int] = None):
-        self.lib = load()
-        if self.lib is None:
+        self.op = load()
+        if self.op is None:
             raise RuntimeError(f"PagedAttention: the compiled kernel is unavailable: {_reason}")
-        for name, n in (("page_size", page_size), ("block_size", block_size), ("head_dim", head_dim)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:       # the kernel divides by them
+        for name, n in (("page_size", page_size), ("block_size", block_size), ("head_dim", head_dim),
+                        ("num_kv_heads", num_kv_heads), ("group_size", group_size)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:       # the kernel divides by sizes
                 raise ValueError(f"PagedAttention: `{name}` {n!r} is invalid; expected an int >= 1")
-        if not 1 <= num_kv_heads * group_size <= MAX_HEADS:
-            raise ValueError(f"PagedAttention: {num_kv_heads} x {group_size} query heads; the kernel takes 1 .. {MAX_HEADS}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"PagedAttention: `window` {window!r} is invalid; expected None or an int >= 1")
         self.page_table, self.visible = _index(page_table, "page_table"), _index(visible, "visible")
         if self.page_table.dim() != 2:
             raise ValueError(f"PagedAttention: `page_table` must be [B, W]; got {list(page_table.shape)}")
@@ -238,8 +226,10 @@ class PagedAttention:
         self.block_table, self.prefix_lens = _index(block_table, "block_table"), _index(prefix_lens, "prefix_lens")
         if self.block_table.dim() != 2:
             raise ValueError(f"PagedAttention: `block_table` must be [T, blocks]; got {list(block_table.shape)}")
+        if self.prefix_lens.shape != self.block_table.shape[:1]:
+            raise ValueError(f"PagedAttention: `prefix_lens` must be [T={self.block_table.shape[0]}] (one per "
+                             f"block-table row); got {list(prefix_lens.shape)}")
         own_seen = self.visible if window is None else self.visible.clamp_max(window)
-        max_keys = int(own_seen.max()) if N else 0
         self.slots_needed = _pages_read(self.page_table, self.visible, own_seen, rows, page_size)
         self.task_ids, self.blocks_needed = None, 0
         if task_ids is not None:
@@ -248,13 +238,11 @@ class PagedAttention:
                                                     or int(self.task_ids.max()) >= self.prefix_lens.shape[0])):
                 raise ValueError(f"PagedAttention: `task_ids` must be [B={B}] ids of the store's tasks (or -1)")
             has = self.task_ids >= 0
-            lens = torch.where(has, self.prefix_lens.index_select(0, self.task_ids.clamp_min(0)), 0)
-            max_keys = int((lens.index_select(0, rows) + own_seen).max()) if N else 0
             self.blocks_needed = _blocks_read(self.block_table, self.prefix_lens, self.task_ids[has], block_size)
         self.queries, self.page_size, self.block_size = N, page_size, block_size
         self.num_kv_heads, self.group_size, self.head_dim = num_kv_heads, group_size, head_dim
-        self.scale, self.window, self.max_keys = float(scale), int(window or 0), max_keys
-        self.num_threads = num_threads or torch.get_num_threads()
+        self.scale, self.window = float(scale), int(window or 0)
+        self.num_threads = num_threads or 0                             # 0: ATen's intra-op count
 
     def __call__(self, q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                  prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> torch.Tensor:
@@ -276,16 +264,6 @@ class PagedAttention:
         if prefix_k.shape[0] != prefix_v.shape[0] or prefix_k.shape[0] < self.blocks_needed:
             raise ValueError(f"PagedAttention: the block table reaches block {self.blocks_needed - 1}; the "
                              f"prefix pools hold {prefix_k.shape[0]} / {prefix_v.shape[0]}")
-        q = q.to(torch.float32).contiguous()
-        out = torch.empty_like(q)
-        ptr = lambda t: t.data_ptr() if t is not None else None        # noqa: E731
-        status = self.lib.paged_decode_attention(
-            q.data_ptr(), pool_k.data_ptr(), pool_v.data_ptr(), self.page_table.data_ptr(),
-            self.page_table.shape[1], self.visible.data_ptr(), ptr(self.query_rows), self.page_size,
-            prefix_k.data_ptr(), prefix_v.data_ptr(), self.block_table.data_ptr(),
-            self.block_table.shape[1], self.prefix_lens.data_ptr(),
-            ptr(self.task_ids), self.block_size, N, Hkv, G, D, self.scale, self.window, self.max_keys,
-            out.data_ptr(), self.num_threads)
-        if status != 0:
-            raise RuntimeError(f"PagedAttention: the kernel could not allocate its scratch memory (status {status})")
-        return out
+        return self.op(q.to(torch.float32).contiguous(), pool_k, pool_v, self.page_table, self.visible,
+                       self.query_rows, self.page_size, prefix_k, prefix_v, self.block_table, self.prefix_lens,
+                       self.task_ids, self.scale, self.window, self.num_threads)
