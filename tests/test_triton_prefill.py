@@ -483,7 +483,8 @@ def test_shared_visibility_helpers_match_masks(seq):
     lens = lambda n: torch.tensor([n])  # noqa: E731
     x = types.SimpleNamespace(q=torch.zeros(1, 1, S, 1), q_len=S, kv_len=S, batch=1, attn_mask=None,
                               q_lens=lens(seq["q_len"]), kv_lens=lens(seq["kv_len"]),
-                              kv_starts=lens(seq["kv_start"]), causal=seq["causal"], window=seq["window"])
+                              kv_starts=lens(seq["kv_start"]), causal=seq["causal"], window=seq["window"],
+                              derived={}, mask_planned=True)        # what a plan's inputs carry
     expected = own_key_visibility(x)[0, 0]
     assert torch.equal(vis.bool(), expected), f"{seq}\n{vis}\n{expected.int()}"
     keys = torch.arange(S)
