@@ -52,7 +52,7 @@ def _cpu_flags() -> set:
 def compile_flags() -> list:
     """Optimised, vectorisable, IEEE-safe where it matters (no -ffast-math: the kernel relies on
     exact rounding in its exp range reduction); fused multiply-adds allowed (ISO C++ mode turns
-    them off, the C original had them: 5-10% of its speed); OpenMP, since ``at::parallel_for`` is
+    them off by default); OpenMP, since ``at::parallel_for`` is
     inline and needs it to use torch's pool; AVX2/FMA only where this CPU reports them (part of
     the extension's name, so a cache shared with a CPU without them never serves it this build)."""
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]

@@ -1,18 +1,15 @@
 """Prefix + own-token attention of one CPU decode step, planned once and reused by every layer.
 
-``kernels.prefix_attention`` serves any call: it validates its inputs, derives the task grouping
-and masks, and looks its plan up on every call. In a decode step all layers share the batch's
-tasks, prefix lengths and own-key ranges, so :class:`DecodeAttention` derives them once per step
-and each layer only does the arithmetic:
+In a decode step all layers share the batch's tasks, prefix lengths and own-key ranges, so
+:class:`DecodeAttention` derives them once per step and each layer only does the arithmetic:
 
 - own keys: two batched matrix products over the rows, each reading a row's gathered own K (V)
   once as ``[Skv, Hkv*D]``: the queries enter block-diagonally (``[Hkv*G, Hkv*D]``, query head
   ``(h, g)`` nonzero only in KV head h's columns), so every head of a row is scored in one small
   GEMM with K/V never repeated or transposed; the scores outside a head's own block are never
-  used. It does Hkv times the (tiny) arithmetic of per-head products but a third of their calls,
-  and measured ~20% faster than the fused CPU flash kernel at the engine's decode shapes (whose
-  per (row, head) overhead dominates when each has only G query rows). An additive bias hides
-  left padding and keys outside a sliding window;
+  used. It does Hkv times the (tiny) arithmetic of per-head products in a fraction of their
+  calls, which beats the fused CPU flash kernel when each (row, head) has only G query rows. An
+  additive bias hides left padding and keys outside a sliding window;
 - prefixes, read in place from the store's block pool: tasks with the same prefix length and the
   same number of rows are stacked into one flash call whose queries are all of those rows
   (each prefix block is read once per task, not per row);
