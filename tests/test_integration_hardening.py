@@ -46,7 +46,6 @@ def test_detached_model_refuses_task_ids_and_can_be_attached_again():
     """Stock transformers forwards take **kwargs: after detach, task_ids would be dropped silently."""
     model, store = _attached("llama")
     ids = random_rows([4])[0][None]
-    signature = inspect.signature(model.forward)
     with torch.no_grad():
         with_prefix = model(ids, task_ids=["task2"]).logits
     softprompt.detach(model)

@@ -337,18 +337,3 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
         store.calls[path] += 1
     out = plan.run(query, key, value, prefix_k, prefix_v)
     return out.transpose(1, 2).contiguous(), None
-
-
-_REGISTERED = False
-
-
-def register() -> None:
-    """Register the attention and mask functions with transformers (class level, idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register(ATTN_NAME, softprompt_attention)
-    AttentionMaskInterface.register(ATTN_NAME, softprompt_mask)
-    _REGISTERED = True

@@ -40,12 +40,6 @@ class ModelPrefixStore(PrefixStore):
         self.rotary_dim = rotary_dim
         self.backend = backend
         self.calls = {"lengths": 0, "mask": 0, "dense": 0}
-        self._mask_memo = []               # [(weakref to mask, window, derived)] of the current forward
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_mask_memo"] = []                   # weak references do not pickle
-        return state
 
     # ------------------------------------------------------------------ conventions
     def to_stored(self, k: torch.Tensor, prefix_len: int) -> torch.Tensor:
