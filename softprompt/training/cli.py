@@ -187,7 +187,17 @@ def train_command(argv=None) -> int:
               f"final train loss {result['train_loss']:.4f}"
               + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
               + f"; prompts in {Path(opts.output_dir) / 'final'}")
+    _end_distributed()
     return 0
+
+
+def _end_distributed() -> None:
+    """Under torchrun, leave the process group together: a rank that exits while gloo's threads
+    still serve a peer can abort at interpreter shutdown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
