@@ -51,6 +51,18 @@ class PrefixAttentionInputs:
     derived: dict = field(default_factory=dict, compare=False, repr=False)
     # False when attn_mask came with this call rather than with the plan (mask-derived data is per call).
     mask_planned: bool = True
+    # Options of the dense path (kernels/dense_backend.py): tanh soft-capping of the scaled scores
+    # (planned), an additive float bias on own-key scores [B|1, 1|Hq, Sq, Skv] and dropout on the
+    # probabilities (per run).
+    softcap: Optional[float] = None
+    bias: Optional[torch.Tensor] = None
+    dropout_p: float = 0.0
+    generator: Optional[torch.Generator] = None
+
+    @property
+    def has_dense_options(self) -> bool:
+        """True when an option only the materialising backends compute is set."""
+        return self.softcap is not None or self.bias is not None or self.dropout_p > 0
 
     @property
     def batch(self) -> int:
@@ -187,6 +199,7 @@ class BatchMeta:
     own_page_table: Optional[torch.Tensor] = None
     own_page_size: int = 0
     own_num_pages: int = 0
+    softcap: Optional[float] = None           # tanh soft-capping of the scaled scores (dense path)
 
 
 def check_metadata(block_table, prefix_lens, task_ids, *, batch, num_q_heads, num_kv_heads, q_len, kv_len,
@@ -242,16 +255,19 @@ def check_mask(attn_mask, B: int, Hq: int, Sq: int, Skv: int, device) -> None:
         _fail("attn_mask", f"on device {attn_mask.device}", f"the device of q ({device})")
 
 
-def inputs_of(meta: BatchMeta, q, k, v, prefix_k, prefix_v, attn_mask=None, derived=None) -> "PrefixAttentionInputs":
+def inputs_of(meta: BatchMeta, q, k, v, prefix_k, prefix_v, attn_mask=None, derived=None, bias=None,
+              dropout_p: float = 0.0, generator=None) -> "PrefixAttentionInputs":
     """One layer's inputs: the plan's metadata and this layer's tensors. ``attn_mask`` replaces
-    the planned mask for this call; ``derived`` is the plan's cache (None: a fresh one)."""
+    the planned mask for this call; ``derived`` is the plan's cache (None: a fresh one); ``bias``,
+    ``dropout_p``, ``generator`` are this call's dense-path options (validated by the caller)."""
     planned = attn_mask is None
     return PrefixAttentionInputs(
         q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, block_table=meta.block_table,
         prefix_lens=meta.prefix_lens, task_ids=meta.task_ids, q_lens=meta.q_lens, kv_lens=meta.kv_lens,
         kv_starts=meta.kv_starts, causal=meta.causal, scale=meta.scale, window=meta.window,
         attn_mask=meta.attn_mask if planned else attn_mask, lengths_given=meta.lengths_given,
-        derived={} if derived is None else derived, mask_planned=planned)
+        derived={} if derived is None else derived, mask_planned=planned, softcap=meta.softcap, bias=bias,
+        dropout_p=dropout_p, generator=generator)
 
 
 def validate_inputs(q, k, v, prefix_k, prefix_v, block_table, prefix_lens, task_ids, *,
@@ -360,6 +376,40 @@ def gather_pages(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.
     g = pool[table]                                                     # [B, pages, Hkv, ps, D]
     _, _, Hkv, ps, D = g.shape
     return g.permute(0, 2, 1, 3, 4).reshape(B, Hkv, n * ps, D)[:, :, :length]
+
+
+# ------------------------------------------------------------------ options of the dense path
+def check_softcap(softcap):
+    """``softcap`` as a float (None: no capping); a finite number > 0."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) \
+            or softcap <= 0:
+        _fail("softcap", repr(softcap), "a finite positive number or None")
+    return float(softcap)
+
+
+def check_bias(bias, batch: int, num_q_heads: int, q_len: int, kv_len: int, device) -> None:
+    """``bias``: a float tensor ``[B|1, 1|Hq, Sq, Skv]`` on the plan's device."""
+    _check_tensor("bias", bias, 4, FLOAT_DTYPES, "a float tensor [B|1, 1|Hq, Sq, Skv]")
+    shape = tuple(bias.shape)
+    if shape[0] not in (1, batch) or shape[1] not in (1, num_q_heads) or shape[2:] != (q_len, kv_len):
+        _fail("bias", f"with shape {shape}",
+              f"[B={batch} or 1, 1 or Hq={num_q_heads}, Sq={q_len}, Skv={kv_len}] (own keys only)")
+    if bias.device != device:
+        _fail("bias", f"on device {bias.device}", f"the plan's device ({device})")
+
+
+def check_dropout(dropout_p, generator, device) -> float:
+    """``dropout_p`` as a float in [0, 1); ``generator`` None or a ``torch.Generator`` on ``device``."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        _fail("dropout_p", repr(dropout_p), "a number in [0, 1)")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            _fail("generator", f"of type {type(generator).__name__}", "a torch.Generator or None")
+        if generator.device.type != torch.device(device).type:
+            _fail("generator", f"on device {generator.device}", f"a generator on the plan's device ({device})")
+    return float(dropout_p)
 
 
 def _span(t: torch.Tensor) -> str:

@@ -16,10 +16,14 @@ from typing import Optional
 import torch
 
 from .backends import BACKENDS, resolve_backend_name
-from .inputs import (FLOAT_DTYPES, BatchMeta, _check_tensor, _fail, check_layer_tensors, check_mask, check_metadata,
-                     check_own_pages, gather_pages, inputs_of)
+from .dense_backend import dense_attention
+from .inputs import (FLOAT_DTYPES, BatchMeta, _check_tensor, _fail, check_bias, check_dropout, check_layer_tensors,
+                     check_mask, check_metadata, check_own_pages, check_softcap, gather_pages, inputs_of)
+from .reference import reference_attention
 
 PAGED_BACKENDS = ("reference", "torch")   # backends that take paged own keys (gathered per layer)
+# backends that compute the dense-path options (softcap, bias, dropout), and the function they use
+DENSE_OPTION_BACKENDS = {"reference": reference_attention, "torch": dense_attention}
 _SHAPE_NAMES = ("batch", "num_q_heads", "num_kv_heads", "q_len", "kv_len", "head_dim", "num_blocks",
                 "block_size", "device")
 
@@ -37,15 +41,23 @@ class PrefixAttentionPlan:
         if meta.own_page_table is not None and self.backend not in PAGED_BACKENDS:
             raise ValueError(f"prefix_attention: `backend` {backend!r} is invalid with paged own keys "
                              f"(own_page_table); expected one of {list(PAGED_BACKENDS)}")
+        if meta.softcap is not None:
+            _dense_backend(self.backend, "softcap")
         self._run = BACKENDS[self.backend]
         self._derived: dict = {}           # what the backend derives from the metadata, for every layer
 
-    def run(self, q, k, v, prefix_k, prefix_v, attn_mask=None) -> torch.Tensor:
+    def run(self, q, k, v, prefix_k, prefix_v, attn_mask=None, *, bias=None, dropout_p: float = 0.0,
+            generator=None) -> torch.Tensor:
         """Prefix attention of one layer: ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]``,
         ``prefix_k, prefix_v [num_blocks, Hkv, block_size, D]`` with the plan's sizes (any float
         dtype, the same for all five, on the plan's device). With paged own keys (the plan has an
         ``own_page_table``) ``k, v`` are page pools ``[num_pages, Hkv, page_size, D]``.
-        ``attn_mask`` (bool ``[B, 1|Hq, Sq, Skv]``) replaces the planned mask for this call only."""
+        ``attn_mask`` (bool ``[B, 1|Hq, Sq, Skv]``) replaces the planned mask for this call only.
+
+        Dense-path options of this call (``reference`` and ``torch`` only; see ``dense_backend.py``):
+        ``bias`` float ``[B|1, 1|Hq, Sq, Skv]`` added to the own-key scores (after scale and
+        soft-capping), ``dropout_p`` in [0, 1) on the probabilities, its keep mask drawn from
+        ``generator`` (None: torch's global generator)."""
         if self.meta.own_page_table is not None:
             k, v = self._own_from_pages(k, v)
         shapes = check_layer_tensors(q, k, v, prefix_k, prefix_v)
@@ -55,7 +67,17 @@ class PrefixAttentionPlan:
                 _mismatch(name, shapes[name], getattr(meta, name))
         if attn_mask is not None:
             check_mask(attn_mask, meta.batch, meta.num_q_heads, meta.q_len, meta.kv_len, meta.device)
-        return self._run(inputs_of(meta, q, k, v, prefix_k, prefix_v, attn_mask, self._derived))
+        run = self._run
+        if bias is not None:
+            check_bias(bias, meta.batch, meta.num_q_heads, meta.q_len, meta.kv_len, meta.device)
+            run = _dense_backend(self.backend, "bias")
+        if dropout_p != 0 or generator is not None:
+            dropout_p = check_dropout(dropout_p, generator, meta.device)
+            run = _dense_backend(self.backend, "dropout_p") if dropout_p > 0 else run
+        if meta.softcap is not None:
+            run = DENSE_OPTION_BACKENDS[self.backend]
+        return run(inputs_of(meta, q, k, v, prefix_k, prefix_v, attn_mask, self._derived, bias=bias,
+                             dropout_p=dropout_p, generator=generator))
 
     def _own_from_pages(self, k, v):
         """Own keys and values gathered out of their page pools: ``[B, Hkv, Skv, D]`` each."""
@@ -74,7 +96,15 @@ class PrefixAttentionPlan:
         m = self.meta
         return (f"PrefixAttentionPlan(B={m.batch}, Hq={m.num_q_heads}, Hkv={m.num_kv_heads}, Sq={m.q_len}, "
                 f"Skv={m.kv_len}, D={m.head_dim}, blocks={m.num_blocks}x{m.block_size}, causal={m.causal}, "
-                f"window={m.window}, device={m.device})")
+                f"window={m.window}, softcap={m.softcap}, device={m.device})")
+
+
+def _dense_backend(backend: str, option: str):
+    """The function computing ``backend`` with a dense-path option; ValueError when it has none."""
+    if backend not in DENSE_OPTION_BACKENDS:
+        raise ValueError(f"prefix_attention: `{option}` is invalid with backend {backend!r}; expected "
+                         f"backend 'torch' or 'reference' (the {backend} kernels have no {option})")
+    return DENSE_OPTION_BACKENDS[backend]
 
 
 # which tensor (and dimension) of run() carries each planned size, for the error message
@@ -93,7 +123,8 @@ def plan_prefix_attention(block_table, prefix_lens, task_ids, *, num_q_heads: in
                           causal: bool = True, scale=None, q_lens=None, kv_lens=None, kv_starts=None,
                           window: Optional[int] = None, attn_mask=None, device=None, batch=None,
                           own_page_table=None, own_page_size: Optional[int] = None,
-                          own_num_pages: Optional[int] = None, backend: str = "auto") -> PrefixAttentionPlan:
+                          own_num_pages: Optional[int] = None, softcap: Optional[float] = None,
+                          backend: str = "auto") -> PrefixAttentionPlan:
     """Validate the batch metadata of ``prefix_attention`` once and return a plan to run per layer.
 
     The arguments mean what they mean for :func:`~kernels.prefix_attention`; the sizes of the
@@ -105,6 +136,9 @@ def plan_prefix_attention(block_table, prefix_lens, task_ids, *, num_q_heads: in
     ``own_page_table[b, j // own_page_size]`` (slot ``j % own_page_size``) of page pools
     ``[own_num_pages, Hkv, own_page_size, D]`` that ``run`` then takes as ``k, v``; ``kv_len`` is
     the logical own length (``kv_lens`` per row). Backends: ``reference`` and ``torch``.
+
+    ``softcap``: Gemma 2's soft-capping of the scaled scores, ``tanh(s / softcap) * softcap``
+    (``reference`` and ``torch``, which runs it on its dense path).
     """
     if batch is None or device is None:
         if not isinstance(task_ids, torch.Tensor):
@@ -124,6 +158,7 @@ def plan_prefix_attention(block_table, prefix_lens, task_ids, *, num_q_heads: in
     meta = check_metadata(block_table, prefix_lens, task_ids, causal=causal,
                           scale=scale, q_lens=q_lens, kv_lens=kv_lens, kv_starts=kv_starts, window=window,
                           attn_mask=attn_mask, **sizes)
+    meta = dataclasses.replace(meta, softcap=check_softcap(softcap))
     if own_page_table is not None:
         for name, value, least in (("own_page_size", own_page_size, 1), ("own_num_pages", own_num_pages, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:

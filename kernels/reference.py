@@ -1,5 +1,8 @@
 """The ``reference`` backend: materialise ``[prefix ; own]`` per sequence, run plain attention.
 
+It also defines the dense-path options (soft-capping, an additive bias, dropout) that the
+``torch`` backend computes through ``dense_backend.py`` with this same code.
+
 This is the ground truth every other backend is tested against, and the naive baseline the
 benchmarks beat: it copies each task's prefix into every sequence of the batch, exactly what
 PEFT-style prefix caches do.
@@ -27,7 +30,15 @@ def materialise_prefix(x: PrefixAttentionInputs, pool: torch.Tensor, rows: int) 
 
 
 def reference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
-    cdt = compute_dtype(x.q.dtype)
+    return materialised_attention(x, compute_dtype(x.q.dtype))
+
+
+def materialised_attention(x: PrefixAttentionInputs, matmul_dtype: torch.dtype) -> torch.Tensor:
+    """The contract computed on ``[prefix ; own]`` materialised per sequence, products in
+    ``matmul_dtype`` and the softmax in fp32 (fp64 for fp64 inputs). Applies the dense-path
+    options in the families' eager order: scale, soft-cap, bias (own columns only), mask,
+    softmax, dropout."""
+    cdt = matmul_dtype
     G = x.group_size
     rows = prefix_row_count(x)
     keys = torch.cat([materialise_prefix(x, x.prefix_k, rows), x.k], dim=2).to(cdt)
@@ -49,11 +60,20 @@ def reference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     # Padding queries are zeroed first: whatever they hold, they return zeros.
     q = x.q.to(cdt).masked_fill(~query_valid(x)[:, None, :, None], 0.0)
     scores = torch.matmul(q, keys.transpose(-1, -2)) * x.scale
+    if x.softcap is not None:
+        scores = torch.tanh(scores / x.softcap) * x.softcap
+    sdt = compute_dtype(x.q.dtype)
+    scores = scores.to(sdt)
+    if x.bias is not None:                                             # prefix columns get no bias
+        scores = scores + torch.nn.functional.pad(x.bias.to(sdt), (rows, 0))
     any_visible = visible.any(-1, keepdim=True)
     # Rows that see nothing get finite scores, then zero probabilities: zeros, never NaN.
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
     probs = torch.softmax(scores, dim=-1) * any_visible
-    out = torch.matmul(probs, values)
+    if x.dropout_p > 0:
+        keep = torch.rand(probs.shape, generator=x.generator, device=probs.device) >= x.dropout_p
+        probs = probs * keep / (1.0 - x.dropout_p)
+    out = torch.matmul(probs.to(cdt), values)
     if bad is not None:        # a visible NaN stays visible (filled after: no NaN in the backward)
         sees_bad = (visible & bad.repeat_interleave(G, dim=1)[:, :, None, :]).any(-1, keepdim=True)
         out = out.masked_fill(sees_bad, float("nan"))

@@ -14,10 +14,10 @@ the kernels' prefix attention with the task prefix of this layer from the model'
    sliding ``window``) when it is exactly plain padding + causal (or bidirectional) + window;
    the reduction is verified against the mask, and anything else goes to the kernel as a bool
    ``attn_mask`` (``causal=False``; the mask already says everything).
-2. Soft-capping (gemma2), attention dropout in training, and additive (non-binary) float masks
-   are not in the kernel contract: those calls take ``dense_prefix_attention``, a PyTorch path
-   that materialises ``[prefix ; own]`` per sequence and follows the families' eager code
-   (scale, softcap, mask, fp32 softmax, dropout). Correctness first; it is slower.
+2. Soft-capping (gemma2) is a plan option; an additive (non-binary) float mask and a caller's
+   ``bias`` (T5's relative position bias, see ``encdec.py``) go to ``plan.run`` as ``bias``, and
+   attention dropout in training as ``dropout_p``. The ``torch`` backend computes those calls on
+   its dense path (``kernels/dense_backend.py``); the store counts them as ``"dense"``.
 
 Modules without a store back-reference (cross-attention) are computed with an empty prefix.
 """
@@ -29,7 +29,6 @@ from typing import Optional
 import torch
 
 from softprompt.kernels import plan_prefix_attention
-from softprompt.kernels.masks import all_finite, nonfinite_rows, zero_rows
 
 ATTN_NAME = "softprompt"
 SLOT = "_softprompt_slot"
@@ -64,7 +63,8 @@ def softprompt_mask(*args, **kwargs):
 
 
 def _to_visibility(mask: torch.Tensor, Skv: int):
-    """HF mask -> ``(bool visibility, additive float bias or None)`` for own keys."""
+    """HF mask -> ``(bool visibility, additive float bias or None)`` for own keys; the bias is
+    zero where the mask blocks a key."""
     if mask.shape[-1] > Skv:
         mask = mask[..., :Skv]
     if mask.dtype == torch.bool:
@@ -74,7 +74,7 @@ def _to_visibility(mask: torch.Tensor, Skv: int):
     blocked = mask <= torch.finfo(mask.dtype).min / 2
     if bool(((mask == 0) | blocked).all()):
         return ~blocked, None
-    return ~blocked, mask                          # a real additive bias: dense path
+    return ~blocked, mask.masked_fill(blocked, 0.0)   # a real additive bias
 
 
 def _rebuild(kv_starts, kv_lens, Sq: int, Skv: int, causal: bool, window: Optional[int]):
@@ -110,70 +110,6 @@ def derive_lengths(visible: torch.Tensor, window: Optional[int]):
         if torch.equal(_rebuild(starts, ends, Sq, Skv, causal, window), m):
             return causal, starts, ends
     return None
-
-
-# ---------------------------------------------------------------------------------------- dense path
-def gather_prefix(pool: torch.Tensor, block_table: torch.Tensor, prefix_lens: torch.Tensor,
-                  task_ids: torch.Tensor):
-    """Each row's task prefix copied out of the block pool: ``[B, Hkv, Pmax, D]`` and ``valid [B, Pmax]``."""
-    B = task_ids.shape[0]
-    lens = prefix_lens[task_ids]
-    rows = int(lens.max()) if B else 0
-    bs = pool.shape[2]
-    if rows == 0:
-        return pool.new_zeros(B, pool.shape[1], 0, pool.shape[3]), lens.new_zeros(B, 0, dtype=torch.bool)
-    nb = -(-rows // bs)
-    # Entries past the blocks a task uses may hold anything (-1, stale ids past the pool): a
-    # shorter task's row is read as deep as the longest prefix, so they are replaced, never used.
-    used = torch.arange(nb, device=block_table.device)[None, :] * bs < lens[:, None]
-    table = torch.where(used, block_table[task_ids, :nb].long(), 0)
-    g = pool[table]                                            # [B, nb, Hkv, bs, D]
-    g = g.permute(0, 2, 1, 3, 4).reshape(B, pool.shape[1], nb * bs, pool.shape[3])[:, :, :rows]
-    valid = torch.arange(rows, device=lens.device)[None] < lens[:, None]
-    return g, valid
-
-
-def dense_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_valid, own_visible, *, scale: float,
-                           softcap: Optional[float] = None, bias=None, dropout: float = 0.0,
-                           training: bool = False) -> torch.Tensor:
-    """Eager-style attention over ``[prefix ; own]``: ``[B, Hq, Sq, D]``.
-
-    ``own_visible`` bool ``[B, 1|Hq, Sq, Skv]``; ``prefix_valid`` ``[B, Pmax]`` (every query sees
-    its task's prefix rows); ``bias`` an optional additive float mask on own keys. Soft-capping
-    is applied to the scaled scores before masking (gemma2). Rows that see nothing give zeros.
-    """
-    B, Hq, Sq, D = q.shape
-    G = Hq // k.shape[1]
-    keys = torch.cat([prefix_k.to(q.dtype), k], dim=2)
-    values = torch.cat([prefix_v.to(q.dtype), v], dim=2)
-    # Keys a query cannot see never reach it, whatever they hold (an uninitialised page, the rest
-    # of a prefix's last block): non-finite rows are zeroed before the products (0 * NaN is NaN)
-    # and a query that does see one gets NaN explicitly.
-    bad = None
-    if not all_finite(keys, values):
-        bad = nonfinite_rows(keys, values)                     # [B, Hkv, P+Skv]
-        keys, values = zero_rows(keys, bad), zero_rows(values, bad)
-        bad = bad.repeat_interleave(G, dim=1)[:, :, None, :]
-    keys = keys.repeat_interleave(G, dim=1)
-    values = values.repeat_interleave(G, dim=1)
-    P = prefix_k.shape[2]
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    Hm = own_visible.shape[1]
-    visible = torch.cat([prefix_valid[:, None, None, :].expand(B, Hm, Sq, P), own_visible], dim=-1)
-    if bias is not None:
-        bias = bias[..., : k.shape[2]].to(scores.dtype)
-        scores = scores + torch.cat([bias.new_zeros(*bias.shape[:-1], P), bias], dim=-1)
-    any_visible = visible.any(-1, keepdim=True)
-    scores = scores.float().masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
-    probs = (torch.softmax(scores, dim=-1) * any_visible).to(q.dtype)
-    if dropout and training:
-        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-    out = torch.matmul(probs, values)
-    if bad is not None:        # a visible NaN stays visible (filled after: no NaN in the backward)
-        out = out.masked_fill((visible & bad).any(-1, keepdim=True), float("nan"))
-    return out
 
 
 # ---------------------------------------------------------------------------------------- attention
@@ -259,7 +195,7 @@ def _batch_tasks(store, tables, task_ids, B: int, device: torch.device):
     return tables[0].to(device), tables[1].to(device), ids
 
 
-def _plan(store, tables, query, key, prefix_k, task_ids, visible, causal: bool, window, scale: float):
+def _plan(store, tables, query, key, prefix_k, task_ids, visible, causal: bool, window, scale: float, softcap):
     """``(plan, path)``: the forward's plan for this layer's metadata; ``path`` is ``"lengths"``
     when the mask reduced to per-sequence lengths, ``"mask"`` when it goes as a bool mask."""
     B, Hq, Sq, D = query.shape
@@ -274,15 +210,17 @@ def _plan(store, tables, query, key, prefix_k, task_ids, visible, causal: bool, 
             kw, path = dict(causal=False, attn_mask=visible), "mask"
     plan = plan_prefix_attention(table, lens, ids, num_q_heads=Hq, num_kv_heads=key.shape[1], head_dim=D,
                                  q_len=Sq, kv_len=key.shape[2], num_blocks=prefix_k.shape[0],
-                                 block_size=prefix_k.shape[2], device=device, scale=scale,
+                                 block_size=prefix_k.shape[2], device=device, scale=scale, softcap=softcap,
                                  backend=_backend(store, device), **kw)
     return plan, path
 
 
 def softprompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                          scaling: Optional[float] = None, softcap: Optional[float] = None,
-                         sliding_window: Optional[int] = None, task_ids=None, **kwargs):
-    """transformers attention function: prefix attention through the forward's kernel plan."""
+                         sliding_window: Optional[int] = None, task_ids=None, bias=None, **kwargs):
+    """transformers attention function: prefix attention through the forward's kernel plan.
+    ``bias`` (``[B|1, 1|H, Sq, Skv]``, own keys; from ``encdec.py``: T5's position bias) is added
+    to the scaled scores, like an additive float mask."""
     slot = module.__dict__.get(SLOT)
     store = slot.store_ref() if slot is not None else None
     B, Hq, Sq, D = query.shape
@@ -301,39 +239,26 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
 
     if attention_mask is None:
         causal = bool(getattr(module, "is_causal", False)) and Sq > 1
-        visible, bias = None, None
+        visible = None
     else:
         causal = False
-        visible, bias = _to_visibility(attention_mask, Skv)
+        visible, mask_bias = _to_visibility(attention_mask, Skv)
         if visible.shape[0] != B:                     # a broadcast [1, ...] mask from the caller
             visible = visible.expand(B, *visible.shape[1:])
-            bias = bias.expand(B, *bias.shape[1:]) if bias is not None else None
-
+        if mask_bias is not None:
+            bias = mask_bias if bias is None else bias + mask_bias
     window = sliding_window_of(module, sliding_window)
-    use_dense = softcap is not None or bias is not None or (dropout and module.training)
+    dropout_p = float(dropout) if dropout and module.training else 0.0
 
-    if use_dense:
-        if store is not None:
-            store.calls["dense"] += 1
-        if visible is None:
-            i = torch.arange(Sq, device=device)[:, None] + (Skv - Sq)
-            j = torch.arange(Skv, device=device)[None]
-            visible = ((j <= i) if causal else torch.ones(Sq, Skv, dtype=torch.bool, device=device))
-            visible = visible[None, None].expand(B, 1, Sq, Skv)
-        block_table, prefix_lens, ids = _batch_tasks(store, tables, task_ids, B, device)
-        pk, valid = gather_prefix(prefix_k, block_table, prefix_lens, ids)
-        pv, _ = gather_prefix(prefix_v, block_table, prefix_lens, ids)
-        out = dense_prefix_attention(query, key, value, pk, pv, valid, visible, scale=scale, softcap=softcap,
-                                     bias=bias, dropout=dropout, training=module.training)
-        return out.transpose(1, 2).contiguous(), None
-
-    build = lambda: _plan(store, tables, query, key, prefix_k, task_ids, visible, causal, window, scale)  # noqa: E731
+    build = lambda: _plan(store, tables, query, key, prefix_k, task_ids, visible, causal, window, scale,  # noqa: E731
+                          softcap)
     if store is None:
         plan, path = build()
     else:
         settings = (B, Hq, key.shape[1], Sq, Skv, D, prefix_k.shape[0], prefix_k.shape[2], device, causal,
-                    window, scale, store.backend)
+                    window, scale, softcap, store.backend)
         plan, path = forward_plans(store).get(settings, (attention_mask, task_ids, *tables), build)
-        store.calls[path] += 1
-    out = plan.run(query, key, value, prefix_k, prefix_v)
+        dense = softcap is not None or bias is not None or dropout_p > 0
+        store.calls["dense" if dense else path] += 1
+    out = plan.run(query, key, value, prefix_k, prefix_v, bias=bias, dropout_p=dropout_p)
     return out.transpose(1, 2).contiguous(), None

@@ -35,9 +35,8 @@ lengths share a batch):
   encoder outputs' K/V.
 
 Paths. BART attention and T5 cross-attention run on the kernels (``prefix_attention``). T5's
-relative position bias is an additive score bias, outside the kernel contract: T5 encoder and
-decoder self-attention take the integration's dense PyTorch path (``[prefix ; own]``
-materialised per sequence, zero bias on prefix columns).
+relative position bias is the plan's ``bias`` run argument (an additive bias on own-key scores,
+zero on the prefix columns), which the ``torch`` backend computes on its dense path.
 
 Limitations: same ``P`` for the three kinds of a task; encoder and decoder must have the same
 attention geometry (kv heads, head dim), true of every released T5/BART checkpoint; families
@@ -157,31 +156,13 @@ def _kind(module) -> Optional[str]:
 def encdec_attention(module, query, key, value, attention_mask, position_bias=None, **kwargs):
     """The registered attention function of encoder-decoder models.
 
-    T5 self-attention passes its relative ``position_bias`` (``[1|B, H, Sq, Skv]``, own keys);
-    it is folded with the mask into an additive float mask, which ``softprompt_attention`` runs on
-    its dense path with a zero bias on the prefix columns. T5 cross-attention's ``position_bias``
-    is all zeros by construction (no relative bias) and is dropped so the call stays on the kernel.
+    T5 self-attention passes its relative ``position_bias`` (``[1|B, H, Sq, Skv]``, own keys):
+    ``softprompt_attention`` adds it to the own-key scores (``bias``; the prefix columns get none).
+    T5 cross-attention's ``position_bias`` is all zeros by construction (no relative bias) and is
+    dropped so the call stays on the kernels.
     """
     if position_bias is not None and _kind(module) != "cross":
-        B, _, Sq, _ = query.shape
-        Skv = key.shape[2]
-        bias = position_bias[..., -Sq:, :Skv].to(query.dtype)
-        if attention_mask is None:
-            if getattr(module, "is_causal", False) and Sq > 1:
-                i = torch.arange(Sq, device=query.device)[:, None] + (Skv - Sq)
-                j = torch.arange(Skv, device=query.device)[None]
-                attention_mask = (j <= i)[None, None]
-        if attention_mask is not None:
-            mask = attention_mask[..., :Skv]
-            if mask.dtype == torch.bool:
-                visible = mask
-            elif mask.dtype.is_floating_point:
-                visible = mask > torch.finfo(mask.dtype).min / 2
-                bias = bias + mask.to(bias.dtype).masked_fill(~visible, 0)
-            else:
-                visible = mask != 0
-            bias = bias.masked_fill(~visible, torch.finfo(bias.dtype).min)
-        attention_mask = bias
+        kwargs["bias"] = position_bias[..., -query.shape[2]:, :key.shape[2]]
     return softprompt_attention(module, query, key, value, attention_mask, **kwargs)
 
 
