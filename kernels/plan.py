@@ -20,8 +20,10 @@ from .dense_backend import dense_attention
 from .inputs import (FLOAT_DTYPES, BatchMeta, _check_tensor, _fail, check_bias, check_dropout, check_layer_tensors,
                      check_mask, check_metadata, check_own_pages, check_softcap, gather_pages, inputs_of)
 from .reference import reference_attention
+from .triton_backend import OwnPages, triton_attention
 
-PAGED_BACKENDS = ("reference", "torch")   # backends that take paged own keys (gathered per layer)
+# backends that take paged own keys (reference, torch: gathered per layer; triton: read in place)
+PAGED_BACKENDS = ("reference", "torch", "triton")
 # backends that compute the dense-path options (softcap, bias, dropout), and the function they use
 DENSE_OPTION_BACKENDS = {"reference": reference_attention, "torch": dense_attention}
 _SHAPE_NAMES = ("batch", "num_q_heads", "num_kv_heads", "q_len", "kv_len", "head_dim", "num_blocks",
@@ -58,7 +60,11 @@ class PrefixAttentionPlan:
         ``bias`` float ``[B|1, 1|Hq, Sq, Skv]`` added to the own-key scores (after scale and
         soft-capping), ``dropout_p`` in [0, 1) on the probabilities, its keep mask drawn from
         ``generator`` (None: torch's global generator)."""
-        if self.meta.own_page_table is not None:
+        pages = None
+        if self.meta.own_page_table is not None and self.backend == "triton":
+            pages = self._own_pages(k, v)
+            k = v = pages.shape_of(self.meta.batch, self.meta.kv_len)
+        elif self.meta.own_page_table is not None:
             k, v = self._own_from_pages(k, v)
         shapes = check_layer_tensors(q, k, v, prefix_k, prefix_v)
         meta = self.meta
@@ -76,11 +82,23 @@ class PrefixAttentionPlan:
             run = _dense_backend(self.backend, "dropout_p") if dropout_p > 0 else run
         if meta.softcap is not None:
             run = DENSE_OPTION_BACKENDS[self.backend]
-        return run(inputs_of(meta, q, k, v, prefix_k, prefix_v, attn_mask, self._derived, bias=bias,
-                             dropout_p=dropout_p, generator=generator))
+        x = inputs_of(meta, q, k, v, prefix_k, prefix_v, attn_mask, self._derived, bias=bias,
+                      dropout_p=dropout_p, generator=generator)
+        return run(x) if pages is None else triton_attention(x, own_pages=pages)
+
+    def _own_pages(self, k, v) -> OwnPages:
+        """The checked page pools as the Triton kernels read them in place (token-major views)."""
+        self._check_pools(k, v)
+        m = self.meta
+        return OwnPages(k.transpose(1, 2), v.transpose(1, 2), m.own_page_table, m.own_page_size)
 
     def _own_from_pages(self, k, v):
         """Own keys and values gathered out of their page pools: ``[B, Hkv, Skv, D]`` each."""
+        self._check_pools(k, v)
+        m = self.meta
+        return gather_pages(k, m.own_page_table, m.kv_len), gather_pages(v, m.own_page_table, m.kv_len)
+
+    def _check_pools(self, k, v) -> None:
         m = self.meta
         want = (m.own_num_pages, m.num_kv_heads, m.own_page_size, m.head_dim)
         for name, t in (("k", k), ("v", v)):
@@ -90,7 +108,6 @@ class PrefixAttentionPlan:
                       "[num_pages, Hkv, page_size, D]")
             if t.device != m.device:
                 _fail(name, f"on device {t.device}", f"the plan's device ({m.device})")
-        return gather_pages(k, m.own_page_table, m.kv_len), gather_pages(v, m.own_page_table, m.kv_len)
 
     def __repr__(self):
         m = self.meta
@@ -135,7 +152,8 @@ def plan_prefix_attention(block_table, prefix_lens, task_ids, *, num_q_heads: in
     Paged own keys: ``own_page_table [B, max_pages]`` int puts own key j of row b at page
     ``own_page_table[b, j // own_page_size]`` (slot ``j % own_page_size``) of page pools
     ``[own_num_pages, Hkv, own_page_size, D]`` that ``run`` then takes as ``k, v``; ``kv_len`` is
-    the logical own length (``kv_lens`` per row). Backends: ``reference`` and ``torch``.
+    the logical own length (``kv_lens`` per row). Backends: ``reference``, ``torch`` (gathered per
+    layer) and ``triton`` (its decode kernels read the pages in place).
 
     ``softcap``: Gemma 2's soft-capping of the scaled scores, ``tanh(s / softcap) * softcap``
     (``reference`` and ``torch``, which runs it on its dense path).

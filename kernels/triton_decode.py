@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 
 from .inputs import PrefixAttentionInputs
+from .triton_backend import OwnPages
 from .triton_common import (clean_values, flag_rows, flag_scores, online_softmax_step, own_key_band, seq_lens,
                             softmax_state, visible)
 
@@ -230,7 +231,7 @@ def _grouped_prefix_kernel(
 
 @triton.jit
 def _sequence_kernel(
-        Q, K, V, PK, PV, BT, PLENS, TIDS, QLENS, KVLENS, KVSTARTS, PO, PL, OUT, qk_scale,
+        Q, K, V, PK, PV, BT, PLENS, TIDS, QLENS, KVLENS, KVSTARTS, PO, PL, OUT, OPT, qk_scale,
         s_qb, s_qh, s_qs, s_qd,
         s_kb, s_kh, s_ks, s_kd,
         s_vb, s_vh, s_vs, s_vd,
@@ -238,16 +239,23 @@ def _sequence_kernel(
         s_pvb, s_pvh, s_pvn, s_pvd,
         s_bt0, s_bt1,
         s_ob, s_oh, s_os, s_od,
-        Hq, Sq, D, block_size, window, NS, slot_off, num_pre, chunk,
+        s_opt0, s_opt1,
+        Hq, Sq, D, block_size, window, NS, slot_off, num_pre, chunk, page_size,
         G: tl.constexpr, M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, INCLUDE_PREFIX: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, FINALIZE: tl.constexpr, PER_ROW_MASK: tl.constexpr, PREC: tl.constexpr):
+        HAS_WINDOW: tl.constexpr, FINALIZE: tl.constexpr, PER_ROW_MASK: tl.constexpr, OWN_PAGED: tl.constexpr,
+        PREC: tl.constexpr):
     """Per-sequence program over one KV split of ``[prefix (optional) ; own keys]``.
 
     Rows stack the G query heads of kv head ``h`` x the Sq queries. With ``FINALIZE`` (a single
     split) the ``num_pre`` partial states already in ``PO/PL`` (the grouped prefix phase) are
     merged in registers and the final output is written; otherwise the state goes to slot
     ``slot_off + split`` of the partial buffers.
+
+    Own keys are ``K, V [B, Hkv, Skv, D]`` (strides ``s_kb, s_kh, s_ks``), or with ``OWN_PAGED``
+    page pools ``[num_pages, page_size, Hkv, D]`` (``s_kb`` the page stride, ``s_ks`` the slot
+    stride) read through the page table ``OPT [B, pages]``: own key j of row b at page
+    ``OPT[b, j // page_size]``, slot ``j % page_size``.
     """
     b = tl.program_id(0).to(tl.int64)
     pid1 = tl.program_id(1)
@@ -290,15 +298,21 @@ def _sequence_kernel(
                                              qk_scale, BLOCK_N, PREC)
 
     offs_n = tl.arange(0, BLOCK_N)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
     for n0 in range(tl.maximum(start, plen), end, BLOCK_N):
         n = n0 + offs_n
         nmask = n < end
         j = (n - plen + lo).to(tl.int64)                 # own key index, in [kvstart, kvlen)
-        k = tl.load(k_base + j[None, :] * s_ks + offs_d[:, None] * s_kd,
+        if OWN_PAGED:
+            page = tl.load(OPT + b * s_opt0 + (j // page_size) * s_opt1, mask=nmask, other=0).to(tl.int64)
+            slot = j % page_size
+            k_row = page * s_kb + slot * s_ks
+            v_row = page * s_vb + slot * s_vs
+        else:
+            k_row = b * s_kb + j * s_ks
+            v_row = b * s_vb + j * s_vs
+        k = tl.load(K + h * s_kh + k_row[None, :] + offs_d[:, None] * s_kd,
                     mask=nmask[None, :] & dmask[:, None], other=0.0)
-        v = tl.load(v_base + j[:, None] * s_vs + offs_d[None, :] * s_vd,
+        v = tl.load(V + h * s_vh + v_row[:, None] + offs_d[None, :] * s_vd,
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
         vis = visible(rvalid[:, None] & nmask[None, :], pos[:, None], j[None, :], window, CAUSAL, HAS_WINDOW)
         if PER_ROW_MASK:
@@ -405,7 +419,7 @@ def _nonempty(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() > 0 else torch.zeros(1, dtype=t.dtype, device=t.device)
 
 
-def _check_layout(x: PrefixAttentionInputs) -> None:
+def _check_layout(x: PrefixAttentionInputs, own_pages: Optional[OwnPages] = None) -> None:
     """Checks the kernels rely on, made before any launch (ValueError naming the argument)."""
     D = x.head_dim
     if D > MAX_HEAD_DIM:
@@ -414,9 +428,11 @@ def _check_layout(x: PrefixAttentionInputs) -> None:
     if x.attn_mask is not None:
         raise ValueError("prefix_attention: `attn_mask` is not supported by the Triton decode kernels")
     dev = x.q.device
-    for name in ("q", "k", "v", "prefix_k", "prefix_v", "block_table", "prefix_lens", "task_ids",
-                 "q_lens", "kv_lens", "kv_starts"):
-        t = getattr(x, name)
+    tensors = {name: getattr(x, name) for name in ("q", "k", "v", "prefix_k", "prefix_v", "block_table",
+                                                   "prefix_lens", "task_ids", "q_lens", "kv_lens", "kv_starts")}
+    if own_pages is not None:
+        tensors.update(k=own_pages.k, v=own_pages.v, own_page_table=own_pages.table)
+    for name, t in tensors.items():
         if t.device != dev:
             raise ValueError(f"prefix_attention: `{name}` on {t.device} is invalid; expected {dev}")
         if any(s < 0 for s in t.stride()):
@@ -427,7 +443,7 @@ def _check_layout(x: PrefixAttentionInputs) -> None:
         if span >= 2 ** 62:
             raise ValueError(f"prefix_attention: `{name}` spans {span} elements; too large to address")
     for name in ("q", "k", "v", "prefix_k", "prefix_v"):
-        t = getattr(x, name)
+        t = tensors[name]
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"prefix_attention: `{name}` with dtype {t.dtype} is invalid for the "
                              f"Triton decode kernels; expected float16, bfloat16 or float32")
@@ -497,7 +513,8 @@ def _side_stream(device: torch.device):
 def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
                      num_splits: Optional[int] = None,
                      prefix_splits: Optional[int] = None,
-                     overlap: Optional[bool] = None) -> torch.Tensor:
+                     overlap: Optional[bool] = None,
+                     own_pages: Optional[OwnPages] = None) -> torch.Tensor:
     """Mixed-task decode attention, ``[B, Hq, Sq, D]`` in the dtype of ``q``.
 
     Args:
@@ -511,11 +528,13 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
             concurrently with the own phase, then merge with ``_merge_kernel``. Not yet measured
             on a GPU; ``benchmarks/gpu_decode.py`` times it and checks it against the reference.
             On the CPU the same kernels run in order (the tests check that data flow).
+        own_pages: paged own keys, read in place through the page table (``x.k, x.v`` then only
+            carry the logical shape ``[B, Hkv, Skv, D]``).
     """
     if x.q.dtype == torch.float64:
         from .torch_backend import torch_attention      # no fp64 tl.dot path here
-        return torch_attention(x)
-    _check_layout(x)
+        return torch_attention(x if own_pages is None else own_pages.gathered(x))
+    _check_layout(x, own_pages)
     chosen = _resolve_path(x, path)
     B, Hq, Sq, D = x.q.shape
     Hkv, G, Skv, T = x.num_kv_heads, x.group_size, x.kv_len, x.num_tasks
@@ -579,15 +598,23 @@ def decode_attention(x: PrefixAttentionInputs, *, path: Optional[str] = None,
         part_o.record_stream(side)
         part_l.record_stream(side)
 
+    if own_pages is None:
+        k_own, v_own, opt, page_size = x.k, x.v, bt, 1
+        k_strides, v_strides = x.k.stride(), x.v.stride()
+    else:                                                # pools [pages, page_size, Hkv, D]: (page, head, slot, d)
+        k_own, v_own, opt, page_size = own_pages.k, own_pages.v, own_pages.table, own_pages.page_size
+        k_strides, v_strides = (tuple(t.stride()[i] for i in (0, 2, 1, 3)) for t in (k_own, v_own))
+    opt_strides = opt.stride() if opt.dim() == 2 else (0, 0)
     _sequence_kernel[(B, Hkv * m_tiles, ns_own)](
-        x.q, _nonempty(x.k), _nonempty(x.v), pk, pv, bt, plens, tids, qlens, kvlens, kvstarts,
-        part_o, part_l, out, qk_scale,
-        *x.q.stride(), *x.k.stride(), *x.v.stride(), *x.prefix_k.stride(), *x.prefix_v.stride(),
-        *x.block_table.stride(), *out.stride(),
-        Hq, Sq, D, x.block_size, window, NS, nsp, nsp, chunk_own,
+        x.q, _nonempty(k_own), _nonempty(v_own), pk, pv, bt, plens, tids, qlens, kvlens, kvstarts,
+        part_o, part_l, out, _nonempty(opt), qk_scale,
+        *x.q.stride(), *k_strides, *v_strides, *x.prefix_k.stride(), *x.prefix_v.stride(),
+        *x.block_table.stride(), *out.stride(), *opt_strides,
+        Hq, Sq, D, x.block_size, window, NS, nsp, nsp, chunk_own, page_size,
         G=G, M_TILES=m_tiles, BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
         INCLUDE_PREFIX=include_prefix, CAUSAL=x.causal, HAS_WINDOW=x.window is not None,
-        FINALIZE=finalize, PER_ROW_MASK=Sq > 1 and (x.causal or x.window is not None), PREC=prec,
+        FINALIZE=finalize, PER_ROW_MASK=Sq > 1 and (x.causal or x.window is not None),
+        OWN_PAGED=own_pages is not None, PREC=prec,
         num_warps=_sequence_warps(block_d),
         num_stages=num_stages)
     if use_overlap:                                      # join before the merge reads the prefix slots
