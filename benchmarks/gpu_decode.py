@@ -352,7 +352,7 @@ def compile_check(args_ns):
     ptrs16 = {"Q", "K", "V", "PK", "PV", "OUT"}
     ptrs32 = {"PO", "PL"}
     ptrs64 = {"BT", "PLENS", "QLENS", "ORDER", "TSEQ_START", "TCOUNT", "TTILE_END", "SORTED",
-              "TIDS", "KVLENS", "KVSTARTS"}
+              "TIDS", "KVLENS", "KVSTARTS", "OPT"}
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     B, Hq, Hkv, Sq, S, bs = args_ns.seqs, args_ns.hq, args_ns.hkv, args_ns.sq, args_ns.own, args_ns.block_size
     G = Hq // Hkv
@@ -373,7 +373,7 @@ def compile_check(args_ns):
                         s_ob=Hq * Sq * D, s_oh=Sq * D, s_os=D, s_od=1, T=args_ns.tasks, Hq=Hq, Sq=Sq,
                         D=D, block_size=bs, window=0, NS=3, slot_off=2, num_pre=2, chunk=1024,
                         n_iter_t=args_ns.tasks.bit_length(), B=B, GS=G * Sq, tile_m=tile_m,
-                        n_iter=B.bit_length())
+                        n_iter=B.bit_length(), s_opt0=S // 16, s_opt1=1, page_size=16)
             jobs = [
                 ("group setup", td._group_setup_kernel,
                  dict(BLOCK_T=min(1024, max(16, td._pow2(args_ns.tasks)))), 4),
@@ -383,12 +383,17 @@ def compile_check(args_ns):
                 ("own + fused merge", td._sequence_kernel,
                  dict(G=G, M_TILES=td._cdiv(G * Sq, seq_m), BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
                       INCLUDE_PREFIX=False, CAUSAL=True, HAS_WINDOW=False, FINALIZE=True, PER_ROW_MASK=False,
-                      PREC=prec),
+                      OWN_PAGED=False, PREC=prec),
+                 td._sequence_warps(block_d)),
+                ("own paged + fused merge", td._sequence_kernel,
+                 dict(G=G, M_TILES=td._cdiv(G * Sq, seq_m), BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                      INCLUDE_PREFIX=False, CAUSAL=True, HAS_WINDOW=False, FINALIZE=True, PER_ROW_MASK=False,
+                      OWN_PAGED=True, PREC=prec),
                  td._sequence_warps(block_d)),
                 ("per-sequence, window, split", td._sequence_kernel,
                  dict(G=G, M_TILES=td._cdiv(G * Sq, seq_m), BLOCK_M=seq_m, BLOCK_N=block_n, BLOCK_D=block_d,
                       INCLUDE_PREFIX=True, CAUSAL=True, HAS_WINDOW=True, FINALIZE=False, PER_ROW_MASK=True,
-                      PREC=prec),
+                      OWN_PAGED=False, PREC=prec),
                  td._sequence_warps(block_d)),
                 ("merge", td._merge_kernel, dict(BLOCK_S=4, BLOCK_D=block_d), td._merge_warps(block_d)),
             ]

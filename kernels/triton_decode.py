@@ -93,14 +93,16 @@ def _online_step(q, k, v, vis, m_i, l_i, acc, poison, qk_scale, PREC: tl.constex
 
 
 @triton.jit
-def _partial_state(m_i, l_i, acc, poison):
-    """``(o, lse)``: the normalised fp32 partial output and its log2-sum-exp. An empty state is
-    ``(0, -inf)``; a poisoned one ``(NaN, 0)``: a finite log-sum-exp, so every merge keeps it NaN."""
+def _store_partial(PO, PL, slot, D, offs_d, rmask, dmask, m_i, l_i, acc, poison):
+    """Store the state of rows ``slot`` into the partial buffers: the normalised fp32 partial output
+    (``PO``) and its log2-sum-exp (``PL``). An empty state is ``(0, -inf)``; a poisoned one
+    ``(NaN, 0)``: a finite log-sum-exp, so every merge keeps it NaN."""
     has = l_i > 0
     flagged = poison > 0
     o = tl.where(flagged[:, None], float("nan"), acc / tl.where(has, l_i, 1.0)[:, None])
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    return o, tl.where(flagged, 0.0, lse)
+    tl.store(PL + slot, tl.where(flagged, 0.0, lse), mask=rmask)
+    tl.store(PO + slot[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -128,6 +130,24 @@ def _prefix_tile(q, PK, PV, BT, bt_row, start, end, h,
 
 
 @triton.jit
+def _search_sorted(SORTED, x, lo, hi, n_iter, RIGHT: tl.constexpr):
+    """Binary search in the ascending ``SORTED[lo:hi)`` (elementwise over ``x``, ``lo``, ``hi``):
+    the first index whose value is ``> x`` (``RIGHT``) or ``>= x``; ``hi`` when there is none.
+    ``n_iter`` >= ``(hi - lo).bit_length()`` rounds."""
+    for _ in range(n_iter):
+        act = lo < hi
+        mid = (lo + hi) // 2
+        val = tl.load(SORTED + mid, mask=act, other=0)
+        if RIGHT:
+            go = val <= x
+        else:
+            go = val < x
+        hi = tl.where(act & ~go, mid, hi)
+        lo = tl.where(act & go, mid + 1, lo)
+    return lo
+
+
+@triton.jit
 def _group_setup_kernel(SORTED, TSEQ_START, TCOUNT, TTILE_END, B, T, GS, tile_m, n_iter,
                         BLOCK_T: tl.constexpr):
     """One program: CSR grouping of the batch by task from the sorted task ids.
@@ -140,23 +160,9 @@ def _group_setup_kernel(SORTED, TSEQ_START, TCOUNT, TTILE_END, B, T, GS, tile_m,
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < T
-        lo_a = tl.zeros([BLOCK_T], tl.int32)             # lower_bound(t)
-        hi_a = tl.zeros([BLOCK_T], tl.int32) + B
-        lo_b = tl.zeros([BLOCK_T], tl.int32)             # lower_bound(t + 1)
-        hi_b = tl.zeros([BLOCK_T], tl.int32) + B
-        for _ in range(n_iter):
-            act_a = lo_a < hi_a
-            mid_a = (lo_a + hi_a) // 2
-            val_a = tl.load(SORTED + mid_a, mask=act_a, other=0)
-            go_a = act_a & (val_a < t)
-            hi_a = tl.where(act_a & (val_a >= t), mid_a, hi_a)
-            lo_a = tl.where(go_a, mid_a + 1, lo_a)
-            act_b = lo_b < hi_b
-            mid_b = (lo_b + hi_b) // 2
-            val_b = tl.load(SORTED + mid_b, mask=act_b, other=0)
-            go_b = act_b & (val_b <= t)
-            hi_b = tl.where(act_b & (val_b > t), mid_b, hi_b)
-            lo_b = tl.where(go_b, mid_b + 1, lo_b)
+        zero = tl.zeros([BLOCK_T], tl.int32)
+        lo_a = _search_sorted(SORTED, t, zero, zero + B, n_iter, RIGHT=False)   # first position of t
+        lo_b = _search_sorted(SORTED, t, zero, zero + B, n_iter, RIGHT=True)    # first past t
         count = tl.where(tmask, lo_b - lo_a, 0).to(tl.int64)
         tiles = (count * GS + tile_m - 1) // tile_m
         tile_end = carry + tl.cumsum(tiles, 0)
@@ -184,14 +190,7 @@ def _grouped_prefix_kernel(
 
     # This program's task: the first t with TTILE_END[t] > pid_tile (binary search); T when the
     # program is surplus (the grid is a shape-only upper bound on the number of tiles).
-    lo = pid_tile * 0
-    hi = lo + T
-    for _ in range(n_iter_t):
-        act = lo < hi
-        mid = (lo + hi) // 2
-        val = tl.load(TTILE_END + mid, mask=act, other=0)
-        hi = tl.where(act & (val > pid_tile), mid, hi)
-        lo = tl.where(act & (val <= pid_tile), mid + 1, lo)
+    lo = _search_sorted(TTILE_END, pid_tile, pid_tile * 0, pid_tile * 0 + T, n_iter_t, RIGHT=True)
     live = lo < T
     task = tl.minimum(lo, T - 1)
     count = tl.where(live, tl.load(TCOUNT + task), 0)
@@ -223,10 +222,7 @@ def _grouped_prefix_kernel(
                                          s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_bt1,
                                          block_size, rvalid, offs_d, dmask, m_i, l_i, acc, poison, qk_scale,
                                          BLOCK_N, PREC)
-    o, lse = _partial_state(m_i, l_i, acc, poison)
-    prow = ((b * Hq + hq) * Sq + i) * NS + split
-    tl.store(PL + prow, lse, mask=rmask)
-    tl.store(PO + prow[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
+    _store_partial(PO, PL, ((b * Hq + hq) * Sq + i) * NS + split, D, offs_d, rmask, dmask, m_i, l_i, acc, poison)
 
 
 @triton.jit
@@ -342,10 +338,7 @@ def _sequence_kernel(
         tl.store(OUT + b * s_ob + hq[:, None] * s_oh + i[:, None] * s_os + offs_d[None, :] * s_od,
                  out.to(OUT.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     else:
-        o, lse = _partial_state(m_i, l_i, acc, poison)
-        slot = prow + slot_off + split
-        tl.store(PL + slot, lse, mask=rmask)
-        tl.store(PO + slot[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
+        _store_partial(PO, PL, prow + slot_off + split, D, offs_d, rmask, dmask, m_i, l_i, acc, poison)
 
 
 @triton.jit

@@ -14,7 +14,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from softprompt.kernels import available_backends, plan_prefix_attention, prefix_attention, validate_inputs  # noqa: E402,E501
+from softprompt.kernels import (available_backends, plan_prefix_attention, prefix_attention,  # noqa: E402
+                                validate_inputs)
 from softprompt.kernels.inputs import check_layer_tensors  # noqa: E402
 from softprompt.kernels.triton_backend import OwnPages, triton_attention  # noqa: E402
 from softprompt.kernels.triton_decode import decode_attention  # noqa: E402
