@@ -60,11 +60,6 @@ class PrefixAttentionInputs:
     generator: Optional[torch.Generator] = None
 
     @property
-    def has_dense_options(self) -> bool:
-        """True when an option only the materialising backends compute is set."""
-        return self.softcap is not None or self.bias is not None or self.dropout_p > 0
-
-    @property
     def batch(self) -> int:
         return self.q.shape[0]
 

@@ -33,6 +33,10 @@ Two paths, both exact (checked against ``reference`` in ``tests/test_triton_deco
 The visibility rule, own-key band and online-softmax step are the shared ``@triton.jit`` helpers
 of ``triton_common.py`` (also used by the prefill kernels).
 
+Own keys are dense ``[B, Hkv, Skv, D]`` or paged (``decode_attention(x, own_pages=...)``):
+token-major page pools ``[num_pages, page_size, Hkv, D]`` read in place through the per-row page
+table by ``_sequence_kernel`` (``OWN_PAGED``); the prefix phase never touches own keys.
+
 Choosing the path: :func:`choose_path`. Grouping pays when tasks have several sequences each:
 the grouped path is taken when the batch has on average at least ``GROUP_MIN_SEQS`` (2)
 sequences per task present in the batch and some prefix can be non-empty. ``B >= 2*T`` decides
