@@ -324,28 +324,6 @@ def test_compiled_paged_attention_ignores_poisoned_pages_and_junk_tails(p):
 
 
 # ------------------------------------------------------------------------------------- targeted
-def test_dense_fallback_ignores_junk_table_tails_and_invisible_poison():
-    """The integration's dense path (softcap, float bias, dropout): ``gather_prefix`` indexed the
-    pool with a shorter task's unused entries (IndexError past the pool), and NaN in keys a query
-    cannot see (before kv_starts, window- or causal-masked, past a prefix's end) made rows NaN."""
-    from cases import masked_key_poison_case
-    from softprompt.integration.attention import dense_prefix_attention, gather_prefix
-    clean, poisoned, kw, sees = masked_key_poison_case(7)
-    q, k, v, pk, pv, table, lens, tids = poisoned
-    junk = table.clone()
-    junk[1, 1] = 10 ** 6                                   # task 1 uses one block; task 0 uses two
-    own_visible = own_key_visibility(validate_inputs(*clean, **kw))
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    gk, valid = gather_prefix(pk, junk, lens, tids)
-    gv, _ = gather_prefix(pv, junk, lens, tids)
-    out = dense_prefix_attention(*leaves, gk, gv, valid, own_visible, scale=q.shape[-1] ** -0.5)
-    want = prefix_attention(*clean, **kw, backend="reference")
-    assert out[:, :, sees].isnan().all()
-    torch.testing.assert_close(out[:, :, ~sees], want[:, :, ~sees], **tolerances(False))
-    grads = torch.autograd.grad(out[:, :, ~sees].sum(), leaves)
-    assert all(torch.isfinite(g).all() for g in grads)
-
-
 def test_decode_attention_hidden_columns_may_hold_nan():
     """DecodeAttention's own part: left padding / keys outside the window are hidden with an -inf
     bias, but NaN + -inf is NaN and the block-diagonal product multiplies every key by zeros."""

@@ -242,9 +242,6 @@ def test_paged_own_keys_reject_bad_tables_and_pools(seed):
                        (dict(own_page_size=0), "own_page_size"), (dict(own_num_pages=None), "own_num_pages")):
         with pytest.raises(ValueError, match=f"`{name}`"):
             make(**over)
-    if "triton" in BACKENDS:
-        with pytest.raises(ValueError, match="`backend`"):
-            make(backend="triton")
     plan = make()
     with pytest.raises(ValueError, match="`k`"):
         plan.run(args[0], args[1], args[2], *args[3:5])       # dense own keys given to a paged plan
