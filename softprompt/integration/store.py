@@ -26,8 +26,8 @@ class ModelPrefixStore(PrefixStore):
     Extra attributes: ``family`` (a :class:`Family`), ``backend`` (``None`` = Triton on CUDA,
     ``torch`` elsewhere, or a ``prefix_attention`` backend name), ``calls`` (how many attention
     calls took each path: ``"lengths"`` (mask reduced to q/kv lengths), ``"mask"`` (bool
-    ``attn_mask``), ``"dense"`` (the integration's own PyTorch path: soft-capping, attention
-    dropout, additive float masks)).
+    ``attn_mask``), ``"dense"`` (calls with a plan option the no-copy kernels lack: soft-capping,
+    attention dropout, an additive float bias; computed on ``kernels/dense_backend.py``)).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, family: Family,
