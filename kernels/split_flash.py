@@ -11,7 +11,9 @@ summed over those rows.
 
 Queries are ``q [B, H, M, D]`` (GQA heads stacked into rows by the caller). A part is read either
 by every row (``rows=None``: keys ``[B, H, N, D]``) or by rows grouped as ``[Gb, W]``
-(:class:`Rows`: its queries ``[Gb, H, W * M, D]`` against keys ``[Gb, H, N, D]``).
+(:class:`Rows`: keys ``[Gb, H, N, D]``). Grouped queries are stacked into ``[Gb, H, W * M, D]``,
+one kernel call per group; a single group of consecutive rows instead reads its keys broadcast
+(stride 0) over its rows, with no copy of either. Merges are one ``lerp`` per part.
 """
 from __future__ import annotations
 
@@ -55,10 +57,14 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def stack_rows(t: torch.Tensor, rows: Optional[Rows]) -> torch.Tensor:
+def _shared(rows: Optional[Rows]) -> bool:
+    """One group of consecutive rows: its keys are broadcast over them (a stride-0 view), so the
+    queries need no restacking and the keys no copy."""
+    return rows is not None and rows.groups == 1 and rows.start is not None
+
+
+def stack_rows(t: torch.Tensor, rows: Rows) -> torch.Tensor:
     """Per-row ``[B, H, M, X]`` -> a part's stacked ``[Gb, H, W * M, X]``."""
-    if rows is None:
-        return t
     _, H, M, X = t.shape
     if rows.start is not None:
         grouped = t[rows.start: rows.start + rows.groups * rows.width].view(rows.groups, rows.width, H, M, X)
@@ -77,42 +83,61 @@ def unstack_rows(t: torch.Tensor, rows: Rows, M: int) -> torch.Tensor:
 
 
 def merge(out, lse, part_out, part_lse):
-    """Two attention states over disjoint keys -> one (fp32 log-sum-exp weighting); rows where both
-    log-sum-exps are -inf stay -inf with their output unchanged."""
-    top = torch.maximum(lse, part_lse)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w, w_part = torch.exp(lse - top), torch.exp(part_lse - top)
-    total = w + w_part
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    merged = (out * w[..., None] + part_out * w_part[..., None]) / safe[..., None]
-    return merged, torch.where(total > 0, top + torch.log(safe), lse)
+    """Two attention states over disjoint keys -> one, weighted through the fp32 log-sum-exps:
+    the new part's share is ``sigmoid(part_lse - lse)``. Rows where both are -inf keep ``out``."""
+    share = torch.sigmoid(torch.nan_to_num(part_lse - lse, nan=float("-inf")))
+    return torch.lerp(out, part_out, share[..., None]), torch.logaddexp(lse, part_lse)
+
+
+def _part_queries(t: torch.Tensor, rows: Optional[Rows]) -> torch.Tensor:
+    """``[B, H, M, X]`` -> what the part's kernel call reads for those rows."""
+    if rows is None:
+        return t
+    if _shared(rows):
+        return t[rows.start: rows.start + rows.width]
+    return stack_rows(t, rows)
+
+
+def _part_keys(t: torch.Tensor, rows: Optional[Rows]) -> torch.Tensor:
+    return _dense(t).expand(rows.width, -1, -1, -1) if _shared(rows) else _dense(t)
 
 
 class _SplitFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, parts: List[KeyPart], scale: float, q: torch.Tensor, *kv: torch.Tensor):
         B, H, M, D = q.shape
-        out = q.new_zeros(B, H, M, D)
-        lse = q.new_full((B, H, M), float("-inf"))
+        out = lse = None
         for part in parts:
-            qs = _dense(stack_rows(q, part.rows))
-            o, l = _FLASH(qs, _dense(part.k), _dense(part.v), 0.0, False, attn_mask=part.bias, scale=scale)
+            rows = part.rows
+            o, l = _FLASH(_dense(_part_queries(q, rows)), _part_keys(part.k, rows), _part_keys(part.v, rows), 0.0,
+                          False, attn_mask=part.bias, scale=scale)
             if part.blind is not None:          # the kernel gives rows that see nothing a log-sum-exp of 0
                 l = l.masked_fill(part.blind, float("-inf"))
-            if part.rows is None:
+            whole = rows is None or (_shared(rows) and rows.start == 0 and rows.width == B)
+            if out is None and whole:
+                out, lse = o, l
+                continue
+            if out is None:
+                out, lse = q.new_zeros(B, H, M, D), q.new_full((B, H, M), float("-inf"))
+            if rows is None:
                 out, lse = merge(out, lse, o, l)
+            elif rows.start is not None:
+                stop = rows.start + rows.groups * rows.width
+                if not _shared(rows):
+                    o, l = unstack_rows(o, rows, M), unstack_rows(l[..., None], rows, M)[..., 0]
+                out[rows.start:stop], lse[rows.start:stop] = merge(out[rows.start:stop], lse[rows.start:stop], o, l)
             else:
-                seqs = part.rows.seqs
-                o, l = unstack_rows(o, part.rows, M), unstack_rows(l[..., None], part.rows, M)[..., 0]
-                if part.rows.start is not None:
-                    start, stop = part.rows.start, part.rows.start + seqs.shape[0]
-                    out[start:stop], lse[start:stop] = merge(out[start:stop], lse[start:stop], o, l)
-                else:
-                    o, l = merge(out[seqs], lse[seqs], o, l)
-                    out, lse = out.index_copy(0, seqs, o), lse.index_copy(0, seqs, l)
-        # Rows that see nothing: zeros, and a finite log-sum-exp so that the backward's exp(s - L)
-        # is exp(-inf) = 0 for them rather than NaN.
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+                o, l = unstack_rows(o, rows, M), unstack_rows(l[..., None], rows, M)[..., 0]
+                o, l = merge(out[rows.seqs], lse[rows.seqs], o, l)
+                out, lse = out.index_copy(0, rows.seqs, o), lse.index_copy(0, rows.seqs, l)
+        if out is None:
+            out, lse = q.new_zeros(B, H, M, D), q.new_full((B, H, M), float("-inf"))
+        nothing = torch.isinf(lse)
+        if bool(nothing.any()):
+            # Rows that see nothing: zeros, and a finite log-sum-exp so that the backward's
+            # exp(s - L) is exp(-inf) = 0 for them rather than NaN.
+            out = out.masked_fill(nothing[..., None], 0.0)
+            lse = lse.masked_fill(nothing, 0.0)
         ctx.parts, ctx.scale = parts, scale
         ctx.save_for_backward(q, out, lse, *kv)
         return out
@@ -122,19 +147,24 @@ class _SplitFlash(torch.autograd.Function):
         q, out, lse, *kv = ctx.saved_tensors
         M = q.shape[2]
         grad_out = grad_out.contiguous()
-        dq = torch.zeros_like(q)
+        dq = None
         dkv = []
         for i, part in enumerate(ctx.parts):
-            k, v = kv[2 * i], kv[2 * i + 1]
-            g, o = stack_rows(grad_out, part.rows), stack_rows(out, part.rows)
-            l = stack_rows(lse[..., None], part.rows)[..., 0]
-            dqs, dk, dv = _FLASH_BACKWARD(_dense(g.contiguous()), _dense(stack_rows(q, part.rows)), _dense(k),
-                                          _dense(v), o.contiguous(), l.contiguous(), 0.0, False,
-                                          attn_mask=part.bias, scale=ctx.scale)
-            if part.rows is None:
-                dq += dqs
+            rows = part.rows
+            k, v = _part_keys(kv[2 * i], rows), _part_keys(kv[2 * i + 1], rows)
+            g, o = _part_queries(grad_out, rows), _part_queries(out, rows)
+            l = _part_queries(lse[..., None], rows)[..., 0]
+            dqs, dk, dv = _FLASH_BACKWARD(g.contiguous(), _dense(_part_queries(q, rows)), k, v, o.contiguous(),
+                                          l.contiguous(), 0.0, False, attn_mask=part.bias, scale=ctx.scale)
+            if rows is None:
+                dq = dqs if dq is None else dq.add_(dqs)
             else:
-                dq.index_add_(0, part.rows.seqs, unstack_rows(dqs, part.rows, M))
+                dq = torch.zeros_like(q) if dq is None else dq
+                if _shared(rows):
+                    dq[rows.start: rows.start + rows.width] += dqs
+                    dk, dv = dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
+                else:
+                    dq.index_add_(0, rows.seqs, unstack_rows(dqs, rows, M))
             dkv += [dk, dv]
         return (None, None, dq, *dkv)
 

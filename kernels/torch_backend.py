@@ -368,6 +368,26 @@ def _prefix_rows(part: _PrefixPart) -> Rows:
                 start=part.span[0] if part.span else None)
 
 
+def _train_layout(x: PrefixAttentionInputs) -> List[Tuple[Rows, Optional[int]]]:
+    """Per prefix part: its rows, and the first block when the part is one task whose blocks are
+    consecutive in the pool (its prefix is then a view of the pool, and its gradient a slice)."""
+    out = []
+    for part in derived(x, "fused_prefix", lambda: _prefix_plan(x)).prefixes:
+        table = part.table.tolist()
+        first = table[0][0] if len(table) == 1 and table[0] == list(range(table[0][0], table[0][0] + len(table[0]))) \
+            else None
+        out.append((_prefix_rows(part), first))
+    return out
+
+
+def _train_prefix(pool: torch.Tensor, part: _PrefixPart, first: Optional[int]) -> torch.Tensor:
+    """``[Gb, Hkv, rows, D]`` of the part's tasks, read from the pool (a view when it can be)."""
+    if first is None:
+        return read_prefixes(pool, part.table, part.bucket.rows)
+    n, (_, Hkv, bs, D) = part.table.shape[1], pool.shape
+    return pool[first: first + n].permute(1, 0, 2, 3).reshape(1, Hkv, n * bs, D)[:, :, :part.bucket.rows]
+
+
 def split_flash_training_attention(x: PrefixAttentionInputs) -> Optional[torch.Tensor]:
     """Differentiable prefix attention through :func:`split_flash_attention`; None when the output
     is not finite (a non-finite key, value or query somewhere): the caller then takes the path that
@@ -384,10 +404,10 @@ def split_flash_training_attention(x: PrefixAttentionInputs) -> Optional[torch.T
     parts = []
     if x.kv_len:
         parts.append(KeyPart(x.k.to(f32), x.v.to(f32), plan.own_bias, blind=plan.own_blind))
-    for part in pre.prefixes:
-        rows = part.bucket.rows
-        parts.append(KeyPart(read_prefixes(x.prefix_k, part.table, rows).to(f32),
-                             read_prefixes(x.prefix_v, part.table, rows).to(f32), part.bias, _prefix_rows(part)))
+    layout = derived(x, "train_layout", lambda: _train_layout(x))
+    for part, (rows, first) in zip(pre.prefixes, layout):
+        parts.append(KeyPart(_train_prefix(x.prefix_k, part, first).to(f32),
+                             _train_prefix(x.prefix_v, part, first).to(f32), part.bias, rows))
     out = split_flash_attention(q, parts, x.scale)
     if not all_finite(out):
         return None

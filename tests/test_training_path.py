@@ -76,9 +76,13 @@ def test_split_flash_matches_reference_forward_and_gradients(p):
     dict(prefix_lens=[0, 0, 0]),                                 # own keys only
     dict(B=6, T=3, tasks=[0, 0, 1, 1, 2, 2], prefix_lens=[4, 7, 2]),   # sorted equal groups: a view
     dict(B=6, T=3, tasks=[2, 0, 2, 1, 2, 0], prefix_lens=[4, 7, 2]),   # scattered, padded groups
+    dict(B=5, T=2, tasks=[1] * 5, prefix_lens=[3, 6]),          # one task: keys broadcast, no copy
+    dict(B=6, T=3, tasks=[0, 1, 1, 1, 0, 2], prefix_lens=[4, 7, 2]),   # a broadcast group mid-batch
+    dict(B=4, T=2, tasks=[0] * 4, prefix_lens=[13, 5], block_size=16),  # one block: a view of the pool
     dict(window=3, Sq=9, Skv=9, padding="left"),
     dict(mask=True, padding="right"),
-], ids=["prefix_only", "no_prefix", "span", "scattered", "window_left_pad", "explicit_mask"])
+], ids=["prefix_only", "no_prefix", "span", "scattered", "one_task", "one_task_mid_batch", "one_block", "window_left_pad",
+     "explicit_mask"])
 def test_split_flash_layouts(kw, seed, split_calls):
     check_against_reference(Case(seed=seed, **kw))
     assert split_calls["split"] == 1
