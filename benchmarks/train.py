@@ -9,7 +9,7 @@ order) and the medians are compared. Memory per step: peak tensor memory allocat
 the backward (unique storages, through ``saved_tensors_hooks``).
 
     python -m benchmarks.train                    # all cases, 7 timed steps each, writes results
-    python -m benchmarks.train --steps 3 --cases prefix16 --no-write
+    python -m benchmarks.train --steps 3 --warmup 1 --threads 1 --cases prefix16 --no-write
     python -m benchmarks.train --profile prefix16 # torch.profiler top ops of one step per system
 
 The kernel-level train sweep is ``python -m benchmarks.run train``. Needs ``peft`` and the SmolLM2
@@ -72,7 +72,7 @@ def _stepper(loss_fn: Callable, weight: torch.Tensor):
         loss = loss_fn(batch)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return step, losses
 
 
@@ -159,36 +159,42 @@ def _markdown(rows, env) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(rows, env) -> None:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS_DIR / "train-peft"
+    for suffix, content in ((".json", json.dumps({"environment": env, "rows": rows}, indent=2, default=str)),
+                            (".md", _markdown(rows, env))):
+        tmp = stem.with_suffix(suffix + ".tmp")
+        tmp.write_text(content)
+        os.replace(tmp, stem.with_suffix(suffix))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--steps", type=int, default=7, help="timed steps per system and case")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per system and case first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--profile", choices=list(CASES), help="print the profile of one step per system and exit")
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/train-peft.*")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.profile:
         profile_case(args.profile)
         return 0
     env = environment()
     rows = []
     for name in args.cases:
-        row = run_case(name, args.steps)
+        row = run_case(name, args.steps, args.warmup)
         print(f"{name}: PEFT {row['peft_s']:.3f} s, softprompt {row['softprompt_s']:.3f} s, "
               f"ratio {row['time_ratio']:.2f}; peak {row['peak_ratio']:.2f}x, saved {row['saved_ratio']:.2f}x; "
               f"max loss diff {row['max_loss_diff']:.1e}", flush=True)
         rows.append(row)
-    text = _markdown(rows, env)
-    print(text)
-    if not args.no_write:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS_DIR / "train-peft"
-        for suffix, content in ((".json", json.dumps({"environment": env, "rows": rows}, indent=2, default=str)),
-                                (".md", text)):
-            tmp = stem.with_suffix(suffix + ".tmp")
-            tmp.write_text(content)
-            os.replace(tmp, stem.with_suffix(suffix))
-        print(f"written: {stem}.json, {stem}.md")
+        if not args.no_write:           # after every case: a partial run keeps what it measured
+            _write(rows, env)
+    print(_markdown(rows, env))
     return 0
 
 

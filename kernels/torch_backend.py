@@ -9,6 +9,12 @@ log2(B) + 1 — whether every sequence shares one task or has its own. Own keys 
 sequence. Both parts share one softmax: every score is exponentiated against the joint row maximum
 and the partial sums of ``p`` and ``p @ v`` are added before the single normalisation. Autograd
 provides the backward; a task's prefix gradient sums over its sequences through the gather.
+
+On the CPU the score matrices are never materialised: calls without gradients run each part
+through ATen's fused flash kernel and merge the log-sum-exps (:func:`fused_inference_attention`);
+calls with gradients do the same with a custom backward (:func:`split_flash_training_attention`,
+see :mod:`.split_flash`). The score-matrix path above serves float64, other devices, and calls
+where a non-finite key or value must be kept away from the queries that cannot see it.
 """
 from __future__ import annotations
 
