@@ -9,6 +9,12 @@ log2(B) + 1 — whether every sequence shares one task or has its own. Own keys 
 sequence. Both parts share one softmax: every score is exponentiated against the joint row maximum
 and the partial sums of ``p`` and ``p @ v`` are added before the single normalisation. Autograd
 provides the backward; a task's prefix gradient sums over its sequences through the gather.
+
+On the CPU the score matrices are never materialised: calls without gradients run each part
+through ATen's fused flash kernel and merge the log-sum-exps (:func:`fused_inference_attention`);
+calls with gradients do the same with a custom backward (:func:`split_flash_training_attention`,
+see :mod:`.split_flash`). The score-matrix path above serves float64, other devices, and calls
+where a non-finite key or value must be kept away from the queries that cannot see it.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 from .inputs import PrefixAttentionInputs, derived
 from .masks import all_finite, nonfinite_rows, own_key_visibility, query_valid, zero_rows
 from .reference import compute_dtype
+from .split_flash import HAS_SPLIT_FLASH, KeyPart, Rows, split_flash_attention
 
 
 @dataclass
@@ -84,6 +91,10 @@ def _to_groups(values: torch.Tensor, bucket: Bucket, fill: float = 0.0) -> torch
 def torch_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     if _fused_inference_applies(x):
         return fused_inference_attention(x)
+    if _split_flash_applies(x):
+        out = split_flash_training_attention(x)
+        if out is not None:
+            return out
     return differentiable_attention(x)
 
 
@@ -346,3 +357,67 @@ def read_prefixes(pool: torch.Tensor, table: torch.Tensor, rows: int) -> torch.T
     g = pool.index_select(0, table.reshape(-1))                         # [Gb * blocks, Hkv, bs, D]
     _, Hkv, bs, D = g.shape
     return g.view(Gb, n, Hkv, bs, D).permute(0, 2, 1, 3, 4).reshape(Gb, Hkv, n * bs, D)[:, :, :rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on the CPU: the same fused per-part kernels with a custom backward (split_flash): no
+# score matrix in memory in either direction, each task's prefix gradient summed by the kernel.
+
+def _split_flash_applies(x: PrefixAttentionInputs) -> bool:
+    return (HAS_SPLIT_FLASH and x.q.device.type == "cpu" and x.q.dtype != torch.float64
+            and x.q.numel() > 0)
+
+
+def _prefix_rows(part: _PrefixPart) -> Rows:
+    b = part.bucket
+    return Rows(seqs=b.seqs, group=b.group, slot=b.slot, groups=b.tasks.shape[0], width=b.width,
+                start=part.span[0] if part.span else None)
+
+
+def _train_layout(x: PrefixAttentionInputs) -> List[Tuple[Rows, Optional[int]]]:
+    """Per prefix part: its rows, and the first block when the part is one task whose blocks are
+    consecutive in the pool (its prefix is then a view of the pool, and its gradient a slice)."""
+    out = []
+    for part in derived(x, "fused_prefix", lambda: _prefix_plan(x)).prefixes:
+        table = part.table.tolist()
+        first = table[0][0] if len(table) == 1 and table[0] == list(range(table[0][0], table[0][0] + len(table[0]))) \
+            else None
+        out.append((_prefix_rows(part), first))
+    return out
+
+
+def _train_prefix(pool: torch.Tensor, part: _PrefixPart, first: Optional[int]) -> torch.Tensor:
+    """``[Gb, Hkv, rows, D]`` of the part's tasks, read from the pool (a view when it can be)."""
+    if first is None:
+        return read_prefixes(pool, part.table, part.bucket.rows)
+    n, (_, Hkv, bs, D) = part.table.shape[1], pool.shape
+    return pool[first: first + n].permute(1, 0, 2, 3).reshape(1, Hkv, n * bs, D)[:, :, :part.bucket.rows]
+
+
+def split_flash_training_attention(x: PrefixAttentionInputs) -> Optional[torch.Tensor]:
+    """Differentiable prefix attention through :func:`split_flash_attention`; None when the output
+    is not finite (a non-finite key, value or query somewhere): the caller then takes the path that
+    keeps hidden non-finite keys out of the result."""
+    B, Hq, Sq, D = x.q.shape
+    Hkv, M = x.num_kv_heads, x.group_size * x.q_len
+    f32 = torch.float32
+    plan = derived(x, "fused_own", lambda: _own_plan(x), mask_dependent=True)
+    pre = derived(x, "fused_prefix", lambda: _prefix_plan(x))
+    q = x.q.to(f32)
+    if pre.query_pad is not None:        # padding queries: whatever they hold reaches nothing
+        q = q.masked_fill(pre.query_pad, 0.0)
+    q = q.reshape(B, Hkv, M, D)          # GQA heads of a kv head stacked into query rows
+    parts = []
+    if x.kv_len:
+        parts.append(KeyPart(x.k.to(f32), x.v.to(f32), plan.own_bias, blind=plan.own_blind))
+    layout = derived(x, "train_layout", lambda: _train_layout(x))
+    for part, (rows, first) in zip(pre.prefixes, layout):
+        parts.append(KeyPart(_train_prefix(x.prefix_k, part, first).to(f32),
+                             _train_prefix(x.prefix_v, part, first).to(f32), part.bias, rows))
+    out = split_flash_attention(q, parts, x.scale)
+    if not all_finite(out):
+        return None
+    out = out.reshape(B, Hq, Sq, D)
+    if pre.query_pad is not None:
+        out = out.masked_fill(pre.query_pad, 0.0)                      # padding queries give zeros
+    return out.to(x.q.dtype)

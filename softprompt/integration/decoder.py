@@ -15,14 +15,14 @@ from .attention import ATTN_NAME, softprompt_attention
 from .families import family_of, geometry, is_encoder_decoder, rotary_params, self_attention_modules, text_config
 from .positions import offset_position_ids
 from .store import ModelPrefixStore
-from .wiring import TaskIdsForward, check_backend
+from .wiring import TaskIdsForward, check_backend, stock_without_prefix
 
 
 class DecoderAdapter:
     """``attach`` for the families of ``FAMILIES``."""
 
     attn_name = ATTN_NAME
-    attention = staticmethod(softprompt_attention)
+    attention = staticmethod(stock_without_prefix(softprompt_attention))
 
     @staticmethod
     def accepts(model: nn.Module) -> bool:

@@ -20,6 +20,8 @@ from torch import nn
 
 from .attention import SLOT, Slot, forward_plans, softprompt_mask
 
+STOCK = "stock"                     # store.calls key: calls handed to transformers' SDPA (no prefix)
+
 STORE_NAME = "softprompt_store"
 SAVED = "_softprompt_saved"         # the model's __dict__ key of what uninstall restores
 
@@ -48,6 +50,36 @@ def register_attention(name: str, attention) -> None:
     from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, softprompt_mask)
+
+
+def batch_has_prefix(store, task_ids, batch: int, device) -> bool:
+    """Whether any row of the forward's batch has a prefix row (decided once per forward)."""
+    if store is None or task_ids is None:
+        return False
+    lens = store.prefix_lens
+
+    def build():
+        ids = store.resolve_task_ids(task_ids, batch=batch, device=lens.device)
+        return bool((lens[ids] > 0).any())
+    return forward_plans(store).get(("has_prefix", batch, device), (task_ids, lens), build)
+
+
+def stock_without_prefix(attention):
+    """``attention`` that hands a call to transformers' SDPA attention when no row of the batch has a
+    prefix (prompt tuning, P-tuning v1, rows without a task): the model then runs as if it were not
+    attached. Soft-capped attention (gemma2) always takes ``attention``, which implements it."""
+    def run(module, query, key, value, attention_mask, *args, task_ids=None, softcap=None, **kwargs):
+        slot = module.__dict__.get(SLOT)
+        store = slot.store_ref() if slot is not None else None
+        if softcap is None and store is not None and not batch_has_prefix(store, task_ids, query.shape[0],
+                                                                          query.device):
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+            store.calls[STOCK] = store.calls.get(STOCK, 0) + 1
+            return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+        return attention(module, query, key, value, attention_mask, *args, task_ids=task_ids, softcap=softcap,
+                         **kwargs)
+    run.__doc__ = attention.__doc__
+    return run
 
 
 def install(model: nn.Module, store: nn.Module, attn_name: str, slots, forward_cls) -> None:
