@@ -16,10 +16,9 @@ from typing import Optional
 import torch
 
 from .backends import BACKENDS, resolve_backend_name
+from .compiled_backend import CompiledPlan
 from .inputs import (FLOAT_DTYPES, BatchMeta, _check_tensor, _fail, check_layer_tensors, check_mask, check_metadata,
                      check_own_pages, gather_pages, inputs_of)
-
-PAGED_BACKENDS = ("reference", "torch")   # backends that take paged own keys (gathered per layer)
 _SHAPE_NAMES = ("batch", "num_q_heads", "num_kv_heads", "q_len", "kv_len", "head_dim", "num_blocks",
                 "block_size", "device")
 
@@ -34,20 +33,25 @@ class PrefixAttentionPlan:
             raise ValueError(f"prefix_attention: `backend` {backend!r} is invalid; expected a backend name")
         self.meta = meta
         self.backend = resolve_backend_name(backend, meta.device)
-        if meta.own_page_table is not None and self.backend not in PAGED_BACKENDS:
-            raise ValueError(f"prefix_attention: `backend` {backend!r} is invalid with paged own keys "
-                             f"(own_page_table); expected one of {list(PAGED_BACKENDS)}")
-        self._run = BACKENDS[self.backend]
+        # the compiled backend reads paged own keys in place; the others get them gathered per layer
+        self._compiled = CompiledPlan(meta) if self.backend == "compiled" else None
+        self._run = BACKENDS.get(self.backend)
         self._derived: dict = {}           # what the backend derives from the metadata, for every layer
 
     def run(self, q, k, v, prefix_k, prefix_v, attn_mask=None) -> torch.Tensor:
         """Prefix attention of one layer: ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]``,
         ``prefix_k, prefix_v [num_blocks, Hkv, block_size, D]`` with the plan's sizes (any float
         dtype, the same for all five, on the plan's device). With paged own keys (the plan has an
-        ``own_page_table``) ``k, v`` are page pools ``[num_pages, Hkv, page_size, D]``.
+        ``own_page_table``) ``k, v`` are page pools ``[num_pages, page_size, Hkv, D]``.
         ``attn_mask`` (bool ``[B, 1|Hq, Sq, Skv]``) replaces the planned mask for this call only."""
+        pools = None
         if self.meta.own_page_table is not None:
-            k, v = self._own_from_pages(k, v)
+            pools = self._check_pools(k, v)
+            if self._compiled is None:
+                k, v = (gather_pages(t, self.meta.own_page_table, self.meta.kv_len) for t in pools)
+            else:            # read in place: a stand-in of the logical shape for the checks below
+                m = self.meta
+                k = v = pools[0].new_empty(1).expand(m.batch, m.num_kv_heads, m.kv_len, m.head_dim)
         shapes = check_layer_tensors(q, k, v, prefix_k, prefix_v)
         meta = self.meta
         for name in _SHAPE_NAMES:
@@ -55,20 +59,24 @@ class PrefixAttentionPlan:
                 _mismatch(name, shapes[name], getattr(meta, name))
         if attn_mask is not None:
             check_mask(attn_mask, meta.batch, meta.num_q_heads, meta.q_len, meta.kv_len, meta.device)
+        if self._compiled is not None:
+            if attn_mask is not None:
+                _fail("attn_mask", "given to run()", "None with backend 'compiled' (it takes no mask)")
+            return self._compiled(q, *(pools or (k, v)), prefix_k, prefix_v)
         return self._run(inputs_of(meta, q, k, v, prefix_k, prefix_v, attn_mask, self._derived))
 
-    def _own_from_pages(self, k, v):
-        """Own keys and values gathered out of their page pools: ``[B, Hkv, Skv, D]`` each."""
+    def _check_pools(self, k, v):
+        """The own-key page pools ``[num_pages, page_size, Hkv, D]`` checked against the plan."""
         m = self.meta
-        want = (m.own_num_pages, m.num_kv_heads, m.own_page_size, m.head_dim)
+        want = (m.own_num_pages, m.own_page_size, m.num_kv_heads, m.head_dim)
         for name, t in (("k", k), ("v", v)):
-            _check_tensor(name, t, 4, FLOAT_DTYPES, "a float page pool [num_pages, Hkv, page_size, D]")
+            _check_tensor(name, t, 4, FLOAT_DTYPES, "a float page pool [num_pages, page_size, Hkv, D]")
             if tuple(t.shape) != want:
                 _fail(name, f"with shape {tuple(t.shape)}", f"the plan's page pool shape {list(want)} "
-                      "[num_pages, Hkv, page_size, D]")
+                      "[num_pages, page_size, Hkv, D]")
             if t.device != m.device:
                 _fail(name, f"on device {t.device}", f"the plan's device ({m.device})")
-        return gather_pages(k, m.own_page_table, m.kv_len), gather_pages(v, m.own_page_table, m.kv_len)
+        return k, v
 
     def __repr__(self):
         m = self.meta
@@ -102,9 +110,13 @@ def plan_prefix_attention(block_table, prefix_lens, task_ids, *, num_q_heads: in
     ``batch`` to its length).
 
     Paged own keys: ``own_page_table [B, max_pages]`` int puts own key j of row b at page
-    ``own_page_table[b, j // own_page_size]`` (slot ``j % own_page_size``) of page pools
-    ``[own_num_pages, Hkv, own_page_size, D]`` that ``run`` then takes as ``k, v``; ``kv_len`` is
-    the logical own length (``kv_lens`` per row). Backends: ``reference`` and ``torch``.
+    ``own_page_table[b, j // own_page_size]`` (slot ``j % own_page_size``) of token-major page
+    pools ``[own_num_pages, own_page_size, Hkv, D]`` that ``run`` then takes as ``k, v``; ``kv_len``
+    is the logical own length (``kv_lens`` per row). The ``compiled`` backend reads the pages in
+    place; the others get each layer's own keys gathered out of them.
+
+    ``backend="compiled"`` (the C++ op, CPU, fp32, no gradients) rejects ``attn_mask`` here and a
+    wrong dtype or inputs that require grad in ``run``, with a ``ValueError``.
     """
     if batch is None or device is None:
         if not isinstance(task_ids, torch.Tensor):
