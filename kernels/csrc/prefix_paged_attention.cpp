@@ -77,13 +77,18 @@ void exp_inplace(float *x, int64_t n) {
   }
 }
 
-// Row max, exp(row - max) in place, row sum.
+// Row max, exp(row - max) in place, row sum; the sum is NaN when a score is not finite (a visible
+// NaN / inf key), which the exp's clamp would otherwise turn into a finite weight.
 inline void softmax_stats(float *row, int64_t n, float &top, float &sum) {
   top = row[0];
-  for (int64_t j = 1; j < n; j++) top = row[j] > top ? row[j] : top;
+  float poison = 0.0f;  // 0 * score: NaN for an infinite or NaN score
+  for (int64_t j = 0; j < n; j++) {
+    top = row[j] > top ? row[j] : top;
+    poison += 0.0f * row[j];
+  }
   for (int64_t j = 0; j < n; j++) row[j] -= top;
   exp_inplace(row, n);
-  sum = 0.0f;
+  sum = poison;
   for (int64_t j = 0; j < n; j++) sum += row[j];
 }
 
