@@ -11,8 +11,8 @@
 // Two passes, merged through their log-sum-exps (fp32):
 // - prefix: one work item per (tile of a task's queries, kv head). The queries of all of a task's
 //   rows x the GQA group are stacked into one matrix and multiplied against the task's prefix
-//   blocks, so each prefix block is read once per step for all the rows of its task (Hydragen,
-//   FlashInfer's cascade), not once per row;
+//   blocks (two BLAS products per tile), so each prefix block is read once per step for all the
+//   rows of its task (Hydragen, FlashInfer's cascade), not once per row;
 // - own keys: one work item per query (all heads: a token's heads are adjacent in the pages, so
 //   each page streams through the cache once), then the merge with the query's prefix part.
 // Both passes are split over ATen's intra-op pool (at::parallel_for). Only fp32; inference only.
@@ -23,6 +23,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -33,8 +35,6 @@
 #include <vector>
 
 namespace {
-
-constexpr int64_t kChunk = 16;  // prefix keys per register tile
 
 struct Problem {
   const float *q;                      // [B, Sq, Hkv, G, D]
@@ -115,104 +115,45 @@ inline void axpy4(float *__restrict__ acc, const float *w, const float *v, int64
 
 // ---------------------------------------------------------------------------------------- prefix
 
-// scores[r * ld + j] = qs[r] . k_j for the M stacked query rows and one chunk of <= kChunk keys,
-// given transposed as kt[d * kChunk + j]: four query rows at a time against the whole chunk, the
-// 4 x 16 accumulators in registers.
-void chunk_scores(const float *qs, int64_t M, int64_t D, const float *kt, float *scores, int64_t ld,
-                  int64_t count) {
-  int64_t r = 0;
-  for (; r + 4 <= M; r += 4) {
-    float acc[4][kChunk] = {};
-    const float *q0 = qs + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
-    for (int64_t d = 0; d < D; d++) {
-      const float *k = kt + d * kChunk;
-      const float a0 = q0[d], a1 = q1[d], a2 = q2[d], a3 = q3[d];
-      for (int64_t j = 0; j < kChunk; j++) {
-        acc[0][j] += a0 * k[j];
-        acc[1][j] += a1 * k[j];
-        acc[2][j] += a2 * k[j];
-        acc[3][j] += a3 * k[j];
-      }
-    }
-    for (int64_t rr = 0; rr < 4; rr++)
-      for (int64_t j = 0; j < count; j++) scores[(r + rr) * ld + j] = acc[rr][j];
-  }
-  for (; r < M; r++) {
-    float acc[kChunk] = {};
-    const float *q0 = qs + r * D;
-    for (int64_t d = 0; d < D; d++)
-      for (int64_t j = 0; j < kChunk; j++) acc[j] += q0[d] * kt[d * kChunk + j];
-    for (int64_t j = 0; j < count; j++) scores[r * ld + j] = acc[j];
-  }
-}
-
-// acc[r] += sum_j w[r * ld + j] v_j for the M rows and one chunk of `count` values (rows of D):
-// 16 output columns of a row in registers over the whole chunk.
-void chunk_values(float *acc, int64_t M, int64_t D, const float *w, int64_t ld, const float *v, int64_t count) {
-  for (int64_t r = 0; r < M; r++) {
-    float *a = acc + r * D;
-    const float *wr = w + r * ld;
-    int64_t d0 = 0;
-    for (; d0 + 16 <= D; d0 += 16) {
-      float reg[16];
-      for (int t = 0; t < 16; t++) reg[t] = a[d0 + t];
-      for (int64_t j = 0; j < count; j++) {
-        const float wj = wr[j];
-        const float *vj = v + j * D + d0;
-        for (int t = 0; t < 16; t++) reg[t] += wj * vj[t];
-      }
-      for (int t = 0; t < 16; t++) a[d0 + t] = reg[t];
-    }
-    for (; d0 < D; d0++) {
-      float s = a[d0];
-      for (int64_t j = 0; j < count; j++) s += wr[j] * v[j * D + d0];
-      a[d0] = s;
-    }
-  }
-}
-
 struct PrefixScratch {
-  std::vector<float> qs, scores, kt, acc;
+  std::vector<float> qs, scores, keys, values, acc, top, sum;
   PrefixScratch(int64_t max_rows, int64_t max_prefix, int64_t D)
-      : qs(max_rows * D), scores(max_rows * std::max<int64_t>(max_prefix, 1)), kt(D * kChunk), acc(max_rows * D) {}
+      : qs(max_rows * D), scores(max_rows * std::max<int64_t>(max_prefix, 1)), keys(max_prefix * D),
+        values(max_prefix * D), acc(max_rows * D), top(max_rows), sum(max_rows) {}
 };
 
-// The address of prefix key (or value) j of `task`, kv head h; checks the block id it reads.
-inline const float *prefix_row(const Problem &p, const float *pool, int64_t task, int64_t h, int64_t j) {
-  const int64_t block = p.block_table[task * p.block_width + j / p.block_size];
-  TORCH_CHECK(block >= 0 && block < p.num_blocks, "softprompt::prefix_paged_attention: block_table[", task, ", ",
-              j / p.block_size, "] = ", block, " is read but the prefix pools hold ", p.num_blocks, " blocks");
-  return pool + ((block * p.Hkv + h) * p.block_size + j % p.block_size) * p.D;
+// The task's prefix keys (or values) of kv head h, rows 0 .. P-1, copied out of their blocks into
+// one [P, D] matrix; every block id is checked before it addresses the pool.
+void gather_prefix(const Problem &p, const float *pool, int64_t task, int64_t h, int64_t P, float *dst) {
+  for (int64_t j = 0; j < P; j += p.block_size) {
+    const int64_t block = p.block_table[task * p.block_width + j / p.block_size];
+    TORCH_CHECK(block >= 0 && block < p.num_blocks, "softprompt::prefix_paged_attention: block_table[", task, ", ",
+                j / p.block_size, "] = ", block, " is read but the prefix pools hold ", p.num_blocks, " blocks");
+    const int64_t count = std::min(p.block_size, P - j);
+    std::memcpy(dst + j * p.D, pool + (block * p.Hkv + h) * p.block_size * p.D, count * p.D * sizeof(float));
+  }
 }
 
-// One tile of a task's queries x the GQA group, one kv head, against the task's whole prefix.
+// One tile of a task's queries x the GQA group (M stacked rows), one kv head, against the task's
+// whole prefix: two matrix products (ATen's mm, single-threaded inside the parallel loop) around
+// the softmax, with the prefix read once for the whole tile.
 void prefix_tile(const Problem &p, int64_t tile, int64_t h, PrefixScratch &s) {
   const int64_t task = p.tiles[3 * tile], first = p.tiles[3 * tile + 1], end = p.tiles[3 * tile + 2];
   const int64_t P = p.prefix_lens[task], G = p.G, D = p.D, M = (end - first) * G;
   if (P == 0 || M == 0) return;
-  float *qs = s.qs.data(), *scores = s.scores.data(), *kt = s.kt.data(), *acc = s.acc.data();
+  float *qs = s.qs.data(), *scores = s.scores.data(), *keys = s.keys.data(), *values = s.values.data();
+  float *acc = s.acc.data(), *top = s.top.data(), *sum = s.sum.data();
   for (int64_t r = 0; r < end - first; r++) {
     const float *src = p.q + (p.prefix_queries[first + r] * p.Hkv + h) * G * D;
     for (int64_t x = 0; x < G * D; x++) qs[r * G * D + x] = p.scale * src[x];
   }
-  // scores of every key, a chunk (within one block) at a time, each chunk transposed once
-  for (int64_t j = 0; j < P;) {
-    const int64_t count = std::min({kChunk, P - j, p.block_size - j % p.block_size});
-    const float *k = prefix_row(p, p.prefix_k, task, h, j);
-    std::fill(kt, kt + D * kChunk, 0.0f);
-    for (int64_t c = 0; c < count; c++)
-      for (int64_t d = 0; d < D; d++) kt[d * kChunk + c] = k[c * D + d];
-    chunk_scores(qs, M, D, kt, scores + j, P, count);
-    j += count;
-  }
-  std::vector<float> top(M), sum(M);
+  gather_prefix(p, p.prefix_k, task, h, P, keys);
+  gather_prefix(p, p.prefix_v, task, h, P, values);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor weights = at::from_blob(scores, {M, P}, f32), out = at::from_blob(acc, {M, D}, f32);
+  at::mm_out(weights, at::from_blob(qs, {M, D}, f32), at::from_blob(keys, {P, D}, f32).t());
   for (int64_t r = 0; r < M; r++) softmax_stats(scores + r * P, P, top[r], sum[r]);
-  std::fill(acc, acc + M * D, 0.0f);
-  for (int64_t j = 0; j < P;) {
-    const int64_t count = std::min({kChunk, P - j, p.block_size - j % p.block_size});
-    chunk_values(acc, M, D, scores + j, P, prefix_row(p, p.prefix_v, task, h, j), count);
-    j += count;
-  }
+  at::mm_out(out, weights, at::from_blob(values, {P, D}, f32));
   for (int64_t r = 0; r < end - first; r++) {
     const int64_t query = p.prefix_queries[first + r];
     for (int64_t g = 0; g < G; g++) {
