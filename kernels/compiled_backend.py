@@ -2,7 +2,7 @@
 
 A plan with ``backend="compiled"`` derives the op's index tensors once (:class:`CompiledPlan`):
 each row's lengths and page table, and the queries of every task stacked into tiles, so that the
-op reads each task's prefix once per call for all of its rows (see ``csrc/prefix_paged_attention.cpp``);
+op reads each task's prefix once per call for all of its rows (``csrc/prefix_paged_attention.cpp``);
 every layer's ``run`` then only calls the op. Own keys come paged (token-major page pools
 ``[num_pages, page_size, Hkv, D]``, read in place) or dense ``[B, Hkv, Skv, D]`` (copied per call
 into one page per row).
@@ -58,7 +58,7 @@ class CompiledPlan:
     """The op's arguments derived from a plan's validated metadata (``BatchMeta``: every index
     int64 on the CPU, unused table entries 0), and the per-layer call."""
 
-    def __init__(self, meta, num_threads: int = 0):
+    def __init__(self, meta):
         reason = unsupported_reason(meta.device, meta.attn_mask)
         if reason is not None:
             raise ValueError(f"prefix_attention: {reason}")
@@ -66,7 +66,7 @@ class CompiledPlan:
         if self.op is None:
             raise ValueError(f"prefix_attention: `backend` 'compiled' is unavailable: "
                              f"{compiled_build.unavailable_reason()}")
-        self.meta, self.num_threads = meta, num_threads
+        self.meta = meta
         self.paged = meta.own_page_table is not None
         contiguous = lambda t: t.to(torch.int64).contiguous()       # noqa: E731
         self.index = dict(q_lens=contiguous(meta.q_lens), kv_lens=contiguous(meta.kv_lens),
@@ -95,7 +95,7 @@ class CompiledPlan:
         out = self.op(q.transpose(1, 2).contiguous(), k.contiguous(), v.contiguous(), ix["page_table"],
                       ix["q_lens"], ix["kv_lens"], ix["kv_starts"], prefix_k.contiguous(), prefix_v.contiguous(),
                       ix["block_table"], ix["prefix_lens"], ix["task_ids"], ix["prefix_queries"], ix["tiles"],
-                      m.causal, m.scale, m.window or 0, self.num_threads)
+                      m.causal, m.scale, m.window or 0)          # threads: ATen's intra-op count
         return out.transpose(1, 2)
 
 
