@@ -1,4 +1,5 @@
-"""The no-copy ``torch`` backend against the materialising ``reference`` backend, side by side on the CPU.
+"""The no-copy ``torch`` backend (and, for the inference cases, the ``compiled`` one where it builds)
+against the materialising ``reference`` backend, side by side on the CPU.
 
     python -m benchmarks.backends_cpu            # both shapes, writes benchmarks/results/backends_cpu.{json,md}
 
@@ -12,7 +13,7 @@ import argparse
 
 import torch
 
-from softprompt.kernels import plan_for_layer, prefix_attention
+from softprompt.kernels import available_backends, plan_for_layer, prefix_attention
 
 from .common import cpu_peak_bytes, environment, markdown_table, median_seconds, prefix_problem, write_results
 
@@ -45,10 +46,15 @@ def run_case(label: str, *, B, T, P, Sq, Skv, Hq, Hkv, D, train, reps=7):
         got = prefix_attention(*args, backend="torch", **kwargs)
     err = float((ref - got).abs().max())
     row = {"case": label, "shape": f"B={B} T={T} P={P} Sq={Sq} Skv={Skv} Hq={Hq} Hkv={Hkv} D={D}"}
-    for backend in ("reference", "torch"):
+    compiled = not train and "compiled" in available_backends("cpu")
+    for backend in ("reference", "torch", "compiled") if compiled else ("reference", "torch"):
         row[f"{backend} ms"] = round(1e3 * median_seconds(call(backend), reps=reps), 2)
         row[f"{backend} peak MiB"] = round(cpu_peak_bytes(call(backend)) / 2**20, 1)
     row["speed-up"] = f"{row['reference ms'] / row['torch ms']:.1f}x"
+    if compiled:
+        with torch.no_grad():
+            err = max(err, float((ref - prefix_attention(*args, backend="compiled", **kwargs)).abs().max()))
+        row["compiled speed-up"] = f"{row['reference ms'] / row['compiled ms']:.1f}x"
     row["memory ratio"] = f"{row['reference peak MiB'] / max(row['torch peak MiB'], 1e-9):.1f}x"
     row["max |diff|"] = f"{err:.1e}"
     return row
@@ -67,8 +73,8 @@ def main(argv=None):
     # Prefix memory independent of B: same decode shape at growing batch.
     for B in (16, 256):
         rows.append(run_case(f"decode B={B}", reps=opts.reps, **{**SHAPES["decode"], "B": B}))
-    columns = ["case", "shape", "reference ms", "torch ms", "speed-up", "reference peak MiB",
-               "torch peak MiB", "memory ratio", "max |diff|"]
+    columns = ["case", "shape", "reference ms", "torch ms", "speed-up", "compiled ms", "compiled speed-up",
+               "reference peak MiB", "torch peak MiB", "memory ratio", "max |diff|"]
     table = markdown_table(rows, columns)
     env = environment()
     print(f"{env['device']}, torch {env['torch']}, commit {env['commit']}\n")

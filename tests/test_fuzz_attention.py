@@ -10,8 +10,8 @@ blocks no task uses, padding queries). Every CPU backend on the poisoned inputs 
 query that sees a non-finite key or value returns a non-finite row, every other query is
 untouched.
 
-The engine's paged attention (``DecodeAttention``, the compiled ``PagedAttention``) is fuzzed the
-same way with poisoned unused pages and junk table tails.
+Paged own keys (the engine's token-major pages) are fuzzed the same way through plan/run on the
+backends that take them, the compiled one included, with poisoned unused pages and junk table tails.
 
 Default profile: fast (the Triton interpreter gets fewer, tinier examples); ``--hypothesis-profile
 =long`` searches deeper.
@@ -26,7 +26,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cases import weighted_sum
-from softprompt.kernels import available_backends, prefix_attention, validate_inputs
+from paging import paged
+from softprompt.kernels import available_backends, plan_prefix_attention, prefix_attention, validate_inputs
+from softprompt.kernels.inputs import check_layer_tensors
 from softprompt.kernels.masks import own_key_visibility
 
 POISONS = (float("nan"), float("inf"), float("-inf"))
@@ -163,6 +165,8 @@ def test_torch_on_poisoned_inputs_matches_clean_reference(p, grad):
 
 needs_triton = pytest.mark.skipif("triton" not in available_backends("cpu"),
                                   reason="Triton interpreter unavailable")
+needs_compiled = pytest.mark.skipif("compiled" not in available_backends("cpu"),
+                                    reason="the compiled backend does not build here")
 
 
 @needs_triton
@@ -189,14 +193,15 @@ def sees_bad(args, kw, k_bad, p_bad):
     return hit
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch",
-                                     pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton),
+                                     pytest.param("compiled", marks=needs_compiled)])
 @settings(max_examples=10)
 @given(p=problems(max_b=2, max_s=5, fp16=False), grad=st.booleans(), data=st.data())
 def test_only_queries_that_see_a_non_finite_key_are_non_finite(backend, p, grad, data):
-    # grad picks the path: torch differentiable / fused, triton prefill / decode
-    if backend == "triton":
+    # grad picks the path: torch differentiable / fused, triton prefill / decode (compiled: no grad)
+    if backend in ("triton", "compiled"):
         p["mask"] = None
+    grad = grad and backend != "compiled"
     args, kw = build(p)
     g = torch.Generator().manual_seed(p["seed"] + 2)
     rate = data.draw(st.sampled_from([0.0, 0.1, 0.3]))
@@ -216,135 +221,24 @@ def test_only_queries_that_see_a_non_finite_key_are_non_finite(backend, p, grad,
                                **tolerances(False))
 
 
-# ------------------------------------------------------------------------------------- engine
-@st.composite
-def decode_problems(draw):
-    T = draw(st.integers(1, 3))
-    B = draw(st.integers(1, 4))
-    Skv = draw(st.integers(1, 8))
-    return dict(seed=draw(st.integers(0, 2 ** 31 - 1)), B=B, T=T, Hkv=draw(st.sampled_from([1, 2])),
-                G=draw(st.sampled_from([1, 2, 3])), D=draw(st.sampled_from([1, 3, 8])), Skv=Skv,
-                own=draw(st.lists(st.integers(1, Skv), min_size=B, max_size=B)),
-                block_size=draw(st.integers(1, 4)), page_size=draw(st.integers(1, 4)),
-                prefix_lens=draw(st.lists(st.integers(0, 9), min_size=T, max_size=T)),
-                tasks=draw(st.lists(st.integers(-1, T - 1), min_size=B, max_size=B)),
-                window=draw(st.none() | st.integers(1, 4)), split=draw(st.booleans()))
-
-
-def decode_case(p):
-    """One decode step (one query per row, own keys right-aligned), its clean reference output,
-    and the poisoned pieces the engine reads: own K/V with NaN in hidden columns, prefix pools
-    with NaN in every row no task reads, a block table with junk in unused entries."""
-    base = dict(p, Sq=1, spare_blocks=1, spare_cols=1, junk=True, lengths=False, causal=False, mask=None,
-                half=False, tasks=[max(t, 0) for t in p["tasks"]])
-    args, _ = build(base)
-    q, k, v, pk, pv, table, lens, tids = args
-    B, Skv = p["B"], p["Skv"]
-    own = torch.tensor(p["own"])
-    has = torch.tensor(p["tasks"]) >= 0
-    kw = dict(causal=False, kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=p["window"])
-    # rows without a task see an empty prefix: an extra task of length 0 in the reference
-    want = prefix_attention(q, k, v, pk, pv, torch.cat([table, torch.zeros_like(table[:1])]),
-                            torch.cat([lens, torch.zeros(1, dtype=torch.long)]), torch.where(has, tids, p["T"]),
-                            **kw, backend="reference")
-    own_seen, _, _ = visibility((q, k, v, pk, pv, table, lens, tids), kw)
-    g = torch.Generator().manual_seed(p["seed"] + 3)
-    nan_k = k.masked_fill(~own_seen[..., None], float("nan"))
-    nan_v = v.masked_fill(~own_seen[..., None], float("inf"))
-    read = torch.zeros(pk.shape[0], pk.shape[2], dtype=torch.bool)
-    for b in range(B):
-        if p["tasks"][b] >= 0:
-            t = p["tasks"][b]
-            for r in range(int(lens[t])):
-                read[int(table[t, r // p["block_size"]]), r % p["block_size"]] = True
-    hidden = ~read[:, None, :, None].expand(pk.shape)
-    pk = pk.masked_fill(hidden, float("nan"))
-    pv = pv.masked_fill(hidden & (torch.rand(pv.shape, generator=g) < 0.5), float("-inf"))
-    return dict(q=q, k=nan_k, v=nan_v, pk=pk, pv=pv, table=table, lens=lens, tids=tids, has=has, own=own,
-                want=want)
-
-
-@given(p=decode_problems())
-def test_decode_attention_ignores_poisoned_pages(p):
-    from softprompt.engine.decode_attention import DecodeAttention, split_by_length
-    c = decode_case(p)
-    B, Hkv, G, D, Skv = p["B"], p["Hkv"], p["G"], p["D"], p["Skv"]
-    token_major = lambda t: t.permute(0, 2, 1, 3).reshape(B, Skv, Hkv * D)   # noqa: E731
-    own_k, own_v = token_major(c["k"]), token_major(c["v"])
-    parts = split_by_length(c["own"], Skv, min_saving=0.0) if p["split"] else [(None, Skv)]
-    own_kv = [(own_k, own_v) if rows is None else (own_k[rows][:, Skv - width:], own_v[rows][:, Skv - width:])
-              for rows, width in parts]
-    # DecodeAttention takes store task ids; rows without a prefix point at an empty task
-    tids = torch.where(c["has"], c["tids"], p["T"])
-    table = torch.cat([c["table"], torch.full((1, c["table"].shape[1]), -3, dtype=torch.long)])
-    lens = torch.cat([c["lens"], torch.zeros(1, dtype=torch.long)])
-    attention = DecodeAttention(tids, table, lens, p["block_size"], c["own"], Skv, num_kv_heads=Hkv,
-                                group_size=G, scale=D ** -0.5, window=p["window"], parts=parts)
-    got = attention(c["q"].view(B, Hkv, G, D), own_kv, c["pk"], c["pv"])
-    torch.testing.assert_close(got.reshape(B, Hkv * G, 1, D), c["want"], atol=2e-5, rtol=1e-4,
-                               msg=lambda m: f"{p}: {m}")
-
-
-def _paged_pools(p, k, v, own, junk_rng):
-    """Row b's ``own[b]`` tokens (the last of ``k, v [B, Hkv, Skv, D]``) in scattered pages of a
-    token-major pool whose other slots are NaN; page-table tails hold junk."""
-    B, Hkv, Skv, D = k.shape
-    ps = p["page_size"]
-    per_row = [-(-int(n) // ps) for n in own]
-    order = list(range(sum(per_row) + 2))
-    junk_rng.shuffle(order)
-    width = max(per_row) + 1
-    pages = torch.tensor([[junk_rng.choice([-1, -9, 10 ** 6]) for _ in range(width)] for _ in range(B)])
-    pool_k = torch.full((len(order) * ps, Hkv, D), float("nan"))
-    pool_v = torch.full_like(pool_k, float("inf"))
-    at = 0
-    for b, n in enumerate(own.tolist()):
-        pages[b, :per_row[b]] = torch.tensor(order[at:at + per_row[b]])
-        at += per_row[b]
-        for t in range(n):
-            slot = int(pages[b, t // ps]) * ps + t % ps
-            pool_k[slot], pool_v[slot] = k[b, :, Skv - n + t], v[b, :, Skv - n + t]
-    return pool_k, pool_v, pages
-
-
-@given(p=decode_problems())
-def test_compiled_paged_attention_ignores_poisoned_pages_and_junk_tails(p):
-    from softprompt.engine import cpu_kernel
-    if cpu_kernel.load() is None:
-        pytest.skip(f"compiled kernel unavailable: {cpu_kernel.unavailable_reason()}")
-    c = decode_case(p)
-    B, Hkv, G, D = p["B"], p["Hkv"], p["G"], p["D"]
-    pool_k, pool_v, pages = _paged_pools(p, c["k"], c["v"], c["own"], random.Random(p["seed"]))
-    attention = cpu_kernel.PagedAttention(pages, c["own"], p["page_size"], torch.where(c["has"], c["tids"], -1),
-                                          c["table"], c["lens"], p["block_size"], num_kv_heads=Hkv, group_size=G,
-                                          head_dim=D, scale=D ** -0.5, window=p["window"], num_threads=2)
-    got = attention(c["q"].view(B, Hkv, G, D), pool_k, pool_v, c["pk"], c["pv"])
-    torch.testing.assert_close(got.reshape(B, Hkv * G, 1, D), c["want"], atol=2e-5, rtol=1e-4,
-                               msg=lambda m: f"{p}: {m}")
+# ------------------------------------------------------------------------------------- paged
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("compiled", marks=needs_compiled)])
+@given(p=problems(fp16=False, mask=False), page_size=st.integers(1, 4))
+def test_paged_own_keys_on_poisoned_pages_match_clean_reference(backend, p, page_size):
+    """Own keys in shuffled token-major pages (the engine's layout): the keys no query sees and every
+    slot no row uses are poison, unused page-table entries junk; the plan's result must be the clean
+    reference's."""
+    args, kw = build(p)
+    poisoned = poison_invisible(args, kw, p["seed"] + 1)
+    B, _, Skv, _ = args[1].shape
+    kv_lens = kw.get("kv_lens", torch.full((B,), Skv, dtype=torch.long))
+    (kpool, vpool), table = paged(poisoned[1], poisoned[2], kv_lens, page_size, p["seed"], junk_tail=p["junk"])
+    plan = plan_prefix_attention(*poisoned[5:], **kw, **check_layer_tensors(*args[:5]), own_page_table=table,
+                                 own_page_size=page_size, own_num_pages=kpool.shape[0], backend=backend)
+    want = prefix_attention(*args, **kw, backend="reference")
+    with torch.no_grad():
+        got = plan.run(poisoned[0], kpool, vpool, *poisoned[3:5])
+    torch.testing.assert_close(got, want, **tolerances(False), msg=lambda m: f"{backend}, {p}: {m}")
 
 
 # ------------------------------------------------------------------------------------- targeted
-def test_decode_attention_hidden_columns_may_hold_nan():
-    """DecodeAttention's own part: left padding / keys outside the window are hidden with an -inf
-    bias, but NaN + -inf is NaN and the block-diagonal product multiplies every key by zeros."""
-    from softprompt.engine.decode_attention import DecodeAttention
-    g = torch.Generator().manual_seed(3)
-    B, Hkv, G, D, Skv = 3, 2, 2, 8, 6
-    own = torch.tensor([6, 2, 4])
-    q = torch.randn(B, Hkv * G, 1, D, generator=g)
-    k, v = torch.randn(B, Hkv, Skv, D, generator=g), torch.randn(B, Hkv, Skv, D, generator=g)
-    kw = dict(causal=False, kv_starts=Skv - own, kv_lens=torch.full_like(own, Skv), window=3)
-    empty = (torch.zeros(0, Hkv, 1, D), torch.zeros(0, Hkv, 1, D), torch.zeros(1, 0, dtype=torch.long),
-             torch.zeros(1, dtype=torch.long), torch.zeros(B, dtype=torch.long))
-    want = prefix_attention(q, k, v, *empty, **kw, backend="reference")
-    hidden = torch.arange(Skv)[None, :] < (Skv - own.clamp_max(3))[:, None]          # [B, Skv]
-    k2 = k.masked_fill(hidden[:, None, :, None], float("nan"))
-    v2 = v.masked_fill(hidden[:, None, :, None], float("inf"))
-    token_major = lambda t: t.permute(0, 2, 1, 3).reshape(B, Skv, Hkv * D)   # noqa: E731
-    attention = DecodeAttention(None, empty[2], empty[3], 1, own, Skv, num_kv_heads=Hkv, group_size=G,
-                                scale=D ** -0.5, window=3)
-    got = attention(q.view(B, Hkv, G, D), [(token_major(k2), token_major(v2))], empty[0], empty[1])
-    torch.testing.assert_close(got.reshape(B, Hkv * G, 1, D), want, atol=2e-5, rtol=1e-4)
-    v2[0, 1, Skv - 1, 0] = float("nan")                    # a visible NaN: kv head 1 of row 0 only
-    got = attention(q.view(B, Hkv, G, D), [(token_major(k2), token_major(v2))], empty[0], empty[1])
-    assert got[0, 1].isnan().all() and torch.isfinite(got[0, 0]).all() and torch.isfinite(got[1:]).all()

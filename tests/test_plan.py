@@ -1,17 +1,22 @@
 """Plan once, run per layer: every backend through ``plan_prefix_attention(...).run`` against the
-``reference`` one-shot call, a plan reused across layers, and run() refusing tensors the plan does
-not describe. Triton runs through its interpreter (``TRITON_INTERPRET=1``): tiny shapes."""
+``reference`` one-shot call, dense and with paged own keys, a plan reused across layers, and run()
+refusing tensors the plan does not describe. Triton runs through its interpreter
+(``TRITON_INTERPRET=1``): tiny shapes. ``compiled`` (the C++ op, where it builds) computes no
+gradients: it is checked on the forward."""
 import pytest
 import torch
 
 from cases import Case, outputs_and_grads
+from paging import paged
 from softprompt.kernels import available_backends, plan_prefix_attention, prefix_attention
 from softprompt.kernels.inputs import check_layer_tensors
 
 NAMES = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
 BACKENDS = available_backends("cpu")
+GRAD_BACKENDS = [b for b in BACKENDS if b != "compiled"]
+needs_compiled = pytest.mark.skipif("compiled" not in BACKENDS, reason="the compiled backend does not build here")
 TOL = {"reference": dict(atol=1e-6, rtol=1e-6), "torch": dict(atol=2e-5, rtol=1e-4),
-       "triton": dict(atol=1e-4, rtol=1e-4)}
+       "triton": dict(atol=1e-4, rtol=1e-4), "compiled": dict(atol=2e-5, rtol=1e-4)}
 
 # Small enough for the Triton interpreter, still odd sizes, P = 0, GQA, padding, several tasks.
 CASES = {
@@ -30,7 +35,7 @@ def plan_for(args, kw, backend):
     return plan_prefix_attention(*args[5:], backend=backend, **kw, **check_layer_tensors(*args[:5]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_plan_run_matches_reference(backend, name, seed):
     case = Case(seed=seed, **CASES[name])
@@ -44,7 +49,23 @@ def test_plan_run_matches_reference(backend, name, seed):
         torch.testing.assert_close(plan.run(*args[:5]), want[0], **TOL[backend])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@needs_compiled
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", [n for n in CASES if n != "explicit_mask"])
+def test_compiled_plan_run_matches_reference(name, threads, seed):
+    args, kw = Case(seed=seed, requires_grad=False, **CASES[name]).build()
+    plan = plan_for(args, kw, "compiled")
+    want = prefix_attention(*args, backend="reference", **kw)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(2):                     # a plan runs any number of layers
+            torch.testing.assert_close(plan.run(*args[:5]), want, **TOL["compiled"])
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
 def test_mask_given_to_run_replaces_the_planned_one(backend, seed):
     case = Case(seed=seed, **CASES["explicit_mask"])
     args, kw = case.build()
@@ -180,38 +201,47 @@ def test_integration_plans_once_per_forward(monkeypatch):
 
 # ---- paged own keys: a page pool + a per-row page table ---------------------------------------
 
-def paged(k, v, kv_lens, page_size, seed):
-    """``k, v [B, Hkv, Skv, D]`` scattered into shuffled page pools (NaN wherever a row's keys are
-    not: unused slots, spare pages) and the page table (-1 past the pages a row uses)."""
-    g = torch.Generator().manual_seed(seed)
-    B, Hkv, Skv, D = k.shape
-    n = -(-Skv // page_size)
-    num_pages = B * n + 2
-    order = torch.randperm(num_pages, generator=g)
-    table = torch.full((B, n + 1), -1, dtype=torch.long)
-    pools = []
-    for src in (k, v):
-        pool = torch.full((num_pages, Hkv, page_size, D), float("nan"), dtype=src.dtype)
-        for b in range(B):
-            used = -(-int(kv_lens[b]) // page_size)
-            table[b, :used] = order[b * n: b * n + used]
-            for p in range(used):
-                rows = src[b, :, p * page_size: (p + 1) * page_size].detach()
-                pool[table[b, p], :, : rows.shape[1]] = rows
-        pools.append(pool.requires_grad_())
-    return pools, table
+# odd sizes, P = 0, GQA, several tasks, rows of different lengths, decode and causal prefill
+PAGED_CASES = {
+    "decode_gqa": dict(B=5, T=3, Hq=6, Hkv=2, Sq=1, Skv=9, D=8, block_size=4, prefix_lens=[5, 0, 9],
+                       padding="right"),
+    "prefill_odd": dict(B=4, T=3, Hq=3, Hkv=1, Sq=4, Skv=7, D=5, block_size=3, prefix_lens=[0, 7, 2],
+                        padding="right"),
+    "ragged_window": dict(B=4, T=2, Hq=4, Hkv=2, Sq=3, Skv=6, D=8, padding="ragged", window=2),
+    "non_causal_left": dict(B=3, T=2, Hq=2, Hkv=2, Sq=2, Skv=5, D=8, padding="left", causal=False),
+}
+
+
+def _paged_case(name, seed, page_size, requires_grad=False):
+    args, kw = Case(seed=seed, requires_grad=requires_grad, **PAGED_CASES[name]).build()
+    B, _, Skv, _ = args[1].shape
+    pools, table = paged(args[1], args[2], kw.get("kv_lens", torch.full((B,), Skv)), page_size, seed,
+                         junk_tail=seed % 2 == 1)
+    plan_kw = dict(kw, own_page_table=table, own_page_size=page_size, own_num_pages=pools[0].shape[0],
+                   **check_layer_tensors(*args[:5]))
+    return args, kw, pools, plan_kw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [1, 3])
+@pytest.mark.parametrize("name", list(PAGED_CASES))
+def test_every_backend_with_paged_own_keys_matches_reference(backend, name, page_size, seed):
+    """Own keys in shuffled pages (NaN in every slot no row uses, junk in unused table entries)."""
+    args, kw, (kpool, vpool), plan_kw = _paged_case(name, seed, page_size)
+    plan = plan_prefix_attention(*args[5:], backend=backend, **plan_kw)
+    want = prefix_attention(*args, backend="reference", **kw)
+    with torch.no_grad():
+        got = plan.run(args[0], kpool, vpool, *args[3:5])
+    torch.testing.assert_close(got, want, **TOL[backend], msg=lambda m: f"{backend} {name} (seed {seed}): {m}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("page_size", [1, 3, 4])
-def test_paged_own_keys_match_dense(backend, page_size, seed):
-    case = Case(seed=seed, B=4, T=3, Hq=4, Hkv=2, Sq=3, Skv=7, D=8, padding="right")
-    args, kw = case.build()
+def test_paged_own_keys_match_dense_with_gradients(backend, page_size, seed):
+    args, kw, pools, plan_kw = _paged_case("prefill_odd", seed, page_size, requires_grad=True)
     q, k, v, pk, pv = args[:5]
-    (kpool, vpool), table = paged(k, v, kw["kv_lens"], page_size, seed)
-    sizes = check_layer_tensors(*args[:5])
-    plan = plan_prefix_attention(*args[5:], backend=backend, own_page_table=table, own_page_size=page_size,
-                                 own_num_pages=kpool.shape[0], **kw, **sizes)
+    kpool, vpool = (p.requires_grad_() for p in pools)
+    plan = plan_prefix_attention(*args[5:], backend=backend, **plan_kw)
     want = outputs_and_grads(lambda *a, **k_: prefix_attention(*a, backend="reference", **k_), args, kw, seed)
     got = outputs_and_grads(lambda *a: plan.run(*a), (q, kpool, vpool, pk, pv), {}, seed)
     torch.testing.assert_close(got[0], want[0], **TOL[backend])
@@ -225,8 +255,6 @@ def test_paged_own_keys_match_dense(backend, page_size, seed):
         got_rows = gather_pages(pool_grad, plan.meta.own_page_table, k.shape[2]) * mine
         torch.testing.assert_close(got_rows, w, **TOL[backend], msg=lambda m: f"{name}: {m}")
     assert float(dkpool.abs().sum()) == pytest.approx(float(want[1][1].abs().sum()), rel=1e-4)   # nothing elsewhere
-    with torch.no_grad():
-        torch.testing.assert_close(plan.run(q, kpool, vpool, pk, pv), want[0], **TOL[backend])
 
 
 def test_paged_own_keys_reject_bad_tables_and_pools(seed):
@@ -247,3 +275,26 @@ def test_paged_own_keys_reject_bad_tables_and_pools(seed):
         plan.run(args[0], args[1], args[2], *args[3:5])       # dense own keys given to a paged plan
     with pytest.raises(ValueError, match="`v`"):
         plan.run(args[0], kpool, vpool[:-1], *args[3:5])
+    with pytest.raises(ValueError, match="`k`"):               # the head-major layout is not the contract's
+        plan.run(args[0], kpool.transpose(1, 2), vpool.transpose(1, 2), *args[3:5])
+
+
+@needs_compiled
+def test_compiled_backend_rejects_what_it_does_not_cover(seed):
+    """attn_mask (at plan time), other dtypes and gradients (per run): a ValueError naming them."""
+    args, kw = Case(seed=seed, B=3, T=2, Hq=2, Hkv=1, Sq=2, Skv=4, D=8, requires_grad=False).build()
+    sizes = check_layer_tensors(*args[:5])
+    with pytest.raises(ValueError, match="`attn_mask`"):
+        plan_prefix_attention(*args[5:], **kw, **sizes, attn_mask=torch.ones(3, 1, 2, 4, dtype=torch.bool),
+                              backend="compiled")
+    plan = plan_prefix_attention(*args[5:], **kw, **sizes, backend="compiled")
+    with pytest.raises(ValueError, match="`attn_mask`"):
+        plan.run(*args[:5], attn_mask=torch.ones(3, 1, 2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="`q` with dtype torch.float16"):
+        plan.run(*(t.half() for t in args[:5]))
+    leaves = [t.clone().requires_grad_() for t in args[:5]]
+    with pytest.raises(ValueError, match="no gradients"):
+        plan.run(*leaves)
+    with torch.no_grad():
+        torch.testing.assert_close(plan.run(*leaves), prefix_attention(*args, **kw, backend="reference"),
+                                   **TOL["compiled"])

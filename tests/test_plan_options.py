@@ -169,8 +169,8 @@ def test_paged_own_keys_with_options(seed):
 
 
 def _page_shape(k, ps):
-    """A page of the contract's pools on this branch: head-major ``[Hkv, page_size, D]``."""
-    return (k.shape[1], ps, k.shape[3])
+    """A page of the contract's pools: token-major ``[page_size, Hkv, D]``."""
+    return (ps, k.shape[1], k.shape[3])
 
 
 def _pages(k, ps):
@@ -178,7 +178,7 @@ def _pages(k, ps):
     B, H, S, D = k.shape
     n = -(-S // ps)
     padded = torch.nn.functional.pad(k, (0, 0, 0, n * ps - S))
-    return padded.view(B, H, n, ps, D).permute(0, 2, 1, 3, 4).reshape(B * n, H, ps, D)
+    return padded.view(B, H, n, ps, D).permute(0, 2, 3, 1, 4).reshape(B * n, ps, H, D)
 
 
 # ------------------------------------------------------------------------------------ refusals

@@ -107,9 +107,8 @@ def test_prefill_and_gradients_gather_the_pages():
 
 
 def plan_pools(pages: OwnPages):
-    """The pools as ``plan.run`` takes them on this branch: the contract's head-major
-    ``[num_pages, Hkv, page_size, D]`` (a view of the token-major pools)."""
-    return pages.k.transpose(1, 2), pages.v.transpose(1, 2)
+    """The pools as ``plan.run`` takes them: the contract's token-major ``[num_pages, page_size, Hkv, D]``."""
+    return pages.k, pages.v
 
 
 @pytest.mark.parametrize("Sq", [1, 2])

@@ -10,17 +10,18 @@ makes each ``nn.Linear`` a ``x @ W^T`` product (the slow form for CPU BLAS at th
 ``[hidden, B]``: every projection is ``W @ x`` straight from the module's own weight (no copy of
 the model), its output is already the next product's input, and only the attention transposes
 (small) tensors. Per layer: RMSNorm, Q/K/V projections, RoPE with the model's own rotary module,
-new K/V written into the engine's pages, prefix + own attention planned once per step, output
-projection, gated MLP. The attention is the compiled kernel (:mod:`~softprompt.engine.cpu_kernel`:
-the task's prefix blocks and the row's own pages read in place) where it builds and the pools are
-fp32, else torch ops (:mod:`~softprompt.engine.decode_attention`: own K/V gathered from the pages,
-the prefix read in place from the store). The result equals the HF forward up to floating-point
-summation order; the engine's greedy-parity tests run through it.
+new K/V written into the engine's pages, output projection, gated MLP. The attention is the
+contract's (``softprompt.kernels.plan_prefix_attention``): one plan per step over the rows' task
+prefixes and their own keys paged in the engine's pools, run by every layer — on the ``compiled``
+backend (the C++ op: each task's prefix blocks read once for all its rows, the own pages in place)
+where it builds and the pools are fp32, else on the ``torch`` backend (own keys gathered out of
+the pages). The result equals the HF forward up to floating-point summation order; the engine's
+greedy-parity tests run through it.
 
 :meth:`CpuDecoder.prefill` serves a step's prefills the same way but token-major (``[N, hidden]``
 through the model's own modules, ``x W^T`` being the fast form at prefill row counts) with the real
-tokens of every row packed, so the linear layers see no padding; the kernel attends the packed
-tokens where they are, the torch path unpacks them per batch.
+tokens of every row packed, so the linear layers see no padding; the attention sees the step's
+rows as one batch (each row's new tokens as its queries).
 
 Only the families whose decoder layer is exactly that computation are taken (Llama, Mistral,
 Qwen2 — see :func:`unsupported_reason`); every other model, a model in training mode, and every
@@ -33,11 +34,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from softprompt.kernels import plan_for_layer
+from softprompt.kernels import compiled_build, plan_prefix_attention
 
 from ..integration.attention import sliding_window_of
-from . import cpu_kernel
-from .decode_attention import DecodeAttention, split_by_length
 
 # Causal-LM classes whose decoder layer is: x += o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)));
 # x += down(act(gate(n2 x)) * up(n2 x)), RMSNorm everywhere, RoPE on the full head.
@@ -79,10 +78,9 @@ class CpuDecoder:
         model: a supported causal LM (:func:`unsupported_reason` is None), attached to ``store``.
         store: the model's prefix store (``softprompt.attach``).
         kv: the engine's :class:`~softprompt.engine.kv_cache.PagedKVCache`.
-        compiled_attention: attention (decode steps and prefills) through the compiled kernel
-            (:mod:`~softprompt.engine.cpu_kernel`: prefix and own pages read in place) when it is
-            available and the pools are fp32; False keeps torch ops (:class:`DecodeAttention`,
-            ``kernels.prefix_attention``).
+        compiled_attention: attention (decode steps and prefills) on the ``compiled`` backend
+            (prefix and own pages read in place) when it builds and the pools are fp32; False
+            keeps the ``torch`` backend.
     """
 
     def __init__(self, model: nn.Module, store, kv, *, compiled_attention: bool = True):
@@ -97,7 +95,7 @@ class CpuDecoder:
         self.head_dim = attn.head_dim
         self.num_q_heads = attn.q_proj.out_features // self.head_dim
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
-        self.compiled_attention = bool(compiled_attention) and cpu_kernel.load() is not None
+        self.compiled_attention = bool(compiled_attention) and compiled_build.load() is not None
 
     def _use_kernel(self) -> bool:
         return (self.compiled_attention and self.kv.k.dtype == torch.float32
@@ -108,7 +106,7 @@ class CpuDecoder:
         if self._use_kernel():
             return "compiled paged attention"
         if not self.compiled_attention:
-            why = cpu_kernel.unavailable_reason() or "turned off"
+            why = compiled_build.unavailable_reason() or "turned off"
         else:
             why = "the KV pools or the prefix store are not fp32"
         return f"attention through torch ops (compiled kernel: {why})"
@@ -151,22 +149,12 @@ class CpuDecoder:
             raise ValueError(f"CpuDecoder.step: a decode step needs one new token per row; got Sq={cache.Sq} "
                              f"for {cache.batch} rows and {B} tokens")
         Hq, Hkv, D = self.num_q_heads, self.num_kv_heads, self.head_dim
-        Skv, dtype = cache.Skv, self.embed.weight.dtype
+        dtype = self.embed.weight.dtype
         x = self.embed(token_ids).t().contiguous()                          # [hidden, B]
         cos, sin = self.rotary(x, cache.position_ids)                       # [B, 1, D]
         cos, sin = cos[:, 0].t().contiguous(), sin[:, 0].t().contiguous()   # [D, B]
-        _, _, block_table, prefix_lens = self.store.layer(0)
         plans = {}                                   # one attention plan per (window, scale) in use
-        use_kernel = self._use_kernel()
-        if not use_kernel:
-            # the rows' own K/V are gathered in one or two parts (short rows apart when that saves
-            # enough padding); each part's gather index and buffer are reused by every layer
-            parts = split_by_length(cache.own_lens, Skv)
-            table = cache.gather_index.view(B, Skv)
-            gathers = [(cache.gather_index if rows is None
-                        else table.index_select(0, rows)[:, Skv - width:].reshape(-1),
-                        torch.empty(2, (B if rows is None else rows.shape[0]) * width, Hkv, D, dtype=self.kv.k.dtype),
-                        width) for rows, width in parts]
+        ones = torch.ones(B, dtype=torch.long)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = self._rms_norm(layer.input_layernorm, x)
@@ -177,28 +165,11 @@ class CpuDecoder:
             # token-major copies first: index_copy_ from a transposed source is slower
             pool_k.view(-1, Hkv * D).index_copy_(0, cache.write_dst, k.view(Hkv * D, B).t().to(pool_k.dtype).contiguous())
             pool_v.view(-1, Hkv * D).index_copy_(0, cache.write_dst, v.t().to(pool_v.dtype).contiguous())
-            prefix_k, prefix_v, _, _ = self.store.layer(i)
-            q4 = q.permute(2, 0, 1).reshape(B, Hkv, Hq // Hkv, D).float()    # [B, Hkv, G, D]
             key = (sliding_window_of(attn), attn.scaling)
-            if use_kernel:
-                if key not in plans:
-                    plans[key] = cpu_kernel.PagedAttention(
-                        cache.page_table, cache.own_lens, self.kv.page_size, task_ids, block_table, prefix_lens,
-                        self.store.block_size, num_kv_heads=Hkv, group_size=Hq // Hkv, head_dim=D,
-                        scale=key[1], window=key[0])
-                out = plans[key](q4, pool_k, pool_v, prefix_k, prefix_v)
-            else:
-                own = []
-                for index, buffer, width in gathers:
-                    torch.index_select(pool_k, 0, index, out=buffer[0])
-                    torch.index_select(pool_v, 0, index, out=buffer[1])
-                    own.append([t.view(-1, width, Hkv * D).float() for t in buffer])
-                if key not in plans:
-                    plans[key] = DecodeAttention(task_ids, block_table, prefix_lens, self.store.block_size,
-                                                 cache.own_lens, Skv, num_kv_heads=Hkv, group_size=Hq // Hkv,
-                                                 scale=key[1], window=key[0], parts=parts)
-                out = plans[key](q4, own, prefix_k.float(), prefix_v.float())
-            x = x + self._linear(attn.o_proj, out.view(B, Hq * D).t().to(dtype))
+            if key not in plans:                     # planned on the step's first layer, run by the rest
+                plans[key] = self._plan(key, [cache.page_table], ones, cache.own_lens, [task_ids], q_len=1)
+            out = self._attend(plans[key], i, q.permute(2, 0, 1).reshape(B, Hq, 1, D))
+            x = x + self._linear(attn.o_proj, out.reshape(B, Hq * D).t().to(dtype))
             h = self._rms_norm(layer.post_attention_layernorm, x)
             gated = mlp.act_fn(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h)
             x = x + self._linear(mlp.down_proj, gated)
@@ -225,25 +196,22 @@ class CpuDecoder:
         ``parts``: ``[(cache, token_ids [B_g, Sq_g] left-padded, task_ids or None)]``, one
         :class:`~softprompt.engine.kv_cache.StepCache` per batch. The real new tokens of all batches
         are packed token-major ``[N, hidden]`` and go through the model's own norm, linear and MLP
-        modules (``x W^T``, the fast form at prefill row counts) with no padding. The compiled
-        kernel attends each packed query in place (its row's prefix and own pages up to itself);
-        the torch path unpacks each batch into its left-padded ``[B_g, Hq, Sq_g, D]`` layout.
+        modules (``x W^T``, the fast form at prefill row counts) with no padding. The attention
+        takes the rows of all batches as one batch: each row's new tokens are its queries (causal,
+        after its cached tokens), one plan for the step.
         """
         Hq, Hkv, D = self.num_q_heads, self.num_kv_heads, self.head_dim
         ids = torch.cat([t.reshape(-1).index_select(0, c.write_src) for c, t, _ in parts])       # [N]
         positions = torch.cat([c.position_ids.reshape(-1).index_select(0, c.write_src) for c, _, _ in parts])
-        sizes = [c.write_src.numel() for c, _, _ in parts]
+        write_dst = torch.cat([c.write_dst for c, _, _ in parts])
         N = ids.shape[0]
         x = self.embed(ids)                                                  # [N, hidden]
         cos, sin = self.rotary(x, positions[None])                           # [1, N, D]
         cos, sin = cos[0, :, None], sin[0, :, None]                          # [N, 1, D]
-        _, _, block_table, prefix_lens = self.store.layer(0)
-        use_kernel = self._use_kernel()
-        if use_kernel:
-            packed = self._packed_queries(parts)
-            plans = {}
-        else:
-            shapes = self._padded_shapes(parts, block_table, prefix_lens)
+        q_index, q_lens, q_len = self._query_layout(parts)
+        kv_lens = torch.cat([c.own_lens for c, _, _ in parts])
+        rows = kv_lens.shape[0]
+        plans = {}
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -251,91 +219,70 @@ class CpuDecoder:
             k = self._rope(attn.k_proj(h).view(N, Hkv, D), cos, sin, dim=-1)
             v = attn.v_proj(h).view(N, Hkv, D)
             pool_k, pool_v = self.kv.k[i], self.kv.v[i]
-            prefix_k, prefix_v, _, _ = self.store.layer(i)
-            if use_kernel:
-                # every query in place: its row's prefix and own pages up to itself, no unpacking
-                page_table, visible, query_rows, task_ids, write_dst = packed
-                pool_k.index_copy_(0, write_dst, k.to(pool_k.dtype))
-                pool_v.index_copy_(0, write_dst, v.to(pool_v.dtype))
-                key = (sliding_window_of(attn), attn.scaling)
-                if key not in plans:
-                    plans[key] = cpu_kernel.PagedAttention(
-                        page_table, visible, self.kv.page_size, task_ids, block_table, prefix_lens,
-                        self.store.block_size, query_rows=query_rows, num_kv_heads=Hkv, group_size=Hq // Hkv,
-                        head_dim=D, scale=key[1], window=key[0])
-                out = plans[key](q.view(N, Hkv, Hq // Hkv, D), pool_k, pool_v, prefix_k, prefix_v)
-                out = out.view(N, Hq, D).to(q.dtype)                   # the kernel works in fp32
-            else:
-                out = self._padded_attention(parts, shapes, sizes, q, k, v, pool_k, pool_v, prefix_k, prefix_v,
-                                             attn)
+            pool_k.index_copy_(0, write_dst, k.to(pool_k.dtype))
+            pool_v.index_copy_(0, write_dst, v.to(pool_v.dtype))
+            key = (sliding_window_of(attn), attn.scaling)
+            if key not in plans:
+                plans[key] = self._plan(key, [c.page_table for c, _, _ in parts], q_lens, kv_lens,
+                                        [t for _, _, t in parts], q_len=q_len)
+            # packed queries into the batch layout [rows, Hq, q_len, D] (row b's new tokens first)
+            padded = q.new_zeros(rows * q_len, Hq, D).index_copy_(0, q_index, q)
+            out = self._attend(plans[key], i, padded.view(rows, q_len, Hq, D).transpose(1, 2))
+            out = out.transpose(1, 2).reshape(rows * q_len, Hq, D).index_select(0, q_index).to(q.dtype)
             x = x + attn.o_proj(out.view(N, Hq * D))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         last, at = [], 0                           # packed index of every row's last new token
-        for (cache, _, _), n in zip(parts, sizes):
+        for cache, _, _ in parts:
             last.append(at + self._last_of(cache))
-            at += n
+            at += cache.write_src.numel()
         logits = self.head(self.final_norm(x.index_select(0, torch.cat(last))))
         return list(logits.split([c.batch for c, _, _ in parts]))
 
     @staticmethod
-    def _packed_queries(parts):
-        """For the kernel: one page table over the rows of every batch, and per packed query its
-        row, how many own tokens it sees (its position + 1) and where its K/V go."""
-        width = max(cache.page_table.shape[1] for cache, _, _ in parts)
-        tables, tasks, rows, visible, dst = [], [], [], [], []
-        first = 0
-        for cache, _, task_ids in parts:
-            tables.append(nn.functional.pad(cache.page_table, (0, width - cache.page_table.shape[1])))
-            tasks.append(task_ids.cpu() if task_ids is not None else torch.full((cache.batch,), -1, dtype=torch.long))
-            rows.append(cache.write_src // cache.Sq + first)
-            visible.append(cache.position_ids.reshape(-1).index_select(0, cache.write_src) + 1)
-            dst.append(cache.write_dst)
+    def _query_layout(parts):
+        """The step's rows as one batch: per packed query its index ``row * q_len + i`` (i: its
+        place among the row's new tokens), each row's new-token count, and ``q_len``."""
+        q_len = max(cache.Sq for cache, _, _ in parts)
+        index, lens, first = [], [], 0
+        for cache, _, _ in parts:
+            rows = cache.write_src // cache.Sq                       # row (in its batch) of each query
+            new = torch.bincount(rows, minlength=cache.batch)
+            col = cache.write_src % cache.Sq - (cache.Sq - new).index_select(0, rows)   # left padding off
+            index.append((rows + first) * q_len + col)
+            lens.append(new)
             first += cache.batch
-        any_task = any(task_ids is not None for _, _, task_ids in parts)
-        return (torch.cat(tables), torch.cat(visible), torch.cat(rows), torch.cat(tasks) if any_task else None,
-                torch.cat(dst))
+        return torch.cat(index), torch.cat(lens), q_len
 
-    @staticmethod
-    def _padded_shapes(parts, block_table, prefix_lens):
-        """For the torch path, per batch: own-key ranges and its prefix table."""
-        shapes = []
-        for cache, _, task_ids in parts:
-            starts = cache.Skv - cache.own_lens
-            if task_ids is None:                                 # no row has a prefix: an empty table
-                prefix = (block_table.new_zeros(1, 0), prefix_lens.new_zeros(1),
-                          torch.zeros(cache.batch, dtype=torch.long))
-            else:
-                prefix = (block_table, prefix_lens, task_ids)
-            shapes.append((starts, torch.full_like(starts, cache.Skv), *prefix, {}))   # {}: its plans by (window, scale)
-        return shapes
+    def _plan(self, key, page_tables, q_lens, kv_lens, task_ids, *, q_len: int):
+        """The attention plan of one step (every layer of one ``(window, scale)``): the rows of
+        ``page_tables`` (one per batch, ``[B_g, W_g]``) with ``q_lens`` new tokens, ``kv_lens`` own
+        tokens and the store task ids of their batch (None: no prefix for the batch's rows)."""
+        window, scale = key
+        prefix_k, _, block_table, prefix_lens = self.store.layer(0)
+        if any(t is None for t in task_ids):          # rows without a prefix: an extra empty task
+            empty = block_table.shape[0]
+            block_table = torch.cat([block_table, block_table.new_zeros(1, block_table.shape[1])])
+            prefix_lens = torch.cat([prefix_lens, prefix_lens.new_zeros(1)])
+            task_ids = [torch.full((table.shape[0],), empty, dtype=torch.long) if t is None else t.cpu()
+                        for t, table in zip(task_ids, page_tables)]
+        width = max(t.shape[1] for t in page_tables)
+        page_table = torch.cat([nn.functional.pad(t, (0, width - t.shape[1])) for t in page_tables])
+        return plan_prefix_attention(
+            block_table, prefix_lens, torch.cat(task_ids), num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, q_len=q_len,
+            kv_len=int(kv_lens.max()) if kv_lens.numel() else 0, num_blocks=prefix_k.shape[0],
+            block_size=self.store.block_size, causal=True, scale=scale, q_lens=q_lens, kv_lens=kv_lens,
+            window=window, own_page_table=page_table, own_page_size=self.kv.page_size,
+            own_num_pages=self.kv.num_pages, backend="compiled" if self._use_kernel() else "torch")
 
-    def _padded_attention(self, parts, shapes, sizes, q, k, v, pool_k, pool_v, prefix_k, prefix_v, attn):
-        """The torch path: each batch's K/V written and gathered, its queries unpacked into their
-        left-padded layout for ``kernels.prefix_attention``, the result packed again."""
-        Hq, D = q.shape[1], q.shape[2]
-        Hkv = k.shape[1]
-        backend = self.store.backend or "torch"
-        out = torch.empty_like(q)
-        at = 0
-        window = sliding_window_of(attn)
-        for (cache, _, _), (starts, lens, table, plens, tids, plans), n in zip(parts, shapes, sizes):
-            B, Sq, Skv = cache.batch, cache.Sq, cache.Skv
-            pool_k.index_copy_(0, cache.write_dst, k[at: at + n].to(pool_k.dtype))
-            pool_v.index_copy_(0, cache.write_dst, v[at: at + n].to(pool_v.dtype))
-            own_k = pool_k.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
-            own_v = pool_v.index_select(0, cache.gather_index).view(B, Skv, Hkv, D).transpose(1, 2)
-            padded = q.new_zeros(B * Sq, Hq, D).index_copy_(0, cache.write_src, q[at: at + n])
-            layer = (padded.view(B, Sq, Hq, D).transpose(1, 2), own_k.to(q.dtype), own_v.to(q.dtype),
-                     prefix_k.to(q.dtype), prefix_v.to(q.dtype))
-            key = (window, attn.scaling)          # planned on the step's first layer, run by the rest
-            if key not in plans:
-                plans[key] = plan_for_layer(*layer, table, plens, tids, causal=True, scale=attn.scaling,
-                                            kv_starts=starts, kv_lens=lens, window=window, backend=backend)
-            plan = plans[key]
-            o = plan.run(*layer)                                                             # [B, Hq, Sq, D]
-            out[at: at + n] = o.transpose(1, 2).reshape(B * Sq, Hq, D).index_select(0, cache.write_src)
-            at += n
-        return out
+    def _attend(self, plan, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s attention of ``q [B, Hq, Sq, D]`` through the step's ``plan``, over the
+        engine's pages (in the pools' dtype; the compiled backend runs only where that is fp32)."""
+        pool_k, pool_v = self.kv.k[layer], self.kv.v[layer]
+        pages = (self.kv.num_pages, self.kv.page_size, self.num_kv_heads, self.head_dim)
+        prefix_k, prefix_v, _, _ = self.store.layer(layer)
+        dtype = pool_k.dtype
+        return plan.run(q.to(dtype), pool_k.view(pages), pool_v.view(pages), prefix_k.to(dtype), prefix_v.to(dtype))
 
     @staticmethod
     def _last_of(cache) -> torch.Tensor:

@@ -4,7 +4,8 @@ Only each sequence's own tokens live here; a task's prefix stays in the model's 
 is read in place by the attention kernels.
 
 ``PagedKVCache`` holds, per layer, K and V pools ``[num_pages * page_size, Hkv, D]`` (token-major
-slots; page p owns slots ``p*page_size .. (p+1)*page_size-1``). Page 0 is a null page that is
+slots; page p owns slots ``p*page_size .. (p+1)*page_size-1``): viewed as ``[num_pages, page_size,
+Hkv, D]`` they are the attention contract's paged own keys, and a row's page list its page table. Page 0 is a null page that is
 never handed out (gather indices of padding point at it). A sequence owns a list of pages; a
 free list hands pages out and takes them back as soon as a sequence finishes. The pools grow by
 doubling up to ``max_pages``.
