@@ -43,6 +43,7 @@ def test_every_package_folder_is_in_the_wheel(wheel_names):
             rel = init.relative_to(ROOT / folder).as_posix()
             assert f"{installed}/{rel}" in wheel_names, f"{folder}/{rel} is not installed"
     assert "softprompt/kernels/triton_prefill.py" in wheel_names
+    assert "softprompt/server/app.py" in wheel_names and "softprompt/server/__main__.py" in wheel_names
     assert any(n.startswith("softprompt/engine/csrc/") for n in wheel_names), "the CPU kernel's source"
 
 
@@ -56,6 +57,11 @@ def _imported_after(statement: str) -> set:
 def test_import_softprompt_is_light():
     loaded = _imported_after("import softprompt")
     assert "transformers" not in loaded and "torch" not in loaded
+
+
+def test_the_cli_imports_the_server_only_for_serve():
+    loaded = _imported_after("import softprompt.cli")
+    assert not {"fastapi", "uvicorn", "starlette", "transformers"} & loaded
 
 
 def test_kernels_import_torch_only():
