@@ -28,7 +28,8 @@ def char_tokenizer():
 
 
 def tiny_model(seed=0):
-    model = make_model("llama", seed=seed)
+    """Room for long generations (a request that is still running when a test acts on it)."""
+    model = make_model("llama", seed=seed, max_position_embeddings=4096)
     model.generation_config.eos_token_id = 3
     return model
 
@@ -40,3 +41,33 @@ def write_tasks(model, directory, lengths=LENGTHS, names=TASKS):
     for name, (k, v) in prefixes.items():
         save_file({"k": k.contiguous(), "v": v.contiguous()}, str(directory / f"{name}.safetensors"))
     return prefixes
+
+
+API_KEY = "sk-test-key"
+
+
+class Served:
+    """A tiny-model server in this process: ``url``, ``worker``, ``tasks`` ({name: (k, v)}), and
+    ``offline(...)``: ``Engine.generate`` on the server's own engine (call it only while the server is idle)."""
+
+    def __init__(self, tmp_path, **config):
+        from softprompt.server import ServerConfig, ServerThread, build
+        model = tiny_model()
+        self.tasks = write_tasks(model, tmp_path / "tasks")
+        config.setdefault("model_id", "tiny")
+        config.setdefault("api_key", API_KEY)
+        engine_kw = {k: config.pop(k) for k in ("max_batch_size",) if k in config}
+        self.config = ServerConfig(**config)
+        app, self.worker = build(model, char_tokenizer(), self.config, tmp_path / "tasks", page_size=4, **engine_kw)
+        self.thread = ServerThread(app, self.worker).start()
+        self.url = self.thread.url
+
+    def offline(self, prompts, tasks, sampling):
+        engine = self.worker.engine
+        return self.worker.call(lambda: engine.generate(prompts, tasks, sampling)).result(timeout=120)
+
+    def state(self):
+        return self.worker.call(self.worker.snapshot).result(timeout=30)
+
+    def stop(self):
+        self.thread.stop()
