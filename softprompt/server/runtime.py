@@ -6,6 +6,7 @@ one in a background thread of this process (tests, benchmarks).
 """
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -56,11 +57,16 @@ def uvicorn_config(app, host: str, port: int, grace_s: float, log_level: str = "
 
 
 def run(app, worker: EngineWorker, host: str, port: int, grace_s: float, log_level: str = "info") -> None:
-    """Serve until SIGTERM/SIGINT; returns once requests in flight finished or were aborted."""
+    """Serve until SIGTERM/SIGINT; returns once requests in flight finished or were aborted.
+
+    uvicorn re-raises the signal that stopped it to the handler that was there before; SIGTERM's
+    is a no-op here, so a drained server returns normally (exit 0). SIGINT still interrupts."""
     worker.start()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         _Server(uvicorn_config(app, host, port, grace_s, log_level), worker, grace_s).run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         worker.drain(0.0)
         deadline = time.monotonic() + SHUTDOWN_SLACK_S
         while worker.in_flight() and time.monotonic() < deadline:
