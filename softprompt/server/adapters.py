@@ -152,6 +152,11 @@ class Adapters:
         self.names += tasks
         return tasks
 
+    def close(self) -> None:
+        """Detach the model from its prefix store (the model can be served or attached again)."""
+        self.spm.detach_model()
+        self.names = []
+
     # ------------------------------------------------------------------ unloading
     def unload(self, name: str) -> None:
         if name not in self.names:

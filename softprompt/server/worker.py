@@ -144,10 +144,15 @@ class EngineWorker:
             return self._queued + len(self._handles)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker thread (requests still in flight are aborted); then close the engine and
+        detach the model from its prefix store."""
         self._stop = True
         self._inbox.put(("wake",))
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.close()
+            self.adapters.close()
 
     # ------------------------------------------------------------------ the worker thread
     def _run(self) -> None:
