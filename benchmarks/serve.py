@@ -189,6 +189,7 @@ def load_test(model_name: str, *, clients: int, per_client: int, tasks: int, pre
     lost = sum(1 for r in http_results if r["status"] != 200 or r["error"] is not None)
     complete = sum(1 for r in http_results if len(r["tokens"]) == new_tokens and r["finish"] == "length")
     same = sum(1 for r, o in zip(http_results, offline_results) if r["tokens"] == o.token_ids)
+    errors = sorted({f"{r['status']}: {r['error']}" for r in http_results if r["status"] != 200 or r["error"]})
     tokens = n * new_tokens
     http_tps = [tokens / w for _, w, _, _ in runs]
     off_tps = [tokens / w for _, _, _, w in runs]
@@ -197,7 +198,7 @@ def load_test(model_name: str, *, clients: int, per_client: int, tasks: int, pre
     env = environment()
     out = {"environment": env, "model": model_name, "clients": clients, "per_client": per_client, "tasks": tasks,
            "prefix": prefix, "new_tokens": new_tokens, "requests": n, "lost": lost, "complete": complete,
-           "tokens_equal_offline": same, "server_tokens_per_s": http_tps, "offline_tokens_per_s": off_tps,
+           "tokens_equal_offline": same, "errors": errors, "server_tokens_per_s": http_tps, "offline_tokens_per_s": off_tps,
            "server_over_offline": ratio, "latency": row}
     lines = [f"# serve load test: {model_name}, {clients} streaming clients x {per_client} requests over {tasks} "
              f"tasks, prefix {prefix}, {new_tokens} new tokens, greedy",
@@ -205,7 +206,7 @@ def load_test(model_name: str, *, clients: int, per_client: int, tasks: int, pre
              "Server: HTTP streaming clients in the same process as the server (httpx, localhost). Offline: the "
              "server's own engine, Engine.generate on the same requests, no HTTP; alternated in one run.", "",
              _table(["", "value"], [
-                 ["requests", n], ["lost", lost], ["complete (all tokens, finish=length)", complete],
+                 ["requests", n], ["lost", lost], *[["error", e] for e in errors[:5]], ["complete (all tokens, finish=length)", complete],
                  ["tokens equal to offline Engine.generate", f"{same} / {n}"],
                  ["server tokens/s (runs)", " / ".join(f"{t:.1f}" for t in http_tps)],
                  ["offline tokens/s (runs)", " / ".join(f"{t:.1f}" for t in off_tps)],

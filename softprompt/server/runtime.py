@@ -23,6 +23,8 @@ from .metrics import ServerMetrics
 from .worker import EngineWorker
 
 SHUTDOWN_SLACK_S = 5.0      # after the grace period, time for aborted streams to send their last chunk
+KEEP_ALIVE_S = 30           # idle keep-alive connections close after this (uvicorn's 5 s races busy clients'
+                            # next request on the same connection: "server disconnected without a response")
 
 
 def build(model, tokenizer, config: ServerConfig, adapters_dir: Optional[Path] = None, **engine_kwargs):
@@ -53,7 +55,7 @@ class _Server(uvicorn.Server):
 
 def uvicorn_config(app, host: str, port: int, grace_s: float, log_level: str = "info") -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                          timeout_graceful_shutdown=int(grace_s + SHUTDOWN_SLACK_S) + 1)
+                          timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=int(grace_s + SHUTDOWN_SLACK_S) + 1)
 
 
 def run(app, worker: EngineWorker, host: str, port: int, grace_s: float, log_level: str = "info") -> None:
