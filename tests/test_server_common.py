@@ -1,6 +1,5 @@
 """Shared helpers of the server tests: a tiny random Llama with a character-level HF tokenizer (with a
 chat template), random K/V tasks saved as ``<task>.safetensors``, and an in-process server."""
-import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
