@@ -38,6 +38,10 @@ def run_command(prog: str, command: Callable[[List[str]], int], argv: Optional[S
     argv = [a for a in argv if a != DEBUG_FLAG]
     try:
         return command(argv)
+    except BrokenPipeError:
+        # the reader went away (`softprompt tasks DIR | head`): stop quietly, as other command-line tools do
+        sys.stdout = open(os.devnull, "w")
+        return 141
     except KeyboardInterrupt:
         if debug:
             raise

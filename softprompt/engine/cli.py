@@ -7,7 +7,8 @@
   - a ``SoftPromptModel.save`` checkpoint (loaded with ``SoftPromptModel.load``; deep prompts and
     compilable input prompts are served), or
   - ``<task>.safetensors`` files holding ``k`` and ``v`` ``[L, Hkv, P, D]`` in cache convention.
-``--task``: once (every prompt) or once per prompt; ``none`` means no soft prompt.
+``--task``: once (every prompt) or once per prompt; ``none`` means no soft prompt. The names are
+checked against the folder (``softprompt tasks DIR`` lists them) before the model is loaded.
 Prints each completion, then tokens/s, batch occupancy and memory.
 """
 from __future__ import annotations
@@ -114,20 +115,22 @@ def generate_command(argv=None) -> int:
 
 def _generate(opts) -> int:
     import torch
+    from ..adapters import NO_TASK, check_tasks
     from .engine import Engine
     from .requests import SamplingParams
-    model, tokenizer = _load_model(opts.model)
-    model.eval()
-    if torch.cuda.is_available():
-        model = model.cuda()
-    available = load_adapters(model, opts.adapters)
-    tasks = opts.task or ["none"]
+    tasks = opts.task or [NO_TASK]
     if len(tasks) == 1:
         tasks = tasks * len(opts.prompts)
     if len(tasks) != len(opts.prompts):
         raise ValueError(f"{len(tasks)} --task values for {len(opts.prompts)} prompts; "
                          "give one for all or one per prompt")
-    tasks = [None if t.lower() == "none" else t for t in tasks]
+    check_tasks(opts.adapters, tasks)            # a typo costs no model load
+    tasks = [None if t.lower() == NO_TASK else t for t in tasks]
+    model, tokenizer = _load_model(opts.model)
+    model.eval()
+    if torch.cuda.is_available():
+        model = model.cuda()
+    available = load_adapters(model, opts.adapters)
     sampling = SamplingParams(max_new_tokens=opts.max_new_tokens, min_new_tokens=opts.min_new_tokens,
                               temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed,
                               stop=tuple(opts.stop), ignore_eos=opts.ignore_eos)
