@@ -7,9 +7,9 @@ the committed files in ``benchmarks/results/``.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
-import argparse
 import json
 import math
 import os
@@ -22,8 +22,9 @@ from typing import Callable, Dict, List
 
 import torch
 
+from softprompt import cli_support
+
 RESULTS_DIR = Path(__file__).parent / "results"      # the committed results (--update-results)
-RUNS_DIR = "softprompt-runs"                          # fresh run folders go under ./softprompt-runs/
 
 
 def median_seconds(fn: Callable[[], object], warmup: int = 2, reps: int = 7) -> float:
@@ -121,38 +122,14 @@ def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--out DIR`` and ``--update-results``: where a benchmark writes (see :func:`output_dir`)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--out", metavar="DIR", default=None,
-                       help=f"write the results files to DIR (default: a fresh ./{RUNS_DIR}/<name>-<time>/ folder)")
-    group.add_argument("--update-results", action="store_true",
-                       help=f"replace the committed results in {RESULTS_DIR} (otherwise they are never touched)")
+    """``--out DIR`` and ``--update-results`` (replace the files in benchmarks/results/)."""
+    cli_support.add_output_arguments(parser, RESULTS_DIR)
 
 
 def output_dir(name: str, out=None, update_results: bool = False) -> Path:
-    """The folder a run named ``name`` writes to: ``out``, the committed ``benchmarks/results`` when
-    ``update_results``, else a new ``./softprompt-runs/<name>-<UTC date>-<time>/`` (created)."""
-    if out is not None and update_results:
-        raise ValueError("--out and --update-results are exclusive: --update-results writes to "
-                         f"{RESULTS_DIR}")
-    if update_results:
-        path = RESULTS_DIR
-    elif out is not None:
-        path = Path(out)
-    else:
-        runs = Path.cwd() / RUNS_DIR
-        runs.mkdir(parents=True, exist_ok=True)
-        ignore = runs / ".gitignore"
-        if not ignore.exists():
-            ignore.write_text("# benchmark and demo runs: local output, never committed\n*\n")
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        path = runs / f"{name}-{stamp}"
-        n = 1
-        while path.exists():
-            n += 1
-            path = runs / f"{name}-{stamp}-{n}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Where a benchmark run writes: ``out``, benchmarks/results/ when ``update_results``, else a fresh
+    run folder (see :func:`softprompt.cli_support.output_dir`)."""
+    return cli_support.output_dir(name, out, RESULTS_DIR if update_results else None)
 
 
 def number(value: float) -> str:
