@@ -8,7 +8,7 @@ unique bytes (each task's prefix counted once) against the measured matrix rate 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from tqdm.auto import tqdm
