@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from softprompt.cli_support import positive_int, run_command
+from softprompt.cli_support import HelpFormatter, positive_int, run_command
 
 from .common import add_output_arguments, environment, output_dir
 from .plots import plot_run
@@ -77,7 +77,7 @@ def run(bench: str, preset: str = None, directory=None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="softprompt bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("bench", choices=[*BENCHES, "generate", "all"],
                         help="generate: end-to-end HF generate() (see python -m benchmarks.generate --help)")
     parser.add_argument("--preset", choices=["cpu", "gpu"], default=None,

@@ -24,6 +24,18 @@ INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirector
                 PermissionError)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the description's layout and shows each option's default (flags, empty lists
+    and unset options have none worth showing)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or isinstance(default, bool) or (isinstance(default, (list, str)) and not default) \
+                or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _one_line(exc: BaseException) -> str:
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
     text = " ".join(str(text).split())          # messages may wrap; an error is one line

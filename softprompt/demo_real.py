@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from .cli_support import add_output_arguments, output_dir, positive_int
+from .cli_support import HelpFormatter, add_output_arguments, output_dir, positive_int
 
 METHODS = ("prompt_tuning", "p_tuning_v1", "prefix_tuning", "p_tuning_v2")
 METHOD_LABELS = {"prompt_tuning": "prompt tuning", "p_tuning_v1": "P-tuning v1 (MLP)",
@@ -295,8 +295,7 @@ def serve(spm, tok, tasks, methods, opts, clock) -> dict:
 
 
 def demo_command(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="softprompt demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="softprompt demo", description=__doc__, formatter_class=HelpFormatter)
     def default(key):
         return f"default {FULL[key]}; --quick: {QUICK[key]}"
     p.add_argument("--quick", action="store_true",
