@@ -125,3 +125,8 @@ def test_light_commands_import_neither_torch_nor_transformers(argv):
 
 def test_tasks_command_imports_no_torch(checkpoint):
     assert _modules_after(["tasks", str(checkpoint[0])]) == "[]"
+
+
+def test_list_tasks_is_a_top_level_name(checkpoint):
+    import softprompt
+    assert [i.name for i in softprompt.list_tasks(checkpoint[0])] == ["sentiment", "topic", "short", "nli"]
