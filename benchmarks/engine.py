@@ -19,7 +19,7 @@ makes exactly ``--new-tokens`` tokens:
   place from the prefix store.
 Reports tokens/s, the engine's speed-up over the better baseline, batch occupancy, memory, and
 how many tokens agree with the PEFT-style batch; ``--profile`` adds where the engine's time goes.
-Writes the table to ``benchmarks/results/engine-<model>-<device>.md``.
+Writes the table to a fresh run folder (``--out DIR``; ``--update-results``: ``benchmarks/results/engine-<model>-<device>.md``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 
 from softprompt.baselines import copied_prefix_cache, left_pad
 
-from .common import RESULTS_DIR, environment, markdown_table
+from .common import add_output_arguments, environment, markdown_table, output_dir
 from .generate import problem, tiny_llama
 
 TORCH_ATTENTION = "engine, torch-ops attention"      # the optional side-by-side row (--torch-attention)
@@ -255,6 +255,7 @@ def main(argv=None) -> int:
     parser.add_argument("--engine-only", action="store_true",
                         help="time the engine alone (no baselines; ratios in the table are 1.00x)")
     parser.add_argument("--no-write", action="store_true")
+    add_output_arguments(parser)
     parser.add_argument("--gemm-check", action="store_true",
                         help="only compare F.linear with the engine's W @ x^T form on the model's linear shapes")
     opts = parser.parse_args(argv)
@@ -291,10 +292,10 @@ def main(argv=None) -> int:
     if prof:
         print("\n" + prof)
     if not opts.no_write:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         kind = "gpu" if torch.cuda.is_available() else "cpu"
+        directory = output_dir("engine", opts.out, opts.update_results)
         tags = ("-quick" if opts.quick else "") + (f"-prefix{opts.prefix}" if opts.prefix != 64 else "")
-        path = RESULTS_DIR / f"engine-{opts.model}-{kind}{tags}.md"
+        path = directory / f"engine-{opts.model}-{kind}{tags}.md"
         tmp = path.with_suffix(".md.tmp")
         body = f"# {title}\n\n{', '.join(f'{k}: {v}' for k, v in env.items())}\n\n{text}\n"
         if prof:

@@ -3,8 +3,9 @@
     python -m benchmarks.run decode            # also: python -m benchmarks.decode
     softprompt bench kernels --preset gpu
 
-Results go to benchmarks/results/<bench>-<preset>.{json,md,png}, stamped with the device, versions,
-date and git commit.
+Results go to a fresh run folder ./softprompt-runs/bench-<bench>-<time>/<bench>-<preset>.{json,md,png}
+(or ``--out DIR``), stamped with the device, versions, date and git commit; only ``--update-results``
+replaces the committed files in benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
-from softprompt.cli_support import positive_int, run_command
+from softprompt.cli_support import HelpFormatter, positive_int, run_command
 
-from .common import RESULTS_DIR, environment
+from .common import add_output_arguments, environment, output_dir
 from .plots import plot_run
 from .presets import METHODS, sweeps
 from .suite import format_rows, run_sweep
@@ -36,7 +38,8 @@ def _markdown(rows, methods) -> str:
     return "\n".join(lines)
 
 
-def run(bench: str, preset: str = None, write: bool = True) -> dict:
+def run(bench: str, preset: str = None, directory=None) -> dict:
+    """Run one benchmark; with ``directory``, write its JSON, Markdown and PNG there."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = preset or ("gpu" if device.type == "cuda" else "cpu")
     if preset == "gpu" and device.type != "cuda":
@@ -53,32 +56,34 @@ def run(bench: str, preset: str = None, write: bool = True) -> dict:
         sections.append(f"### {sweep} sweep\n\n{_markdown(rows, methods)}")
     text = "\n\n".join(sections)
     print(text)
-    if write:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS_DIR / f"{bench}-{preset}"
+    if directory is not None:
+        stem = Path(directory) / f"{bench}-{preset}"
         header = (f"# {bench} benchmark ({preset} preset)\n\n{BENCHES[bench]}. "
                   f"{', '.join(f'{k}: {v}' for k, v in env.items())}.\n"
-                  "Times are medians after warm-up, every method run side by side in one process; "
-                  "speed-up = baseline time / our best time.\n\n")
+                  "Times are medians after warm-up, every method run side by side in one process. "
+                  "\"ours\" is our fastest no-copy method in each case (column `ours`); "
+                  "every ratio is baseline / ours, so above 1 means ours is faster (speed-up) or "
+                  "uses less memory (memory).\n\n")
         for suffix, content in ((".json", json.dumps({"environment": env, "bench": bench, "preset": preset,
                                                         "sweeps": results}, indent=2, default=str)),
                                 (".md", header + text + "\n")):
             tmp = stem.with_suffix(suffix + ".tmp")
             tmp.write_text(content)
             os.replace(tmp, stem.with_suffix(suffix))
-        png = plot_run(bench, results, stem.with_suffix(".png"))
+        png = plot_run(bench, results, stem.with_suffix(".png"), env=env, methods=methods)
         print(f"\nwritten: {stem}.json, {stem}.md, {png}")
     return results
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="softprompt bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("bench", choices=[*BENCHES, "generate", "all"],
                         help="generate: end-to-end HF generate() (see python -m benchmarks.generate --help)")
     parser.add_argument("--preset", choices=["cpu", "gpu"], default=None,
                         help="default: gpu when CUDA is available, else cpu")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no files")
+    add_output_arguments(parser)
     if argv and argv[0] == "generate" or (argv is None and sys.argv[1:2] == ["generate"]):
         from .generate import main as generate_main
         return generate_main(list(argv[1:] if argv else sys.argv[2:]))
@@ -87,8 +92,9 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    directory = None if opts.no_write else output_dir(f"bench-{opts.bench}", opts.out, opts.update_results)
     for bench in (BENCHES if opts.bench == "all" else [opts.bench]):
-        run(bench, opts.preset, write=not opts.no_write)
+        run(bench, opts.preset, directory)
     return 0
 
 

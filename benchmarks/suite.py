@@ -7,15 +7,14 @@ unique bytes (each task's prefix counted once) against the measured matrix rate 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from tqdm.auto import tqdm
 
 from .baselines import METHODS, OURS, unavailable
-from .common import cpu_peak_bytes, median_seconds
+from .common import cpu_peak_bytes, median_seconds, number, ratio
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -168,22 +167,34 @@ def run_sweep(shapes: List[Shape], methods: List[str], device: torch.device, tit
     return rows
 
 
+def column_title(key: str) -> str:
+    """The Markdown title of a row key: ratios say which way they go (above 1: ours is better)."""
+    for prefix, unit in (("speed-up vs ", "ms"), ("memory vs ", "MiB")):
+        if key.startswith(prefix):
+            base = key[len(prefix):]
+            return f"{prefix.split()[0]}: {base} {unit} / ours"
+    return key
+
+
 def format_rows(rows: List[dict], methods: List[str]) -> tuple:
-    """Markdown columns for a sweep: times, speed-ups and memory ratios of our best over each baseline."""
+    """Markdown columns for a sweep: times, speed-ups and memory ratios of our best over each baseline
+    (each ratio is baseline / ours, so above 1 means ours is faster or smaller). Numbers have three
+    significant digits in plain notation."""
     present = [m for m in methods if any(f"{m} ms" in r for r in rows)]
     baselines = [m for m in present if m not in OURS]
-    columns = ["shape"] + [f"{m} ms" for m in present] + [f"speed-up vs {m}" for m in baselines] \
+    keys = ["shape"] + [f"{m} ms" for m in present] + [f"speed-up vs {m}" for m in baselines] \
         + [f"{m} MiB" for m in present] + [f"memory vs {m}" for m in baselines]
     if any("TFLOP/s" in r for r in rows):
-        columns += ["TFLOP/s", "GB/s unique"]
+        keys += ["TFLOP/s", "GB/s unique"]
+    if any("ours" in r for r in rows):
+        keys.insert(1, "ours")
     table_rows = []
     for r in rows:
         out = {}
-        for c in columns:
+        for c in keys:
             v = r.get(c, r.get(c.replace(" ms", " error"), ""))
             if isinstance(v, float):
-                v = f"{v:.1f}x" if c.startswith(("speed-up", "memory vs")) else (
-                    f"{v:.3g}" if not math.isnan(v) else "")
-            out[c] = v
+                v = ratio(v) if c.startswith(("speed-up", "memory vs")) else number(v)
+            out[column_title(c)] = v
         table_rows.append(out)
-    return table_rows, columns
+    return table_rows, [column_title(c) for c in keys]

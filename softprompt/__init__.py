@@ -16,10 +16,11 @@ _LAZY = {
     "Engine": ".engine", "SamplingParams": ".engine",
     "SoftPromptModel": ".model",
     "PrefixTuning": ".methods", "PTuningV2": ".methods", "PromptTuning": ".methods", "PTuningV1": ".methods",
+    "list_tasks": ".adapters",
 }
 
 _SUBMODULES = ("kernels", "store", "integration", "engine", "methods", "model", "training", "evaluation",
-               "tasks", "data", "peft_io", "assets", "baselines", "benchmarks")
+               "tasks", "data", "peft_io", "assets", "baselines", "benchmarks", "adapters")
 
 __all__ = ["__version__", *_LAZY]
 

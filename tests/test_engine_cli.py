@@ -46,7 +46,6 @@ def test_generate_command_serves_tasks_and_reports(model_dir, capsys):
 
 def test_generate_command_reports_bad_task(model_dir, capsys):
     from softprompt.engine.cli import generate_command
-    rc = generate_command(["--model", str(model_dir / "model"), "--adapters", str(model_dir / "adapters"),
-                           "--task", "gamma", "--max-new-tokens", "2", "--stream", "Hi"])
-    out = capsys.readouterr().out
-    assert rc == 1 and "unknown task 'gamma'" in out
+    with pytest.raises(ValueError, match=r"--task 'gamma' is not a task of .*\['alpha', 'beta', 'none'\]"):
+        generate_command(["--model", str(model_dir / "model"), "--adapters", str(model_dir / "adapters"),
+                          "--task", "gamma", "--max-new-tokens", "2", "--stream", "Hi"])

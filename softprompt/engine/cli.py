@@ -7,7 +7,8 @@
   - a ``SoftPromptModel.save`` checkpoint (loaded with ``SoftPromptModel.load``; deep prompts and
     compilable input prompts are served), or
   - ``<task>.safetensors`` files holding ``k`` and ``v`` ``[L, Hkv, P, D]`` in cache convention.
-``--task``: once (every prompt) or once per prompt; ``none`` means no soft prompt.
+``--task``: once (every prompt) or once per prompt; ``none`` means no soft prompt. The names are
+checked against the folder (``softprompt tasks DIR`` lists them) before the model is loaded.
 Prints each completion, then tokens/s, batch occupancy and memory.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli_support import nonnegative_float, nonnegative_int, positive_int, probability, run_command
+from ..cli_support import HelpFormatter, nonnegative_float, nonnegative_int, positive_int, probability, run_command
 
 
 def _load_model(name: str):
@@ -83,23 +84,23 @@ def load_adapters(model, directory: Optional[str]) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="softprompt generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="softprompt generate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("prompts", nargs="+", help="prompt texts")
     p.add_argument("--model", required=True, help="HF model folder, or 'smollm2'")
-    p.add_argument("--adapters", help="folder of saved tasks")
+    p.add_argument("--adapters", help="folder of saved tasks (list them with `softprompt tasks DIR`)")
     p.add_argument("--task", action="append", default=None,
                    help="task of the prompts: once for all, or once per prompt ('none' = no soft prompt)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=32)
-    p.add_argument("--min-new-tokens", type=nonnegative_int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate per prompt at most")
+    p.add_argument("--min-new-tokens", type=nonnegative_int, default=0, help="tokens to generate before EOS may end")
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=nonnegative_int, default=0)
-    p.add_argument("--top-p", type=probability, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (1: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--max-batch-size", type=positive_int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the EOS token")
+    p.add_argument("--max-batch-size", type=positive_int, default=64, help="sequences decoded together at most")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
+                   help="tokens per engine step at most (prefill chunks and decode rows)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are made")
     p.add_argument("--json", action="store_true", help="print results and stats as JSON")
     return p
@@ -112,22 +113,40 @@ def generate_command(argv=None) -> int:
         return _generate(build_parser().parse_args(argv))
 
 
+def _generate_with_progress(engine, prompts, tasks, sampling, show: bool):
+    """``engine.generate`` with a progress bar on stderr (tokens made; requests done) unless ``show`` is False."""
+    from tqdm.auto import tqdm
+    rids = {}
+    with tqdm(total=len(prompts) * sampling.max_new_tokens, desc="generating", unit="tok", disable=not show,
+              file=sys.stderr, leave=False) as bar:
+        done = 0
+        for ev in engine.stream(prompts, tasks, sampling):
+            rids[ev.index] = ev.request_id
+            bar.update(ev.token_id is not None)
+            if ev.finished:
+                done += 1
+                bar.set_postfix_str(f"{done}/{len(prompts)} requests done")
+    return [engine.take_result(rids[i]) for i in sorted(rids)]
+
+
 def _generate(opts) -> int:
     import torch
+    from ..adapters import NO_TASK, check_tasks
     from .engine import Engine
     from .requests import SamplingParams
-    model, tokenizer = _load_model(opts.model)
-    model.eval()
-    if torch.cuda.is_available():
-        model = model.cuda()
-    available = load_adapters(model, opts.adapters)
-    tasks = opts.task or ["none"]
+    tasks = opts.task or [NO_TASK]
     if len(tasks) == 1:
         tasks = tasks * len(opts.prompts)
     if len(tasks) != len(opts.prompts):
         raise ValueError(f"{len(tasks)} --task values for {len(opts.prompts)} prompts; "
                          "give one for all or one per prompt")
-    tasks = [None if t.lower() == "none" else t for t in tasks]
+    check_tasks(opts.adapters, tasks)            # a typo costs no model load
+    tasks = [None if t.lower() == NO_TASK else t for t in tasks]
+    model, tokenizer = _load_model(opts.model)
+    model.eval()
+    if torch.cuda.is_available():
+        model = model.cuda()
+    available = load_adapters(model, opts.adapters)
     sampling = SamplingParams(max_new_tokens=opts.max_new_tokens, min_new_tokens=opts.min_new_tokens,
                               temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed,
                               stop=tuple(opts.stop), ignore_eos=opts.ignore_eos)
@@ -144,7 +163,7 @@ def _generate(opts) -> int:
             rids[ev.index] = ev.request_id
         results = [engine.take_result(rids[i]) for i in sorted(rids)]
     else:
-        results = engine.generate(opts.prompts, tasks, sampling)
+        results = _generate_with_progress(engine, opts.prompts, tasks, sampling, show=not opts.json)
     wall = time.perf_counter() - start
     st = engine.stats()
     kv = st["kv_cache"]

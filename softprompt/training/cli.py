@@ -18,7 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli_support import nonnegative_float, nonnegative_int, positive_float, positive_int, run_command
+from ..cli_support import (HelpFormatter, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                           run_command)
 
 METHODS = ("prompt_tuning", "p_tuning_v1", "prefix_tuning", "p_tuning_v2")
 
@@ -98,34 +99,44 @@ def parse_task(spec: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="softprompt train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="softprompt train", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="smollm2", help="smollm2 | tiny | a local HF folder")
-    p.add_argument("--task", action="append", required=True, metavar="NAME=METHOD[:DATA]")
+    p.add_argument("--task", action="append", required=True, metavar="NAME=METHOD[:DATA]",
+                   help="a task to train (repeatable); METHOD: " + " | ".join(METHODS))
     p.add_argument("--tokens", type=positive_int, default=16, help="soft tokens / prefix length per task")
     p.add_argument("--projection-dim", type=positive_int, default=128, help="prefix tuning MLP width")
     p.add_argument("--n-train", type=positive_int, default=600, help="examples per built-in task")
-    p.add_argument("--n-eval", type=nonnegative_int, default=0, help="held-out examples per built-in task for eval loss")
-    p.add_argument("--output-dir", default="softprompt-run")
-    p.add_argument("--steps", type=nonnegative_int, default=60)
-    p.add_argument("--epochs", type=positive_float, default=1.0, help="used when --steps is 0")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="per process")
-    p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--lr", type=positive_float, default=3e-3)
-    p.add_argument("--task-lr", action="append", default=[], metavar="NAME=LR")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    p.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0)
-    p.add_argument("--warmup-ratio", type=nonnegative_float, default=0.0)
-    p.add_argument("--scheduler", default="linear")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--eval-steps", type=nonnegative_int, default=0)
-    p.add_argument("--save-steps", type=nonnegative_int, default=0)
-    p.add_argument("--logging-steps", type=positive_int, default=10)
-    p.add_argument("--resume", default="auto", help="auto | PATH | none")
+    p.add_argument("--n-eval", type=nonnegative_int, default=0,
+                   help="held-out examples per built-in task for the eval loss (0: no evaluation)")
+    p.add_argument("--output-dir", default="softprompt-run", help="checkpoints and the final prompts (OUTPUT/final)")
+    p.add_argument("--steps", type=nonnegative_int, default=60, help="optimizer steps (0: train --epochs instead)")
+    p.add_argument("--epochs", type=positive_float, default=1.0, help="epochs, used when --steps is 0")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per step and process")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="batches accumulated into one step")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of every task")
+    p.add_argument("--task-lr", action="append", default=[], metavar="NAME=LR",
+                   help="learning rate of one task (repeatable), overriding --lr")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer of the prompts")
+    p.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0, help="gradient clipping (0: none)")
+    p.add_argument("--warmup-ratio", type=nonnegative_float, default=0.0,
+                   help="share of the steps spent warming the learning rate up from 0")
+    p.add_argument("--scheduler", default="linear",
+                   help="learning-rate schedule after warm-up: a transformers scheduler name "
+                        "(linear, cosine, constant, ...)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: fp32 on the CPU; on a GPU bf16 where supported, else fp16")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the base model's activations in the backward pass (less memory)")
+    p.add_argument("--eval-steps", type=nonnegative_int, default=0,
+                   help="evaluate every so many steps (0: once, at the end; needs --n-eval)")
+    p.add_argument("--save-steps", type=nonnegative_int, default=0,
+                   help="write OUTPUT/checkpoint-N every so many steps (0: only the final prompts)")
+    p.add_argument("--logging-steps", type=positive_int, default=10, help="print the loss every so many steps")
+    p.add_argument("--resume", default="auto",
+                   help="auto: from the last OUTPUT/checkpoint-* if any | PATH: that checkpoint | none")
     p.add_argument("--fsdp", default="", help='e.g. "full_shard auto_wrap" (base models that do not fit; untested)')
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="data order, splits and initialisation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
     return p
 
 

@@ -174,7 +174,30 @@ def _make_trainer_class():
             load_prompts(self.accelerator.unwrap_model(self.model), resume_from_checkpoint)
 
     class LogLines(ProgressCallback):
-        """The progress bar, with readable log lines instead of raw dicts."""
+        """Labelled progress bars (training, evaluation) with readable log lines instead of raw dicts."""
+
+        def __init__(self, label: str = "training"):
+            super().__init__()
+            self.label = label
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            from tqdm.auto import tqdm
+            if state.is_world_process_zero:
+                self.training_bar = tqdm(total=state.max_steps, desc=self.label, unit="step", dynamic_ncols=True)
+            self.current_step = 0
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            from tqdm.auto import tqdm
+            if state.is_world_process_zero and self.prediction_bar is None and eval_dataloader is not None:
+                try:
+                    total = len(eval_dataloader)
+                except TypeError:
+                    total = None
+                during = self.training_bar is not None
+                self.prediction_bar = tqdm(total=total, desc="evaluating" if during else "final evaluation",
+                                           unit="batch", leave=not during, dynamic_ncols=True)
+            if self.prediction_bar is not None:
+                self.prediction_bar.update(1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
@@ -325,7 +348,8 @@ def train_tasks(spm, tasks: Dict[str, TaskSpec], args: Optional[TrainConfig] = N
         trainer.candidates = torch.tensor(sorted(set(int(t) for t in args.candidate_tokens)), dtype=torch.long)
     trainer.remove_callback(ProgressCallback)
     if args.progress:
-        trainer.add_callback(LogLines())
+        listed = ", ".join(n for n in names if n in trained)
+        trainer.add_callback(LogLines(label=f"training {listed if len(listed) <= 40 else f'{len(trained)} tasks'}"))
     resume = None
     if args.resume == "auto":
         resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
@@ -343,6 +367,8 @@ def train_tasks(spm, tasks: Dict[str, TaskSpec], args: Optional[TrainConfig] = N
     seconds = time.perf_counter() - start
     eval_loss = None
     if evaluate:
+        if rank == 0 and args.progress:
+            print(f"final evaluation: loss on {len(eval_ds)} held-out examples", flush=True)
         eval_loss = float(trainer.evaluate()["eval_loss"])
     spm.eval()
     result = {"steps": int(trainer.state.global_step), "seconds": seconds,
