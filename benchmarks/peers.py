@@ -189,13 +189,15 @@ def peers(opts, model, workload: dict, log_dir: Path) -> List[System]:
         modes = [("text", "vLLM, text prefix + prefix caching")]
         if not opts.no_vllm_embeds:
             modes.append(("embeds", "vLLM, prompt embeddings"))
-        dtypes = [("float32", "fp32", 4)] + ([("bfloat16", "bf16 (best)", 2)] if opts.best_precision else [])
+        best = opts.best_precision and not opts.no_vllm_bf16
+        dtypes = [("float32", "fp32", 4)] + ([("bfloat16", "bf16 (best)", 2)] if best else [])
         for dtype, label, elt in dtypes:
             for mode, name in modes:
                 if mode == "embeds" and dtype != "float32":
                     continue
                 env = {**threads, "VLLM_CPU_KVCACHE_SPACE": str(vllm_kv_gib(B, max_model_len, model, elt)),
-                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                       "VLLM_CPU_OMP_THREADS_BIND": f"0-{opts.threads - 1}"}   # its "auto" keeps a core back
                 start(name, label, opts.vllm_python, "benchmarks.peers_vllm", log_dir, workload,
                       dict(model=str(opts.hf_model), mode=mode, dtype=dtype, threads=opts.threads,
                            max_model_len=max_model_len, max_rows=B, block_size=opts.vllm_block_size),
@@ -216,17 +218,23 @@ def peers(opts, model, workload: dict, log_dir: Path) -> List[System]:
 
 
 def interleaved(systems: List[System], new_tokens: int, repeats: int, pause: float) -> None:
-    """One warm-up round (2 tokens), then ``repeats`` timed rounds; the order rotates each round."""
+    """One warm-up round (2 tokens), then ``repeats`` timed rounds; the order rotates each round.
+    A peer that fails is dropped from ``systems`` with a message (the engine's failure raises)."""
     for rep in range(repeats + 1):
         order = systems[rep % len(systems):] + systems[:rep % len(systems)]
         for system in order:
             time.sleep(pause)                 # let the previous system's idle threads park
-            if rep == 0:
-                system.run(2)
-                continue
             start = time.perf_counter()
-            tokens = system.run(new_tokens)
+            try:
+                tokens = system.run(2 if rep == 0 else new_tokens)
+            except PeerError as exc:
+                print(f"  {system.name} ({system.precision}) failed, dropped:\n{exc}", flush=True)
+                system.close()
+                systems.remove(system)
+                continue
             wall = time.perf_counter() - start
+            if rep == 0:
+                continue
             # a peer's own timing excludes the protocol's transfer; the engine's is the wall time
             system.times.append(wall if system.last_seconds is None else system.last_seconds)
             system.tokens = tokens
@@ -281,8 +289,11 @@ def parse(argv=None):
     p.add_argument("--gguf-best", default=str(root / "models/smollm2-135m-q8_0.gguf"),
                    help="GGUF for llama.cpp's best-precision row")
     p.add_argument("--hf-model", default=None, help="HF folder for vLLM (default: softprompt's SmolLM2 folder)")
-    p.add_argument("--vllm-block-size", type=int, default=16, help="vLLM KV block size (prefix caching unit)")
+    p.add_argument("--vllm-block-size", type=int, default=32,
+                   help="vLLM KV block size, the prefix-caching unit (its CPU default 128 would cache no 64-token prefix)")
     p.add_argument("--no-vllm-embeds", action="store_true", help="skip vLLM with prompt embeddings")
+    p.add_argument("--no-vllm-bf16", action="store_true",
+                   help="with --best-precision, leave out vLLM in bf16 (one more model load and compile)")
     p.add_argument("--no-peers", action="store_true", help="only the engine")
     p.add_argument("--best-precision", action="store_true",
                    help="also vLLM in bf16 and llama.cpp with Q8_0 weights and an f16 KV cache (labelled)")

@@ -109,3 +109,16 @@ def test_interleaved_rounds_and_report_against_a_fake_peer(fake_peer, tmp_path, 
     assert by_name["fake peer"]["tokens = engine"] == "93.8% (3/4 rows identical)"
     assert by_name["fake peer"]["prefixes computed once (s)"] == "0.25"
     assert summary.startswith("engine ") and "(fake peer)" in summary
+
+
+def test_a_peer_failing_mid_run_is_dropped_and_the_rest_go_on(capsys):
+    def failing(n):
+        raise PeerError("broken peer: out of memory")
+
+    closed = []
+    engine = peers.System(peers.ENGINE, "fp32", lambda n: [[0] * n])
+    broken = peers.System("broken", "fp32", failing, close=lambda: closed.append(True))
+    systems = [engine, broken]
+    peers.interleaved(systems, new_tokens=3, repeats=2, pause=0)
+    assert systems == [engine] and len(engine.times) == 2 and closed == [True]
+    assert "broken (fp32) failed, dropped" in capsys.readouterr().out
