@@ -140,7 +140,7 @@ def has_module(python: str, module: str) -> Optional[str]:
 def peer_system(name: str, precision: str, python: str, module: str, log_dir: Path, workload: dict,
                 load: dict, env: Optional[dict] = None) -> System:
     """A worker process for one peer, loaded (its model read once) and ready to run the workload."""
-    log = log_dir / (name.replace(" ", "_").replace(",", "").replace("/", "_") + ".log")
+    log = log_dir / ("".join(c if c.isalnum() else "_" for c in f"{name} {precision}") + ".log")
     peer = PeerProcess(name, python, module, log, env=env)
     try:
         info = peer.request("load", **load)["info"]
