@@ -120,7 +120,7 @@ def engine_system(model, prefixes: List[List[int]], rows, names) -> System:
         engine.close()
         detach(model)
 
-    return System(ENGINE, "fp32", run, close, info={"forward path": engine.forward_path})
+    return System(ENGINE, "fp32", run, close, info={"forward path": engine.forward_path()})
 
 
 def has_module(python: str, module: str) -> Optional[str]:
