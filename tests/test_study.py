@@ -195,8 +195,11 @@ def test_load_task_validation_split_keeps_the_test_rows():
         load_task("sentiment2", 60, 40, n_val=-1)
 
 
-def test_cli_rejects_bad_arguments(capsys):
+@pytest.mark.parametrize("argv,flag", [(["--seeds", "a,b"], "--seeds"), (["--methods", "adapter"], "--methods"),
+                                       (["--steps", "0"], "--steps")])
+def test_cli_rejects_bad_arguments(argv, flag, capsys):
     from softprompt.cli import main
-    assert main(["eval", "--out", "x", "--seeds", "a,b"]) == 2
-    assert "seeds" in capsys.readouterr().err
-    assert main(["eval", "--out", "x", "--methods", "adapter"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--out", "x", *argv])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err

@@ -19,7 +19,10 @@ def wilson(correct: float, n: int, z: float = Z95) -> Tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the ends are exact at 0 and n (rounding would otherwise leave them a hair inside)
+    low = 0.0 if correct == 0 else max(0.0, centre - half)
+    high = 1.0 if correct == n else min(1.0, centre + half)
+    return low, high
 
 
 def summarize(accuracies: Sequence[float], n: int) -> Dict[str, float]:

@@ -86,14 +86,18 @@ class Runner:
         from . import PromptSpec, evaluate_prompts
         specs = {h.name: h for h in self.task.hard_prompts()}
         prompts = [PromptSpec(h.name, h.row, prefix=h.prefix) for h in specs.values()]
+        val, test = self.task.validation, self.task.test
+        self.log(f"hand-written prompts: {len(prompts)} on validation ({len(val)} rows) and test ({len(test)} rows)")
+        # one call for both splits: each prompt's prefix is compiled once
+        res = evaluate_prompts(self.spm, self.models.lm_tokenizer, prompts, list(val) + list(test), self.task.labels,
+                               batch_size=self.cfg.eval_batch_size)
         out = {}
-        for split in ("validation", "test"):
-            self.log(f"hand-written prompts: {len(prompts)} on {split} ({len(getattr(self.task, split))} rows)")
-            res = evaluate_prompts(self.spm, self.models.lm_tokenizer, prompts, getattr(self.task, split),
-                                   self.task.labels, batch_size=self.cfg.eval_batch_size)
-            for name, r in res.items():
-                entry = out.setdefault(name, {"shots": specs[name].shots, "chat": "<|im_start|>" in specs[name].prefix})
-                entry[split] = {"accuracy": r["accuracy"], "correct": r["correct"], "n": r["n"]}
+        for name, r in res.items():
+            entry = out.setdefault(name, {"shots": specs[name].shots, "chat": "<|im_start|>" in specs[name].prefix})
+            for split, rows, preds in (("validation", val, r["predictions"][:len(val)]),
+                                       ("test", test, r["predictions"][len(val):])):
+                correct = sum(int(p == y) for p, (_, y) in zip(preds, rows))
+                entry[split] = {"accuracy": correct / len(rows), "correct": correct, "n": len(rows)}
         best = max(out, key=lambda k: out[k]["validation"]["accuracy"])     # first wins a tie
         for name, e in out.items():
             e["selected_on_validation"] = name == best
