@@ -116,8 +116,17 @@ def test_resume_reuses_finished_runs(tmp_path):
                         on_run=lambda k, r: new.append(k))
     assert new == []
     assert again["methods"]["prompt_tuning"]["test"] == first["methods"]["prompt_tuning"]["test"]
+    assert again["complete"] and not new
     other = S.StudyConfig(**{**cfg.__dict__, "steps": 3})
     assert read_runs(path, other) == {}                   # other budgets do not reuse these runs
+    # a report of a run cut short: only finished runs are summarised, nothing trains
+    more = S.StudyConfig(**{**cfg.__dict__, "seeds": (0, 1), "lm_methods": ("prompt_tuning", "lora")})
+    partial = S.run_study(more, tiny_models(), task, audit(task), log=lambda s: None, done=done, train=False,
+                          on_run=lambda k, r: new.append(k))
+    assert not partial["complete"] and new == [] and set(partial["methods"]) == {"prompt_tuning"}
+    assert partial["methods"]["prompt_tuning"]["test"]["seeds"] == 1
+    write_outputs(partial, tmp_path, "softprompt eval --report-only", "now")
+    assert "Partial result" in (tmp_path / "study.md").read_text()
 
 
 def test_training_loop_learns_a_separable_task():

@@ -62,7 +62,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names(R.LM_METHODS), help=f"SmolLM2 methods (default: {','.join(R.LM_METHODS)})")
     p.add_argument("--encoder-methods", type=_names(R.ENCODER_METHODS),
                    help=f"MiniLM methods (default: {','.join(R.ENCODER_METHODS)}; empty string: none)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch CPU threads (1 is much faster on a machine other jobs are loading)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the outputs from the finished runs in --out/runs.jsonl")
     return p
 
 
@@ -112,7 +115,7 @@ def eval_command(argv=None) -> int:
         return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
                 f"({os.cpu_count()} CPUs)")
 
-    result = S.run_study(cfg, models, task, audit, log=log, done=done,
+    result = S.run_study(cfg, models, task, audit, log=log, done=done, train=not opts.report_only,
                          on_run=lambda key, run: append_run(out / "runs.jsonl", cfg, key, run),
                          on_progress=lambda partial: write_outputs(partial, out, command, when()))
     write_outputs(result, out, command, when())

@@ -68,13 +68,15 @@ class Models:
 
 class Runner:
     """Runs the parts of the study. ``done`` holds finished runs (keyed by :func:`run_key`), which are
-    reused instead of trained again; ``on_run`` is called with every new run (to save progress)."""
+    reused instead of trained again; ``on_run`` is called with every new run (to save progress).
+    With ``train=False`` nothing runs: only finished runs are summarised (a report of a cut-short run)."""
 
     def __init__(self, cfg: StudyConfig, models: Models, task, log: Callable[[str], None] = print,
-                 done: Optional[Dict[str, dict]] = None, on_run: Optional[Callable[[str, dict], None]] = None):
+                 done: Optional[Dict[str, dict]] = None, on_run: Optional[Callable[[str, dict], None]] = None,
+                 train: bool = True):
         from ..model import SoftPromptModel
         self.cfg, self.models, self.task, self.log = cfg, models, task, log
-        self.done, self.on_run = dict(done or {}), on_run
+        self.done, self.on_run, self.train = dict(done or {}), on_run, train
         self.lm = models.lm if models.lm is not None else models.lm_factory()
         self.lm.eval()
         self.spm = SoftPromptModel(self.lm)
@@ -133,10 +135,10 @@ class Runner:
             return PlainEncoder(baselines.full(model), enc_rows)
         raise ValueError(f"study: method {method!r} is unknown; expected one of {R.LM_METHODS + R.ENCODER_METHODS}")
 
-    def run_one(self, method: str, recipe: dict, seed: int, splits=("validation", "test")) -> dict:
+    def run_one(self, method: str, recipe: dict, seed: int, splits=("validation", "test")) -> Optional[dict]:
         key = run_key(method, recipe, seed)
-        if key in self.done:
-            return self.done[key]
+        if key in self.done or not self.train:
+            return self.done.get(key)
         run = self._train_and_score(method, recipe, seed, splits)
         self.done[key] = run
         if self.on_run is not None:
@@ -166,21 +168,25 @@ class Runner:
             del learner
             gc.collect()
 
-    def choose(self, method: str) -> Tuple[dict, List[dict]]:
+    def choose(self, method: str) -> Tuple[Optional[dict], List[dict]]:
         """Sweep on validation with the first seed: the chosen recipe's run and the sweep's record."""
         sweep, best = [], None
         for recipe in R.variants(method, self.cfg.sweep):
             run = self.run_one(method, recipe, self.cfg.seeds[0])
+            if run is None:
+                continue
             sweep.append({"recipe": recipe, "validation": run["validation"]["accuracy"],
                           "step_seconds": run["step_seconds"]})
             if best is None or run["validation"]["accuracy"] > best["validation"]["accuracy"]:
                 best = run
         return best, sweep
 
-    def method(self, method: str) -> dict:
+    def method(self, method: str) -> Optional[dict]:
         """The chosen recipe over every seed, summarised (the first seed's run is the sweep's)."""
         best, sweep = self.choose(method)
-        runs = [best] + [self.run_one(method, best["recipe"], s) for s in self.cfg.seeds[1:]]
+        if best is None:
+            return None
+        runs = [best] + [r for s in self.cfg.seeds[1:] if (r := self.run_one(method, best["recipe"], s)) is not None]
         n = runs[0]["test"]["n"]
         return {"method": method, "label": R.LABELS[method], "soft": method in R.SOFT,
                 "model": self.models.encoder_name if method in R.ENCODER_METHODS else self.models.lm_name,
@@ -220,16 +226,17 @@ def verdicts(methods: Dict[str, dict], hard: Optional[dict], lm_name: str) -> Li
 
 
 def run_study(cfg: StudyConfig, models: Models, task, audit: dict, log: Callable[[str], None] = print,
-              done: Optional[Dict[str, dict]] = None, on_run=None, on_progress=None) -> dict:
+              done: Optional[Dict[str, dict]] = None, on_run=None, on_progress=None, train: bool = True) -> dict:
     """Run the whole study; returns the JSON-ready result (see :mod:`.report` for the table).
 
     Order: hand-written prompts, the encoder's methods (cheap), each LM method's sweep and first seed,
     then the LM's other seeds; so a run cut short has every method once (``done`` resumes it).
-    ``on_progress(result)`` gets the result so far (``complete`` False) after each method."""
+    ``on_progress(result)`` gets the result so far (``complete`` False) after each method.
+    ``train=False``: summarise the finished runs in ``done`` only (methods without one are left out)."""
     clock = time.perf_counter()
-    runner = Runner(cfg, models, task, log, done=done, on_run=on_run)
+    runner = Runner(cfg, models, task, log, done=done, on_run=on_run, train=train)
     hard = runner.done.get("hard_prompts")
-    if hard is None and cfg.lm_methods:
+    if hard is None and cfg.lm_methods and train:
         hard = runner.hard_prompts()
         if on_run is not None:
             on_run("hard_prompts", hard)
@@ -245,7 +252,9 @@ def run_study(cfg: StudyConfig, models: Models, task, audit: dict, log: Callable
                 "seconds": time.perf_counter() - clock, "threads": torch.get_num_threads()}
 
     def finish(m: str) -> None:
-        methods[m] = runner.method(m)
+        summary = runner.method(m)
+        if summary is not None:
+            methods[m] = summary
         if on_progress is not None:
             on_progress(result(False))
 
@@ -255,4 +264,5 @@ def run_study(cfg: StudyConfig, models: Models, task, audit: dict, log: Callable
         runner.choose(m)
     for m in cfg.lm_methods:
         finish(m)
-    return result(True)
+    everything = len(methods) == len(cfg.lm_methods) + len(cfg.encoder_methods if models.encoder_factory else ())
+    return result(everything and all(m["test"]["seeds"] == len(cfg.seeds) for m in methods.values()))
