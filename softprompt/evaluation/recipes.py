@@ -38,10 +38,10 @@ SWEEP: Dict[str, List[dict]] = {
     "prompt_tuning": [{"lr": 3e-3}],
     "p_tuning_v1": [{"lr": 1e-2}],
     "prefix_tuning": [{"lr": 5e-3}, {"init": "kv"}],
-    "p_tuning_v2": [{"lr": 3e-3}, {"init": "zero"}, {"tokens": 32}],
+    "p_tuning_v2": [{"lr": 3e-3}, {"init": "zero"}],
     "lora": [{"lr": 3e-3}],
     "full": [{"lr": 1e-4}],
-    "p_tuning_v2_head": [{"lr": 3e-2}, {"lr": 3e-3}],
+    "p_tuning_v2_head": [{"lr": 3e-2}],
     "full_head": [{"lr": 1e-4}],
 }
 

@@ -229,8 +229,8 @@ def run_study(cfg: StudyConfig, models: Models, task, audit: dict, log: Callable
               done: Optional[Dict[str, dict]] = None, on_run=None, on_progress=None, train: bool = True) -> dict:
     """Run the whole study; returns the JSON-ready result (see :mod:`.report` for the table).
 
-    Order: hand-written prompts, the encoder's methods (cheap), each LM method's sweep and first seed,
-    then the LM's other seeds; so a run cut short has every method once (``done`` resumes it).
+    Order: hand-written prompts; per model (the cheap encoder first) each method's sweep and first seed,
+    then the other seeds; so a run cut short has every method once (``done`` resumes it).
     ``on_progress(result)`` gets the result so far (``complete`` False) after each method.
     ``train=False``: summarise the finished runs in ``done`` only (methods without one are left out)."""
     clock = time.perf_counter()
@@ -258,11 +258,11 @@ def run_study(cfg: StudyConfig, models: Models, task, audit: dict, log: Callable
         if on_progress is not None:
             on_progress(result(False))
 
-    for m in cfg.encoder_methods if models.encoder_factory is not None else ():
-        finish(m)
-    for m in cfg.lm_methods:
-        runner.choose(m)
-    for m in cfg.lm_methods:
-        finish(m)
-    everything = len(methods) == len(cfg.lm_methods) + len(cfg.encoder_methods if models.encoder_factory else ())
+    encoder = tuple(cfg.encoder_methods) if models.encoder_factory is not None else ()
+    for group in (encoder, tuple(cfg.lm_methods)):
+        for m in group:
+            runner.choose(m)
+        for m in group:
+            finish(m)
+    everything = len(methods) == len(cfg.lm_methods) + len(encoder)
     return result(everything and all(m["test"]["seeds"] == len(cfg.seeds) for m in methods.values()))
