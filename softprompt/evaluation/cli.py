@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names(R.LM_METHODS), help=f"SmolLM2 methods (default: {','.join(R.LM_METHODS)})")
     p.add_argument("--encoder-methods", type=_names(R.ENCODER_METHODS),
                    help=f"MiniLM methods (default: {','.join(R.ENCODER_METHODS)}; empty string: none)")
+    p.add_argument("--no-hard-prompts", action="store_true",
+                   help="skip the hand-written prompts (e.g. in a second process that trains some methods)")
     p.add_argument("--threads", type=positive_int,
                    help="torch CPU threads (1 is much faster on a machine other jobs are loading)")
     p.add_argument("--report-only", action="store_true",
@@ -77,6 +79,8 @@ def eval_command(argv=None) -> int:
                                              "encoder_batch_size", "seeds") if getattr(opts, k) is not None}
     if opts.no_sweep:
         changes["sweep"] = False
+    if opts.no_hard_prompts:
+        changes["hard_prompts"] = False
     if opts.methods is not None:
         changes["lm_methods"] = opts.methods
     if opts.encoder_methods is not None:

@@ -45,6 +45,7 @@ class StudyConfig:
     encoder_methods: Sequence[str] = R.ENCODER_METHODS
     eval_batch_size: int = 16
     split_seed: int = 0
+    hard_prompts: bool = True
 
 
 FULL = StudyConfig()
@@ -236,7 +237,7 @@ def run_study(cfg: StudyConfig, models: Models, task, audit: dict, log: Callable
     clock = time.perf_counter()
     runner = Runner(cfg, models, task, log, done=done, on_run=on_run, train=train)
     hard = runner.done.get("hard_prompts")
-    if hard is None and cfg.lm_methods and train:
+    if hard is None and cfg.lm_methods and cfg.hard_prompts and train:
         hard = runner.hard_prompts()
         if on_run is not None:
             on_run("hard_prompts", hard)
