@@ -66,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
                    help="skip the hand-written prompts (e.g. in a second process that trains some methods)")
     p.add_argument("--threads", type=positive_int,
                    help="torch CPU threads (1 is much faster on a machine other jobs are loading)")
+    p.add_argument("--note", default="", help="a line for the report (e.g. how a cut-short run was split)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the outputs from the finished runs in --out/runs.jsonl")
     return p
@@ -121,8 +122,8 @@ def eval_command(argv=None) -> int:
 
     result = S.run_study(cfg, models, task, audit, log=log, done=done, train=not opts.report_only,
                          on_run=lambda key, run: append_run(out / "runs.jsonl", cfg, key, run),
-                         on_progress=lambda partial: write_outputs(partial, out, command, when()))
-    write_outputs(result, out, command, when())
+                         on_progress=lambda partial: write_outputs(dict(partial, note=opts.note), out, command, when()))
+    write_outputs(dict(result, note=opts.note), out, command, when())
     log(f"written: {out / 'study.md'}")
     if opts.update_results:
         stem = "study-quick" if opts.quick else "study"

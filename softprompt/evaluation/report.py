@@ -22,6 +22,8 @@ def markdown(result: dict, command: str = "", when: str = "") -> str:
         lines += ["**Partial result: the run was cut short; methods missing below did not finish.**", ""]
     if when or command:
         lines += [f"Run: {when}; `{command}`; {result['threads']} CPU threads; {result['seconds'] / 60:.1f} min.", ""]
+    if result.get("note"):
+        lines += [result["note"], ""]
     sizes, drop = splits["sizes"], splits["dropped"]
     lines += [f"Splits (balanced, fixed seed {cfg['split_seed']}): train {sizes['train']}, validation "
               f"{sizes['validation']}, test {sizes['test']} tweets (per class {splits['per_class']}). Duplicates "
