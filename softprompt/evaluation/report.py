@@ -84,7 +84,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     models = list(dict.fromkeys(m["model"] for m in result["methods"].values()))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5.5 * max(1, len(models)), 4.2), squeeze=False)
     hard = result.get("hard_prompts")
     for ax, model in zip(axes[0], models):
         names, means, lows, highs, seeds, colors = [], [], [], [], [], []
