@@ -1,5 +1,5 @@
-"""The ``softprompt`` command: ``--version``, ``info``, ``demo``, ``assets``, ``tasks``, ``train``, ``generate``, ``serve``,
-``bench``.
+"""The ``softprompt`` command: ``--version``, ``info``, ``demo``, ``assets``, ``tasks``, ``train``, ``eval``, ``generate``,
+``serve``, ``bench``.
 
 Each subcommand imports what it needs when it runs, so ``--version`` and ``--help`` start at once."""
 from __future__ import annotations
@@ -47,6 +47,7 @@ PASSTHROUGH = {
     "bench": ("softprompt.benchmarks.run", "main"),
     "serve": ("softprompt.server.cli", "serve_command"),       # imported only when run (FastAPI, uvicorn)
     "tasks": ("softprompt.adapters", "tasks_command"),
+    "eval": ("softprompt.evaluation.cli", "eval_command"),
 }
 
 
@@ -87,6 +88,7 @@ def _dispatch(argv) -> int:
     for name, text in (("tasks", "the tasks in an adapters folder: method, prefix length, size, base model "
                                  "(read from the metadata; no model is loaded)"),
                        ("train", "train soft prompts for one or many tasks (HF Trainer; torchrun for DDP)"),
+                       ("eval", "the evaluation study: hand-written vs soft prompts vs LoRA / full fine-tuning"),
                        ("generate", "serve prompts for many tasks through the continuous-batching engine"),
                        ("serve", "OpenAI-compatible HTTP server: every task is a model id (softprompt serve --help)")):
         passthrough = sub.add_parser(name, help=text, add_help=False)

