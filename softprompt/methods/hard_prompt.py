@@ -136,10 +136,16 @@ class TextPrefix(SoftPrompt):
 
 
 def _sliding_window(model: nn.Module) -> Optional[int]:
-    """The smallest sliding window of the model's self-attention layers, None when none has one."""
+    """The smallest sliding window of the model's self-attention layers, None when none has one
+    (from the config: ``sliding_window`` where ``layer_types`` has sliding layers or is absent,
+    and from the attention modules that carry their own)."""
     from ..integration.attention import sliding_window_of
-    from ..integration.families import family_of, self_attention_modules
+    from ..integration.families import family_of, self_attention_modules, text_config
+    config = text_config(model)
     windows = [sliding_window_of(m) for m in self_attention_modules(model, family_of(model))]
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None or "sliding_attention" in layer_types:
+        windows.append(sliding_window_of(None, getattr(config, "sliding_window", None)))
     windows = [w for w in windows if w is not None]
     return min(windows) if windows else None
 
