@@ -215,9 +215,11 @@ def main(argv=None) -> int:
         name = f"hard_prompts-{kind}"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         md = (f"# {title}\n\n{', '.join(f'{k}: {v}' for k, v in env.items())}\n\n"
-              f"Reproduce: `python -m benchmarks.hard_prompts`\n\n{text}\n\n{scaling}\n")
+              f"Reproduce: `{' '.join(['python -m benchmarks.hard_prompts', *(argv or sys.argv[1:])])}`"
+              f"\n\n{text}\n\n{scaling}\n")
         data = {"environment": env, "title": title, "prompt_tokens": lengths, "requests": B,
-                "new_tokens": opts.new_tokens, "seconds": seconds, "tokens_per_s": {m: total / s for m, s in seconds.items()},
+                "new_tokens": opts.new_tokens, "seconds": seconds,
+                "tokens_per_s": {m: total / s for m, s in seconds.items()},
                 "engine": {k: v for k, v in eng.items() if k != "tokens"},
                 "engine_small_run_prompt_bytes": small["prompt_bytes"], "hf_kv_cache_bytes": kv,
                 "identical_requests": {m: sum(int(a == b) for a, b in zip(results[m], results[HF_BATCH]))

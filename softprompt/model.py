@@ -359,7 +359,7 @@ class SoftPromptModel(nn.Module):
         compiled = self._use_compiled()
         if compiled or not (self.training or torch.is_grad_enabled()):
             self.sync([n for n in names if self.prompts[n].kind == "deep" or (compiled and self.compilable(n))])
-        self._prepare_hard(names, attention_mask.sum(-1).tolist(), self.training or torch.is_grad_enabled())
+        self._prepare_hard(names, attention_mask, 0, self.training or torch.is_grad_enabled())
         store_names, inline = [], {}
         for n in names:
             module = self.prompts[n]
@@ -397,9 +397,10 @@ class SoftPromptModel(nn.Module):
                 out["logits"] = logits.gather(1, index)
         return out
 
-    def _prepare_hard(self, names: Sequence[str], lengths: Sequence[int], train_path: bool) -> None:
+    def _prepare_hard(self, names: Sequence[str], attention_mask: torch.Tensor, extra: int, train_path: bool) -> None:
         """Store the K/V of the batch's hard-prompt tasks; ValueError where a row would not be exact
-        (a stacked task under gradients: its text K/V are constants; a row leaving the sliding window)."""
+        (a stacked task under gradients: its text K/V are constants; a row of its real tokens plus
+        ``extra`` positions leaving the sliding window)."""
         hard = [n for n in dict.fromkeys(names) if self.prompts[n].kind == "hard"]
         if not hard:
             return
@@ -410,10 +411,12 @@ class SoftPromptModel(nn.Module):
                                  "K/V are computed without gradients); train the soft task alone, or run under "
                                  "torch.no_grad() in eval mode")
         self.sync(hard)
-        window = check_exact(self.model, 0)
+        if "_window" not in self.__dict__:       # the model's sliding window (None: none), looked up once
+            self.__dict__["_window"] = check_exact(self.model, 0)
+        window = self.__dict__["_window"]
         if window is None:
             return
-        for name, n in zip(names, lengths):
+        for name, n in zip(names, (attention_mask.sum(-1) + extra).tolist()):
             P = self.store.prefix_len(name) if self.prompts[name].kind == "hard" else 0
             if P + n > window:
                 raise ValueError(f"SoftPromptModel: a row of hard-prompt task {name!r} with {n} tokens is invalid "
@@ -500,7 +503,7 @@ class SoftPromptModel(nn.Module):
         if new is None:
             config = kwargs.get("generation_config") or self.model.generation_config
             new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
-        self._prepare_hard(names, (attention_mask.sum(-1) + max(int(new) - 1, 0)).tolist(), False)
+        self._prepare_hard(names, attention_mask, max(int(new) - 1, 0), False)
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                    task_ids=self.store.task_ids(names), **kwargs)
 
