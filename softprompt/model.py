@@ -18,6 +18,10 @@ may mix tasks *and* methods, in training and in inference:
   When the soft tokens form a prefix of a causal decoder's input they are *compiled* for
   inference: run through the model once, their per-layer K/V stored as the task's prefix, so
   they then cost what prefix tuning costs (eval mode without gradients, and ``generate``).
+* hard-prompt tasks (:class:`~softprompt.methods.HardPrompt`, or :meth:`SoftPromptModel.add_text`)
+  hold a text's K/V, computed once by the frozen model when the task is added (and again when
+  the task it is stacked ``after`` changes): a store task like a deep prompt, with nothing to
+  train. A row of such a task gives the logits of the text's tokens pasted in front of its own.
 
 Positions always follow the attention mask (``cumsum(mask) - 1``; roberta: its padding_idx rule),
 so a row gives the same result alone or in a padded batch. Only the prompt modules and the heads
@@ -36,6 +40,7 @@ from .integration import attach, detach
 from .integration.attach import attached_store
 from .integration.families import family_of, text_config
 from .methods.base import Geometry, InputPrompt, MethodConfig, SoftPrompt
+from .methods.hard_prompt import HardPrompt, cache_kv, check_exact, text_prefix
 from .methods.template import is_prefix
 
 NO_PROMPT = "__softprompt_none__"
@@ -101,13 +106,32 @@ class SoftPromptModel(nn.Module):
             raise ValueError(f"SoftPromptModel: task {name!r} already exists; remove_task() it first")
 
     def add_task(self, name: str, config: MethodConfig) -> SoftPrompt:
-        """Add a task with its method config; returns the task's (trainable) prompt module."""
+        """Add a task with its method config; returns the task's prompt module (trainable, except a
+        hard prompt's, whose K/V are computed and stored here)."""
         self._check_name(name)
         if not isinstance(config, MethodConfig):
             raise ValueError(f"SoftPromptModel.add_task: `config` of type {type(config).__name__} is invalid; "
-                             "expected PrefixTuning, PTuningV2, PromptTuning or PTuningV1")
+                             "expected PrefixTuning, PTuningV2, PromptTuning, PTuningV1 or HardPrompt")
         module = config.build(self.geometry, self.model.get_input_embeddings())
         return self._add_module(name, module)
+
+    def add_text(self, name: str, text, tokenizer=None, after: Optional[str] = None) -> SoftPrompt:
+        """Add a hard-prompt task: ``text`` (a string with ``tokenizer``, or token ids) run once through
+        the model, its K/V stored as the task's prefix (``after``: a task whose prefix goes first)."""
+        return self.add_task(name, HardPrompt(text=text, tokenizer=tokenizer, after=after))
+
+    def _check_after(self, name: str, module: SoftPrompt, known) -> None:
+        """A stacked hard prompt's ``after`` names a task (of ``known``) that is stored as a prefix."""
+        after = module.config.after
+        if after is None:
+            return
+        if after not in known:
+            raise ValueError(f"SoftPromptModel: task {name!r} is stacked after {after!r}, which is not a task "
+                             f"(known tasks: {sorted(known)})")
+        other = known[after]
+        if other.kind == "input" and not (self.causal and is_prefix(other.template)):
+            raise ValueError(f"SoftPromptModel: task {name!r} is stacked after {after!r} ({other.config.method}), "
+                             "whose soft tokens do not form a prefix; stacking needs a prefix in front of the text")
 
     def _add_module(self, name: str, module: SoftPrompt) -> SoftPrompt:
         self._check_name(name)
@@ -116,16 +140,29 @@ class SoftPromptModel(nn.Module):
         param = next(self.model.parameters())
         module = module.to(device=param.device)
         module.train(self.training)
+        if module.kind == "hard":
+            self._check_after(name, module, dict(self.prompts.items()))
+            check_exact(self.model, module.num_virtual_tokens)
         L, H, D = self.geometry.num_layers, self.geometry.num_kv_heads, self.geometry.head_dim
         P = module.num_virtual_tokens if module.kind == "deep" else 0
         zeros = torch.zeros(L, H, P, D, dtype=self.store.dtype, device=self.store.device)
         self.store.add(name, zeros, zeros)
         self.prompts[name] = module
         self._stored[name] = None
+        if module.kind == "hard":                 # a store task from the start (the engine reads the store)
+            try:
+                self.sync([name])
+            except Exception:
+                self.remove_task(name)
+                raise
         return module
 
     def remove_task(self, name: str) -> None:
         self._module(name)
+        stacked = [n for n, m in self.prompts.items() if m.kind == "hard" and m.config.after == name]
+        if stacked:
+            raise ValueError(f"SoftPromptModel.remove_task: hard-prompt tasks {stacked} are stacked after {name!r}; "
+                             "remove them first")
         self.store.remove(name)
         del self.prompts[name]
         self._stored.pop(name, None)
@@ -141,12 +178,15 @@ class SoftPromptModel(nn.Module):
     # ------------------------------------------------------------------ prompts -> store
     def _signature(self, module: nn.Module):
         """Changes whenever a prompt parameter (or a trainable head, which compiled K/V may depend on)
-        is updated in place or replaced."""
+        is updated in place or replaced; for a stacked hard prompt, whenever its ``after`` task's does."""
         params = list(module.parameters())
-        if module.kind == "input":
+        if module.kind in ("input", "hard"):
             for head in self.trainable_heads:
                 params += list(self.model.get_submodule(head).parameters())
-        return tuple((p.data_ptr(), p._version) for p in params)
+        sig = tuple((p.data_ptr(), p._version) for p in params)
+        if module.kind == "hard" and module.config.after is not None:
+            sig += (self._stored.get(module.config.after),)
+        return sig
 
     def compilable(self, name: str) -> bool:
         """True when an input-level task's soft tokens form a prefix of a causal decoder's input."""
@@ -180,17 +220,22 @@ class SoftPromptModel(nn.Module):
     @torch.no_grad()
     def sync(self, names: Optional[Iterable[str]] = None) -> None:
         """Write the inference form of tasks into the store (deep: prefix K/V; compilable input tasks:
-        compiled K/V) where a prompt parameter changed since the last write."""
+        compiled K/V; hard prompts: the text's K/V) where a prompt parameter changed since the last
+        write (a stacked hard prompt: its ``after`` task first)."""
         for name in (self.tasks if names is None else dict.fromkeys(names)):
             module = self._module(name)
             if module.kind == "input" and not self.compilable(name):
                 continue
+            if module.kind == "hard" and module.config.after is not None:
+                self.sync([module.config.after])
             sig = self._signature(module)
             if self._stored.get(name) == sig:
                 continue
             with self._eval_module(module):
                 if module.kind == "deep":
                     k, v = module.prefix()
+                elif module.kind == "hard":
+                    k, v = text_prefix(self.model, module.token_ids, after=module.config.after)
                 else:
                     k, v = self._compile(module)
             self.store.replace(name, k.to(self.store.dtype), v.to(self.store.dtype))
@@ -204,18 +249,7 @@ class SoftPromptModel(nn.Module):
         out = self.model(inputs_embeds=x, attention_mask=torch.ones(1, n, dtype=torch.long, device=x.device),
                          position_ids=self._positions(torch.ones(1, n, dtype=torch.long, device=x.device)),
                          use_cache=True)
-        cache = out.get("cache", None) if hasattr(out, "get") else None
-        if cache is None:
-            cache = getattr(out, "past_key_values", None)
-        if cache is None or not hasattr(cache, "layers"):
-            raise ValueError(f"SoftPromptModel: {type(self.model).__name__} returned no KV cache; cannot compile "
-                             "input prompts (set compile_prompts=False)")
-        k = torch.stack([layer.keys[0] for layer in cache.layers])
-        v = torch.stack([layer.values[0] for layer in cache.layers])
-        if k.shape[2] != n:
-            raise ValueError(f"SoftPromptModel: the model's cache kept {k.shape[2]} of {n} prompt positions "
-                             "(sliding window?); cannot compile (set compile_prompts=False)")
-        return k, v
+        return cache_kv(out, n, self.model)
 
     @contextlib.contextmanager
     def _differentiable_pools(self, names: Sequence[str]):
@@ -325,6 +359,7 @@ class SoftPromptModel(nn.Module):
         compiled = self._use_compiled()
         if compiled or not (self.training or torch.is_grad_enabled()):
             self.sync([n for n in names if self.prompts[n].kind == "deep" or (compiled and self.compilable(n))])
+        self._prepare_hard(names, attention_mask, 0, self.training or torch.is_grad_enabled())
         store_names, inline = [], {}
         for n in names:
             module = self.prompts[n]
@@ -361,6 +396,32 @@ class SoftPromptModel(nn.Module):
                 index = layout[..., None].expand(-1, -1, logits.shape[-1])
                 out["logits"] = logits.gather(1, index)
         return out
+
+    def _prepare_hard(self, names: Sequence[str], attention_mask: torch.Tensor, extra: int, train_path: bool) -> None:
+        """Store the K/V of the batch's hard-prompt tasks; ValueError where a row would not be exact
+        (a stacked task under gradients: its text K/V are constants; a row of its real tokens plus
+        ``extra`` positions leaving the sliding window)."""
+        hard = [n for n in dict.fromkeys(names) if self.prompts[n].kind == "hard"]
+        if not hard:
+            return
+        if train_path:
+            stacked = [n for n in hard if self.prompts[n].config.after is not None]
+            if stacked:
+                raise ValueError(f"SoftPromptModel: stacked hard-prompt tasks {stacked} are for inference (their text "
+                                 "K/V are computed without gradients); train the soft task alone, or run under "
+                                 "torch.no_grad() in eval mode")
+        self.sync(hard)
+        if "_window" not in self.__dict__:       # the model's sliding window (None: none), looked up once
+            self.__dict__["_window"] = check_exact(self.model, 0)
+        window = self.__dict__["_window"]
+        if window is None:
+            return
+        for name, n in zip(names, (attention_mask.sum(-1) + extra).tolist()):
+            P = self.store.prefix_len(name) if self.prompts[name].kind == "hard" else 0
+            if P + n > window:
+                raise ValueError(f"SoftPromptModel: a row of hard-prompt task {name!r} with {n} tokens is invalid "
+                                 f"after its {P}-token prefix; expected prefix + row <= the sliding window {window} "
+                                 "(the pasted text would leave the window)")
 
     def _splice(self, names, inline, input_ids, inputs_embeds, attention_mask, labels, token_type_ids) -> dict:
         emb_layer = self.model.get_input_embeddings()
@@ -438,6 +499,11 @@ class SoftPromptModel(nn.Module):
         self.sync(names)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        new = kwargs.get("max_new_tokens")
+        if new is None:
+            config = kwargs.get("generation_config") or self.model.generation_config
+            new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+        self._prepare_hard(names, attention_mask, max(int(new) - 1, 0), False)
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                    task_ids=self.store.task_ids(names), **kwargs)
 
@@ -493,8 +559,13 @@ class SoftPromptModel(nn.Module):
         clash = [n for n, _ in modules if n in self.prompts]
         if clash:
             raise ValueError(f"SoftPromptModel.load_tasks: tasks {clash} already exist; remove_task() them first")
-        for name, _ in modules:
+        known = dict(self.prompts.items())
+        for name, module in modules:
             self._check_name(name)
+            if module.kind == "hard":
+                self._check_after(name, module, known)
+                check_exact(self.model, module.num_virtual_tokens)
+            known[name] = module
         for head, state in heads.items():
             target = self.model.get_submodule(head)
             with torch.no_grad():

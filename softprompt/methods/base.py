@@ -76,7 +76,7 @@ class MethodConfig:
     """Base of the method configs (dataclasses). ``build(geometry, embedding)`` makes the module."""
 
     method: ClassVar[str] = ""
-    kind: ClassVar[str] = ""                  # "deep" | "input"
+    kind: ClassVar[str] = ""                  # "deep" | "input" | "hard"
     _not_saved: ClassVar[Tuple[str, ...]] = ()
 
     def to_dict(self) -> dict:

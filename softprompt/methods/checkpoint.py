@@ -10,6 +10,10 @@ Layout of a checkpoint folder::
     softprompt-<hash>.safetensors        "tasks.<name>.<param>" (full training state: MLP / LSTM
                                          included), "heads.<module path>.<param>" (trainable heads)
 
+A hard-prompt task (``HardPrompt``) has no tensors: its manifest entry keeps the text, its token
+ids and the tokenizer's name, and its K/V are recomputed from the token ids when it is loaded
+(one forward over the text; exact for the model it is loaded into, whatever its dtype or device).
+
 A save is all-or-nothing: the weights go to a new file named by their checksum (written to a
 temporary, fsync'd, renamed), then the manifest is replaced with one rename (fsync'd, and the
 folder too). That rename is the only switch, so after a crash at any instant the folder holds the
