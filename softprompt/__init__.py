@@ -16,11 +16,12 @@ _LAZY = {
     "Engine": ".engine", "SamplingParams": ".engine",
     "SoftPromptModel": ".model",
     "PrefixTuning": ".methods", "PTuningV2": ".methods", "PromptTuning": ".methods", "PTuningV1": ".methods",
+    "HardPrompt": ".methods",
     "list_tasks": ".adapters",
 }
 
 _SUBMODULES = ("kernels", "store", "integration", "engine", "methods", "model", "training", "evaluation",
-               "tasks", "data", "peft_io", "assets", "baselines", "benchmarks", "adapters")
+               "tasks", "data", "peft_io", "assets", "baselines", "benchmarks", "adapters", "server")
 
 __all__ = ["__version__", *_LAZY]
 
