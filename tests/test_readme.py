@@ -6,7 +6,10 @@ block's fence (invisible on GitHub) changes how it runs:
 - ``<!-- readme-test: continues -->``: the block continues the one before it (same namespace);
 - ``<!-- readme-test: realmodel -->``: the block loads SmolLM2 through ``softprompt.assets.load_smollm2``;
   the fast test swaps that loader for a tiny random Llama and a small word-level tokenizer, and the
-  real-model test (``realmodel``/``slow`` markers) runs the block as written on SmolLM2.
+  real-model test (``realmodel``/``slow`` markers) runs the block as written on SmolLM2;
+- ``<!-- readme-test: server -->``: the block is a client of ``softprompt serve`` on 127.0.0.1:8000
+  with a task ``sentiment``; the test serves a tiny random model on a free port and points the block's
+  address, task and key at it.
 
 Shell blocks are checked too: each ``softprompt`` command they show is one the CLI has, and each
 ``pip install -e ".[extra]"`` names an extra of pyproject.toml.
@@ -20,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MARKER = re.compile(r"<!--\s*readme-test:\s*([\w-]+)\s*-->")
-KNOWN_MARKERS = {"continues", "realmodel"}
+KNOWN_MARKERS = {"continues", "realmodel", "server"}
 
 
 def readme_blocks():
@@ -41,6 +44,8 @@ def readme_blocks():
 
 PYTHON = [b for b in readme_blocks() if b[1] == "python"]
 REAL = [b for b in PYTHON if b[2] == "realmodel"]
+SERVER = [b for b in PYTHON if b[2] == "server"]
+LOCAL = [b for b in PYTHON if b[2] != "server"]
 
 
 def _chain(block):
@@ -79,7 +84,7 @@ def test_the_readme_has_the_blocks_this_runner_expects():
     assert PYTHON[0][2] != "continues"
 
 
-@pytest.mark.parametrize("block", PYTHON, ids=[f"line{b[0]}" for b in PYTHON])
+@pytest.mark.parametrize("block", LOCAL, ids=[f"line{b[0]}" for b in LOCAL])
 def test_python_block_runs(block, tmp_path, monkeypatch):
     import softprompt.assets
     from softprompt.training.cli import tiny_model
@@ -100,10 +105,25 @@ def test_realmodel_block_runs_on_smollm2(block, tmp_path, monkeypatch):
     _run(block, tmp_path, monkeypatch)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("block", SERVER, ids=[f"line{b[0]}" for b in SERVER])
+def test_server_block_runs_against_a_tiny_server(block, tmp_path, monkeypatch):
+    from test_server_common import API_KEY, TASKS, Served
+    served = Served(tmp_path)
+    try:
+        code = (block[3].replace("http://127.0.0.1:8000", served.url).replace('"sentiment"', f'"{TASKS[0]}"')
+                .replace('"unused-or-your-key"', f'"{API_KEY}"'))
+        assert code != block[3], "the block no longer names the address, task and key this test replaces"
+        monkeypatch.chdir(tmp_path)
+        exec(compile(code, f"README.md (block at line {block[0]})", "exec"), {"__name__": "__readme__"})
+    finally:
+        served.stop()
+
+
 def _shell_commands():
     for line, lang, _, code in readme_blocks():
         if lang in ("bash", "sh", "shell"):
-            for text in code.splitlines():
+            for text in code.replace("\\\n", " ").splitlines():      # a trailing backslash continues the line
                 for part in re.split(r"&&|;", text.split("#")[0]):
                     if part.strip():
                         yield line, shlex.split(part)
