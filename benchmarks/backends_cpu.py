@@ -15,7 +15,8 @@ import torch
 
 from softprompt.kernels import available_backends, plan_for_layer, prefix_attention
 
-from .common import cpu_peak_bytes, environment, markdown_table, median_seconds, prefix_problem, write_results
+from .common import (add_output_arguments, cpu_peak_bytes, environment, markdown_table, median_seconds, output_dir,
+                     prefix_problem, write_results)
 
 SHAPES = {
     "decode": dict(B=64, T=4, P=1024, Sq=1, Skv=64, Hq=8, Hkv=2, D=64, train=False),
@@ -66,6 +67,7 @@ def main(argv=None):
     parser.add_argument("--no-write", action="store_true", help="print only; do not write results files")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
+    add_output_arguments(parser)
     opts = parser.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -80,7 +82,7 @@ def main(argv=None):
     print(f"{env['device']}, torch {env['torch']}, commit {env['commit']}\n")
     print(table)
     if not opts.no_write:
-        print(f"\nwritten: {write_results('backends_cpu', env, rows, table)}")
+        print(f"\nwritten: {write_results('backends_cpu', env, rows, table, directory=output_dir('backends_cpu', opts.out, opts.update_results))}")
     return rows
 
 

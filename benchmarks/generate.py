@@ -23,7 +23,7 @@ import torch
 
 from softprompt.baselines import copied_prefix_cache, left_pad
 
-from .common import RESULTS_DIR, environment, markdown_table
+from .common import add_output_arguments, environment, markdown_table, output_dir
 
 
 def tiny_llama(seed: int = 0):
@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_output_arguments(parser)
     opts = parser.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -140,8 +141,7 @@ def main(argv=None) -> int:
                f"softprompt tokens identical to the PEFT-style batch: NO ({agree:.1%} of tokens agree)")
     print(text + "\n\n" + verdict)
     if not opts.no_write:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RESULTS_DIR / f"generate-{opts.model}.md"
+        path = output_dir("generate", opts.out, opts.update_results) / f"generate-{opts.model}.md"
         tmp = path.with_suffix(".md.tmp")
         tmp.write_text(f"# generate benchmark ({opts.model})\n\n{', '.join(f'{k}: {v}' for k, v in env.items())}; "
                        f"{opts.tasks} tasks x {opts.per_task} requests, prefix {opts.prefix}, "

@@ -35,7 +35,7 @@ import torch
 
 from softprompt.baselines import left_pad
 
-from .common import RESULTS_DIR, environment, markdown_table
+from .common import add_output_arguments, environment, markdown_table, output_dir
 
 MIN_TOKENS, MAX_TOKENS = 300, 500
 HF_BATCH = "HF generate, text in every row"
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-per-prompt", action="store_true", help="skip the per-prompt HF baseline")
     p.add_argument("--quick", action="store_true", help="4 requests per prompt, 16 new tokens; not written")
     p.add_argument("--no-write", action="store_true")
+    add_output_arguments(p)
     opts = p.parse_args(argv)
     if opts.quick:
         opts.per_task, opts.new_tokens, opts.small, opts.no_write = 4, 16, 2, True
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
     if not opts.no_write:
         kind = "gpu" if device.type == "cuda" else "cpu"
         name = f"hard_prompts-{kind}"
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        directory = output_dir(name, opts.out, opts.update_results)
         md = (f"# {title}\n\n{', '.join(f'{k}: {v}' for k, v in env.items())}\n\n"
               f"Reproduce: `{' '.join(['python -m benchmarks.hard_prompts', *(argv or sys.argv[1:])])}`"
               f"\n\n{text}\n\n{scaling}\n")
@@ -226,11 +227,11 @@ def main(argv=None) -> int:
                                        for m in results},
                 "table": table}
         for suffix, body in ((".md", md), (".json", json.dumps(data, indent=2))):
-            path = RESULTS_DIR / f"{name}{suffix}"
+            path = directory / f"{name}{suffix}"
             tmp = path.with_suffix(suffix + ".tmp")
             tmp.write_text(body)
             os.replace(tmp, path)
-        print(f"written: {RESULTS_DIR / name}.md", flush=True)
+        print(f"written: {directory / name}.md", flush=True)
     return 0
 
 

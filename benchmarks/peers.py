@@ -43,7 +43,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .common import environment, markdown_table, write_results
+from .common import add_output_arguments, environment, markdown_table, output_dir, write_results
 from .engine import tweet_rows
 from .generate import problem, tiny_llama
 from .peers_protocol import PeerError, PeerProcess
@@ -300,6 +300,7 @@ def parse(argv=None):
     p.add_argument("--pause", type=float, default=0.5, help="seconds between systems")
     p.add_argument("--out-name", default=None, help="results name (default peers-<model>-p<prefix>-cpu)")
     p.add_argument("--no-write", action="store_true")
+    add_output_arguments(p)
     opts = p.parse_args(argv)
     for name in ("tasks", "per_task", "new_tokens", "repeats", "threads"):
         if getattr(opts, name) < 1:
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
     if not opts.no_write:
         env.update(workload=title, cpu=_cpu_name())
         name = opts.out_name or f"peers-{opts.model}-p{opts.prefix_len}-cpu"
-        print(f"written: {write_results(name, env, rows_out, text)}")
+        print(f"written: {write_results(name, env, rows_out, text, output_dir(name, opts.out, opts.update_results))}")
     return 0
 
 

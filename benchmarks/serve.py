@@ -34,7 +34,7 @@ import torch
 
 from softprompt.cli_support import positive_int
 
-from .common import RESULTS_DIR, environment, markdown_table
+from .common import RESULTS_DIR, add_output_arguments, environment, markdown_table, output_dir
 
 PERCENTILES = (50, 90, 99)
 
@@ -130,7 +130,6 @@ def start_server(model, tokenizer, tasks: int, prefix: int, max_batch_size: int)
 
 
 def _write(stem: Path, payload: dict, markdown: str) -> None:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     for suffix, content in ((".json", json.dumps(payload, indent=2, default=str)), (".md", markdown)):
         tmp = stem.with_suffix(suffix + ".tmp")
         tmp.write_text(content)
@@ -147,7 +146,7 @@ def _device_tag() -> str:
 
 # ---------------------------------------------------------------------------------------------- load test
 def load_test(model_name: str, *, clients: int, per_client: int, tasks: int, prefix: int, new_tokens: int,
-              repeats: int, write: bool = True, loaded=None) -> dict:
+              repeats: int, write: bool = True, loaded=None, directory: Path = RESULTS_DIR) -> dict:
     import httpx
     model, tok, prompts = load(model_name, loaded)
     if torch.cuda.is_available():
@@ -216,7 +215,7 @@ def load_test(model_name: str, *, clients: int, per_client: int, tasks: int, pre
     text = "\n".join(lines)
     print(text)
     if write:
-        _write(RESULTS_DIR / f"serve-load-{model_name}-{_device_tag()}", out, text)
+        _write(Path(directory) / f"serve-load-{model_name}-{_device_tag()}", out, text)
     return out
 
 
@@ -250,7 +249,7 @@ def sweep(url: str, models: List[str], prompts, *, rates: List[float], requests:
     return rows
 
 
-def write_sweep(rows: List[dict], tag: str, meta: dict) -> None:
+def write_sweep(rows: List[dict], tag: str, meta: dict, directory: Path = RESULTS_DIR) -> None:
     env = environment()
     columns = ["rate", "complete", "tokens_per_s", "requests_per_s",
                *[f"ttft_p{p}_ms" for p in PERCENTILES], *[f"itl_p{p}_ms" for p in PERCENTILES]]
@@ -258,7 +257,7 @@ def write_sweep(rows: List[dict], tag: str, meta: dict) -> None:
     text = (f"# serve sweep: {tag}\n\n{', '.join(f'{k}: {v}' for k, v in {**env, **meta}.items())}\n\n"
             + _table(columns, fmt) + "\n")
     print(text)
-    stem = RESULTS_DIR / f"serve-sweep-{tag}"
+    stem = Path(directory) / f"serve-sweep-{tag}"
     _write(stem, {"environment": env, **meta, "rows": rows}, text)
     try:
         import matplotlib
@@ -308,12 +307,14 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=positive_int, default=32)
     p.add_argument("--repeats", type=positive_int, default=2, help="load test: alternated server/offline runs")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    add_output_arguments(p)
     opts = p.parse_args(argv)
+    directory = output_dir("serve", opts.out, opts.update_results)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.load_test:
         load_test(opts.model, clients=opts.clients, per_client=opts.per_client, tasks=opts.tasks, prefix=opts.prefix,
-                  new_tokens=opts.new_tokens, repeats=opts.repeats)
+                  new_tokens=opts.new_tokens, repeats=opts.repeats, directory=directory)
         return 0
     meta = {"requests": opts.requests, "new_tokens": opts.new_tokens}
     if opts.url:
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
         prompts = [torch.randint(10, 1000, (16,), generator=g).tolist() for _ in range(64)]
         rows = sweep(opts.url, models, prompts, rates=opts.rates, requests=opts.requests,
                      new_tokens=opts.new_tokens, api_key=opts.api_key)
-        write_sweep(rows, f"url-{_device_tag()}", {**meta, "url": opts.url, "models": models})
+        write_sweep(rows, f"url-{_device_tag()}", {**meta, "url": opts.url, "models": models}, directory)
         return 0
     model, tok, prompts = load(opts.model)
     if torch.cuda.is_available():
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
     finally:
         server.stop()
     write_sweep(rows, f"{opts.model}-{_device_tag()}", {**meta, "model": opts.model, "tasks": opts.tasks,
-                                                        "prefix": opts.prefix})
+                                                        "prefix": opts.prefix}, directory)
     return 0
 
 

@@ -24,11 +24,12 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 
-from .common import RESULTS_DIR, cpu_peak_bytes, environment
+from .common import add_output_arguments, cpu_peak_bytes, environment, output_dir
 
 CASES = {"prefix16": ("prefix", 16), "prefix128": ("prefix", 128), "prompt128": ("prompt", 128)}
 BATCH, SEQ, LR = 16, 64, 1e-3
@@ -161,9 +162,8 @@ def _markdown(rows, env) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(rows, env) -> None:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / "train-peft"
+def _write(rows, env, directory: Path) -> None:
+    stem = directory / "train-peft"
     for suffix, content in ((".json", json.dumps({"environment": env, "rows": rows}, indent=2, default=str)),
                             (".md", _markdown(rows, env))):
         tmp = stem.with_suffix(suffix + ".tmp")
@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per system and case first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--profile", choices=list(CASES), help="print the profile of one step per system and exit")
-    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/train-peft.*")
+    parser.add_argument("--no-write", action="store_true", help="do not write train-peft.{json,md}")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,6 +188,7 @@ def main(argv=None) -> int:
         profile_case(args.profile)
         return 0
     env = environment()
+    directory = None if args.no_write else output_dir("train-peft", args.out, args.update_results)
     rows = []
     for name in args.cases:
         row = run_case(name, args.steps, args.warmup)
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
               f"loss diff first step {row['first_loss_diff']:.1e}, max {row['max_loss_diff']:.1e}", flush=True)
         rows.append(row)
         if not args.no_write:           # after every case: a partial run keeps what it measured
-            _write(rows, env)
+            _write(rows, env, directory)
     print(_markdown(rows, env))
     return 0
 
