@@ -290,18 +290,25 @@ def fused_inference_attention(x: PrefixAttentionInputs) -> torch.Tensor:
     return out if all_finite(out) else _fused_inference(x, clean=True)
 
 
+def _stacked_queries(x: PrefixAttentionInputs):
+    """What the fused inference and split-flash training paths share: the plan's own-key and prefix
+    layouts (derived once per plan) and the queries in fp32, padding queries zeroed (whatever they
+    hold reaches nothing), GQA heads of a kv head stacked into rows: ``[B, Hkv, G*Sq, D]``, K/V
+    never repeated."""
+    plan = derived(x, "fused_own", lambda: _own_plan(x), mask_dependent=True)
+    pre = derived(x, "fused_prefix", lambda: _prefix_plan(x))
+    q = x.q.to(torch.float32)
+    if pre.query_pad is not None:
+        q = q.masked_fill(pre.query_pad, 0.0)
+    return plan, pre, q.reshape(x.batch, x.num_kv_heads, x.group_size * x.q_len, x.head_dim)
+
+
 def _fused_inference(x: PrefixAttentionInputs, clean: bool) -> torch.Tensor:
     B, Hq, Sq, D = x.q.shape
     Hkv, G, Skv = x.num_kv_heads, x.group_size, x.kv_len
     M = G * Sq
     f32 = torch.float32
-    plan = derived(x, "fused_own", lambda: _own_plan(x), mask_dependent=True)
-    pre = derived(x, "fused_prefix", lambda: _prefix_plan(x))
-    # GQA heads of a kv head are stacked into query rows: [B, Hkv, G*Sq, D], K/V never repeated.
-    q = x.q.to(f32)
-    if pre.query_pad is not None:        # padding queries: whatever they hold reaches nothing
-        q = q.masked_fill(pre.query_pad, 0.0)
-    q = q.reshape(B, Hkv, M, D)
+    plan, pre, q = _stacked_queries(x)
     sees_bad = None                       # [B, Hkv, M] queries that see a non-finite key or value
     if Skv:
         k, v = x.k.to(f32), x.v.to(f32)
@@ -399,14 +406,8 @@ def split_flash_training_attention(x: PrefixAttentionInputs) -> Optional[torch.T
     is not finite (a non-finite key, value or query somewhere): the caller then takes the path that
     keeps hidden non-finite keys out of the result."""
     B, Hq, Sq, D = x.q.shape
-    Hkv, M = x.num_kv_heads, x.group_size * x.q_len
     f32 = torch.float32
-    plan = derived(x, "fused_own", lambda: _own_plan(x), mask_dependent=True)
-    pre = derived(x, "fused_prefix", lambda: _prefix_plan(x))
-    q = x.q.to(f32)
-    if pre.query_pad is not None:        # padding queries: whatever they hold reaches nothing
-        q = q.masked_fill(pre.query_pad, 0.0)
-    q = q.reshape(B, Hkv, M, D)          # GQA heads of a kv head stacked into query rows
+    plan, pre, q = _stacked_queries(x)
     parts = []
     if x.kv_len:
         parts.append(KeyPart(x.k.to(f32), x.v.to(f32), plan.own_bias, blind=plan.own_blind))
