@@ -63,7 +63,20 @@ class LMRows:
         return torch.stack([last[:, s].amax(-1) for s in self.sets], -1).float()
 
 
-class SoftPromptLM(Learner):
+class _SoftPromptTask(Learner):
+    """A learner that is one task of a shared ``SoftPromptModel`` (``self.spm``, ``self.name``):
+    storage is that task's saved checkpoint; closing removes the task."""
+
+    def storage_bytes(self):
+        with tempfile.TemporaryDirectory() as d:
+            self.spm.save(d, tasks=[self.name])
+            return _folder_bytes(Path(d))
+
+    def close(self):
+        self.spm.remove_task(self.name)
+
+
+class SoftPromptLM(_SoftPromptTask):
     """A soft-prompt task of a shared :class:`~softprompt.SoftPromptModel` (added here, removed by ``close``)."""
 
     def __init__(self, spm, name: str, config, rows: LMRows, init_kv_text: str = ""):
@@ -80,14 +93,6 @@ class SoftPromptLM(Learner):
         ids, mask = self.rows.batch(texts)
         out = self.spm(input_ids=ids, attention_mask=mask, tasks=self.name, logits_to_keep=1)
         return self.rows.scores(out["logits"][:, -1])
-
-    def storage_bytes(self):
-        with tempfile.TemporaryDirectory() as d:
-            self.spm.save(d, tasks=[self.name])
-            return _folder_bytes(Path(d))
-
-    def close(self):
-        self.spm.remove_task(self.name)
 
 
 class PlainLM(Learner):
@@ -122,7 +127,7 @@ class EncoderRows:
         return enc["input_ids"], enc["attention_mask"]
 
 
-class SoftPromptEncoder(Learner):
+class SoftPromptEncoder(_SoftPromptTask):
     """P-tuning v2 on an encoder with its classification head trained (``trainable_heads``)."""
 
     def __init__(self, spm, name: str, config, rows: EncoderRows, head: str = "classifier"):
@@ -136,14 +141,6 @@ class SoftPromptEncoder(Learner):
     def class_logits(self, texts):
         ids, mask = self.rows.batch(texts)
         return self.spm(input_ids=ids, attention_mask=mask, tasks=self.name)["logits"].float()
-
-    def storage_bytes(self):
-        with tempfile.TemporaryDirectory() as d:
-            self.spm.save(d, tasks=[self.name])
-            return _folder_bytes(Path(d))
-
-    def close(self):
-        self.spm.remove_task(self.name)
 
 
 class PlainEncoder(Learner):
