@@ -11,12 +11,11 @@ decodes one token per row per ``llama_decode``, taking the argmax of the logits 
 """
 from __future__ import annotations
 
-import ctypes
 import time
 
 import numpy as np
 
-from .peers_protocol import serve
+from .peers_protocol import serve_peer
 
 GGML_TYPES = {"f32": 0, "f16": 1}
 
@@ -119,13 +118,7 @@ class LlamaCpp:
 
 
 def main() -> None:
-    state = {}
-
-    def load(request):
-        state["peer"] = LlamaCpp(request)
-        return {"info": state["peer"].info()}
-
-    serve({"load": load, "run": lambda request: state["peer"].run(request)})
+    serve_peer(LlamaCpp)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 
 def serve(handlers: Dict[str, Callable[[dict], dict]]) -> None:
@@ -46,6 +46,18 @@ def serve(handlers: Dict[str, Callable[[dict], dict]]) -> None:
             reply = {"ok": False, "error": traceback.format_exc()}
         out.write(json.dumps(reply) + "\n")
         out.flush()
+
+
+def serve_peer(peer_class) -> None:
+    """A peer worker's main: ``load`` builds ``peer_class(request)`` (answering its ``info()``),
+    ``run`` calls its ``run(request)``."""
+    state = {}
+
+    def load(request):
+        state["peer"] = peer_class(request)
+        return {"info": state["peer"].info()}
+
+    serve({"load": load, "run": lambda request: state["peer"].run(request)})
 
 
 class PeerError(RuntimeError):

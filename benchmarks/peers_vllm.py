@@ -20,7 +20,7 @@ import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from .peers_protocol import serve  # noqa: E402
+from .peers_protocol import serve_peer  # noqa: E402
 
 
 class Vllm:
@@ -87,13 +87,7 @@ class Vllm:
 
 
 def main() -> None:
-    state = {}
-
-    def load(request):
-        state["peer"] = Vllm(request)
-        return {"info": state["peer"].info()}
-
-    serve({"load": load, "run": lambda request: state["peer"].run(request)})
+    serve_peer(Vllm)
 
 
 if __name__ == "__main__":
