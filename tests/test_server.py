@@ -166,12 +166,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_pages(served):
     with httpx.Client(base_url=served.url, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json=body, headers=auth()) as r:
             chunks = 0
-            for line in r.iter_lines():
+            lines = r.iter_lines()      # held: a dropped iterator closes the connection (httpcore) before we look
+            for line in lines:
                 chunks += line.startswith("data: {")
                 if chunks == 3:
                     break
             state = served.state()
-            assert state["running"] == 1 and state["kv_pages_used"] > 0
+            assert state["running"] == 1 and state["kv_pages_used"] > 0, state
     _wait_idle(served)
     assert _finished(served, "aborted") == aborted + 1
 
