@@ -42,6 +42,7 @@ from .integration.families import family_of, text_config
 from .methods.base import Geometry, InputPrompt, MethodConfig, SoftPrompt
 from .methods.hard_prompt import HardPrompt, cache_kv, check_exact, text_prefix
 from .methods.template import is_prefix
+from .sliced_logits import KeptLogits, accepts_logits_to_keep, kept_positions, loss_on_kept
 
 NO_PROMPT = "__softprompt_none__"
 
@@ -373,9 +374,14 @@ class SoftPromptModel(nn.Module):
         ids = self.store.task_ids(store_names)
         call = dict(kwargs)
         layout = None
+        kept = None
         if inline:
             call.update(self._splice(names, inline, input_ids, inputs_embeds, attention_mask, labels, token_type_ids))
             layout = call.pop("_layout")
+            kept = self._kept_positions(call, call.pop("_source"))
+            if kept is not None:                # logits only where used; the loss is taken below
+                spliced_labels = call.pop("labels")
+                call["logits_to_keep"] = kept.argument
         else:
             call.update(attention_mask=attention_mask,
                         position_ids=position_ids if position_ids is not None else self._positions(attention_mask))
@@ -389,13 +395,29 @@ class SoftPromptModel(nn.Module):
                 call["token_type_ids"] = token_type_ids
         with self._differentiable_pools(deep):
             out = self.model(task_ids=ids, **call)
+        if kept is not None:
+            loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+            loss = loss_on_kept(self.model, out.logits, spliced_labels, kept, **loss_kwargs)
+            out = type(out)(**{"loss": loss, **{k: v for k, v in out.items() if k != "loss"}})
+            layout = kept.where(call["attention_mask"].shape[1]).gather(1, layout)   # -> index among kept logits
         if layout is not None and not self.encoder_decoder:      # enc-dec: logits are decoder-side
             logits = getattr(out, "logits", None)
-            T = call["attention_mask"].shape[1]
+            T = call["attention_mask"].shape[1] if kept is None else kept.index.shape[1]
             if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[1] == T:
                 index = layout[..., None].expand(-1, -1, logits.shape[-1])
                 out["logits"] = logits.gather(1, index)
         return out
+
+    def _kept_positions(self, call: dict, source: torch.Tensor) -> Optional[KeptLogits]:
+        """The spliced positions whose logits a causal LM's training forward needs (see
+        :mod:`softprompt.sliced_logits`), or None: all of them, or not a token-level LM loss."""
+        labels = call.get("labels")
+        if (labels is None or not self.causal or "logits_to_keep" in call or labels.dim() != 2
+                or tuple(labels.shape) != tuple(source.shape)):
+            return None
+        if "_slices_logits" not in self.__dict__:
+            self.__dict__["_slices_logits"] = accepts_logits_to_keep(self.model)
+        return kept_positions(source, labels) if self.__dict__["_slices_logits"] else None
 
     def _prepare_hard(self, names: Sequence[str], attention_mask: torch.Tensor, extra: int, train_path: bool) -> None:
         """Store the K/V of the batch's hard-prompt tasks; ValueError where a row would not be exact
@@ -481,6 +503,7 @@ class SoftPromptModel(nn.Module):
             pos = (source[b] >= 0).nonzero().flatten()
             layout[b, source[b, pos]] = pos
         call["_layout"] = layout
+        call["_source"] = source
         return call
 
     # ------------------------------------------------------------------ generation
