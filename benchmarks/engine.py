@@ -192,16 +192,53 @@ def run(model, *, tasks, per_task, prefix, new_tokens, repeats=1, profile=False,
     return table, summary, prof_text
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")
+
+
+def gemm_peak_gflops(dtype=torch.float32, n: int = 1024, repeats: int = 7) -> float:
+    """This machine's measured GEMM peak: the best of ``repeats`` ``n x n x n`` matrix products."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def linear_flops(model) -> tuple:
+    """``(body, head)``: multiply-adds x 2 of the ``nn.Linear`` layers for one token, without and of
+    the LM head (attention's own products not counted)."""
+    head = model.get_output_embeddings()
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head_n = head.weight.numel() if isinstance(head, torch.nn.Linear) else 0
+    return 2 * (total - head_n), 2 * head_n
+
+
 def profile_engine(engine, engine_run) -> str:
-    """Where the engine's time goes: torch operators (self CPU time) of one run."""
+    """Where the engine's time goes: torch operators (self CPU time) of one run, the GEMMs' share,
+    and the run's linear-layer FLOP rate against this machine's measured GEMM peak."""
     from torch.profiler import ProfilerActivity, profile
     engine.reset_stats()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         engine_run()
     st = engine.stats()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or float("nan")
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)
+    dtype = next(engine.model.parameters()).dtype
+    peak = gemm_peak_gflops(dtype) if engine.device.type == "cpu" else float("nan")
+    body, head_flops = linear_flops(engine.model)     # every token through the body, the head once per new token
+    work = (st["prefill_tokens"] + st["decode_rows"]) * body + st["generated_tokens"] * head_flops
+    achieved = work / st["forward_seconds"] / 1e9
     head = (f"engine run under the profiler: {st['busy_seconds']:.2f}s busy, {st['forward_seconds']:.2f}s in model "
-            f"forwards, {st['sample_seconds']:.2f}s choosing tokens")
-    return head + "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+            f"forwards, {st['sample_seconds']:.2f}s choosing tokens\n"
+            f"GEMMs ({', '.join(GEMM_OPS)}): {100 * gemm / total:.0f}% of the operators' self time\n"
+            f"linear-layer work {work / 1e9:.0f} GFLOP ({st['prefill_tokens']} prompt tokens, {st['decode_rows']} "
+            f"decode rows, {st['generated_tokens']} LM-head rows); during forwards {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of this machine's measured "
+            f"{dtype} GEMM peak ({peak:.0f} GFLOP/s, {torch.get_num_threads()} threads, 1024^3 mm)")
+    return head + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=15)
 
 
 def gemm_check(model, rows=(16, 64, 128), repeats: int = 5) -> str:

@@ -9,8 +9,8 @@ once) it sends ``--requests`` streaming completions and reports throughput, time
 and inter-token latency p50/p90/p99 → ``benchmarks/results/serve-sweep-<model>-<device>.{json,md,png}``.
 
 Load test: a server in this process (random prefixes for ``--tasks`` tasks, greedy, EOS ignored so
-every request makes exactly ``--new-tokens`` tokens); ``--clients`` concurrent streaming clients each
-send ``--per-client`` requests one after the other; then the same requests go through the server's
+every request makes exactly ``--new-tokens`` tokens); ``--clients`` concurrent streaming clients (in a
+spawned process of their own) each send ``--per-client`` requests one after the other; then the same requests go through the server's
 own engine offline (``Engine.generate``, no HTTP), side by side in one run, ``--repeats`` times
 alternating. Checks that nothing is lost, every response is complete and the tokens equal the
 offline ones; reports both throughputs → ``benchmarks/results/serve-load-<model>-<device>.{json,md}``.
@@ -22,11 +22,13 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import os
 import random
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import List, Optional
 
@@ -35,6 +37,7 @@ import torch
 from softprompt.cli_support import positive_int
 
 from .common import RESULTS_DIR, add_output_arguments, environment, markdown_table, output_dir
+from .serve_clients import ready, run_clients, stream_one
 
 PERCENTILES = (50, 90, 99)
 
@@ -46,38 +49,6 @@ def percentile(values: List[float], p: float) -> float:
     k = (len(values) - 1) * p / 100
     lo, hi = math.floor(k), math.ceil(k)
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-async def stream_one(client, model: str, prompt, max_tokens: int, headers: dict) -> dict:
-    """One streaming completion: its tokens, finish reason, TTFT, inter-token gaps and latency."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    start = time.perf_counter()
-    out = {"tokens": [], "finish": None, "ttft": None, "itl": [], "status": None, "error": None}
-    last = None
-    try:
-        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
-            out["status"] = r.status_code
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                data = json.loads(line[6:])
-                if "error" in data:
-                    out["error"] = data["error"]["message"]
-                for ch in data.get("choices", []):
-                    now = time.perf_counter()
-                    if ch["token_ids"]:
-                        if last is None:
-                            out["ttft"] = now - start
-                        else:
-                            out["itl"].append(now - last)
-                        last = now
-                        out["tokens"] += ch["token_ids"]
-                    out["finish"] = ch["finish_reason"] or out["finish"]
-    except Exception as exc:     # noqa: BLE001 - a lost request is a result here
-        out["error"] = repr(exc)
-    out["latency"] = time.perf_counter() - start
-    return out
 
 
 def summarize(results: List[dict], wall: float, new_tokens: int) -> dict:
@@ -146,8 +117,8 @@ def _device_tag() -> str:
 
 # ---------------------------------------------------------------------------------------------- load test
 def load_test(model_name: str, *, clients: int, per_client: int, tasks: int, prefix: int, new_tokens: int,
-              repeats: int, write: bool = True, loaded=None, directory: Path = RESULTS_DIR) -> dict:
-    import httpx
+              repeats: int, write: bool = True, loaded=None, directory: Path = RESULTS_DIR,
+              clients_in_process: bool = False) -> dict:
     model, tok, prompts = load(model_name, loaded)
     if torch.cuda.is_available():
         model = model.cuda()
@@ -158,32 +129,32 @@ def load_test(model_name: str, *, clients: int, per_client: int, tasks: int, pre
     sampling = dict(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine, worker = server.worker.engine, server.worker
 
-    async def client_loop(c, k):
-        return [await stream_one(c, models[k * per_client + j], prompts[k * per_client + j], new_tokens, {})
-                for j in range(per_client)]
-
-    async def over_http():
-        limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-        async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as c:
-            per = await asyncio.gather(*(client_loop(c, k) for k in range(clients)))
-        return [r for rs in per for r in rs]
-
     def offline():
         start = time.perf_counter()
         results = engine.generate(prompts, models, sampling)
         return results, time.perf_counter() - start
 
+    # The clients run in a spawned process (as a deployment's clients would be, off the server's
+    # interpreter lock); ``clients_in_process`` keeps them on a thread here instead.
+    pool = None if clients_in_process else ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def over_http():
+        args = (server.url, models, prompts, per_client, new_tokens)
+        return run_clients(*args) if pool is None else pool.submit(run_clients, *args).result()
+
     try:
+        if pool is not None:
+            pool.submit(ready).result()          # the worker's imports, outside the timed bursts
         worker.call(lambda: engine.generate(prompts[:4], models[:4], dict(sampling, max_new_tokens=2))).result()
         runs = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            http_results = asyncio.run(over_http())
-            http_wall = time.perf_counter() - start
+            http_results, http_wall = over_http()
             offline_results, offline_wall = worker.call(offline).result()
             runs.append((http_results, http_wall, offline_results, offline_wall))
     finally:
         server.stop()
+        if pool is not None:
+            pool.shutdown()
     http_results, _, offline_results, _ = runs[-1]
     lost = sum(1 for r in http_results if r["status"] != 200 or r["error"] is not None)
     complete = sum(1 for r in http_results if len(r["tokens"]) == new_tokens and r["finish"] == "length")
@@ -199,10 +170,12 @@ def load_test(model_name: str, *, clients: int, per_client: int, tasks: int, pre
            "prefix": prefix, "new_tokens": new_tokens, "requests": n, "lost": lost, "complete": complete,
            "tokens_equal_offline": same, "errors": errors, "server_tokens_per_s": http_tps, "offline_tokens_per_s": off_tps,
            "server_over_offline": ratio, "latency": row}
+    where_clients = "in the server's process" if clients_in_process else "in a separate process"
+    out["clients_process"] = "server's" if clients_in_process else "separate"
     lines = [f"# serve load test: {model_name}, {clients} streaming clients x {per_client} requests over {tasks} "
              f"tasks, prefix {prefix}, {new_tokens} new tokens, greedy",
              "", ", ".join(f"{k}: {v}" for k, v in env.items()), "",
-             "Server: HTTP streaming clients in the same process as the server (httpx, localhost). Offline: the "
+             f"Server: HTTP streaming clients (httpx, localhost) {where_clients}. Offline: the "
              "server's own engine, Engine.generate on the same requests, no HTTP; alternated in one run.", "",
              _table(["", "value"], [
                  ["requests", n], ["lost", lost], *[["error", e] for e in errors[:5]], ["complete (all tokens, finish=length)", complete],

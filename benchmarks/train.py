@@ -92,6 +92,14 @@ def saved_bytes(loss_fn: Callable, batch) -> int:
     return sum(storages.values())
 
 
+def first_gradient(loss_fn: Callable, weight: torch.Tensor, batch) -> torch.Tensor:
+    """The prompt weight's gradient of one forward from the shared starting weights."""
+    weight.grad = None
+    loss_fn(batch).backward()
+    grad, weight.grad = weight.grad.clone(), None
+    return grad
+
+
 def make_batch(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, 49000, (BATCH, SEQ), generator=g)
@@ -104,6 +112,8 @@ def run_case(name: str, steps: int, warmup: int = 2) -> dict:
     peft_model, peft_w, peft_loss = _peft_system(kind, P)
     ours_model, ours_w, ours_loss = _our_system(kind, P, peft_w.detach())
     batch = make_batch()
+    grads = {"peft": first_gradient(peft_loss, peft_w, batch), "softprompt": first_gradient(ours_loss, ours_w, batch)}
+    grad_diff = float((grads["softprompt"] - grads["peft"]).norm() / grads["peft"].norm())
     systems = {"peft": _stepper(peft_loss, peft_w), "softprompt": _stepper(ours_loss, ours_w)}
     times = {s: [] for s in systems}
     for i in range(warmup + steps):
@@ -125,7 +135,7 @@ def run_case(name: str, steps: int, warmup: int = 2) -> dict:
            "saved_ratio": saved["softprompt"] / saved["peft"],
            "first_loss_diff": abs(losses["peft"][0] - losses["softprompt"][0]),
            "max_loss_diff": max(abs(a - b) for a, b in zip(losses["peft"], losses["softprompt"])),
-           "first_loss": losses["peft"][0], "steps": steps, "times": times}
+           "first_grad_rel_diff": grad_diff, "first_loss": losses["peft"][0], "steps": steps, "times": times}
     del peft_model, ours_model
     return row
 
@@ -150,14 +160,17 @@ def _markdown(rows, env) -> str:
              ", ".join(f"{k}: {v}" for k, v in env.items()) + ".",
              "Median step times of interleaved steps in one process; time ratio = softprompt / PEFT "
              "(< 1: softprompt faster). Peak = tensor memory allocated during one step; saved = bytes "
-             "autograd keeps for the backward.\n",
+             "autograd keeps for the backward. Gradient diff = |g_ours - g_PEFT| / |g_PEFT| of the first "
+             "step, from the same weights (how far apart the two computations are before AdamW's "
+             "normalised updates amplify it).\n",
              "| case | PEFT s | softprompt s | time ratio | peak MiB PEFT / ours (ratio) | "
-             "saved MiB PEFT / ours (ratio) | loss diff: first step / max |",
-             "|---|---|---|---|---|---|---|"]
+             "saved MiB PEFT / ours (ratio) | gradient diff | loss diff: first step / max |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['peft_s']:.3f} | {r['softprompt_s']:.3f} | {r['time_ratio']:.2f} | "
                      f"{r['peft_peak_MiB']:.0f} / {r['softprompt_peak_MiB']:.0f} ({r['peak_ratio']:.2f}) | "
                      f"{r['peft_saved_MiB']:.0f} / {r['softprompt_saved_MiB']:.0f} ({r['saved_ratio']:.2f}) | "
+                     f"{r.get('first_grad_rel_diff', float('nan')):.1e} | "
                      f"{r.get('first_loss_diff', float('nan')):.1e} / {r['max_loss_diff']:.1e} |")
     return "\n".join(lines) + "\n"
 
@@ -194,6 +207,7 @@ def main(argv=None) -> int:
         row = run_case(name, args.steps, args.warmup)
         print(f"{name}: PEFT {row['peft_s']:.3f} s, softprompt {row['softprompt_s']:.3f} s, "
               f"ratio {row['time_ratio']:.2f}; peak {row['peak_ratio']:.2f}x, saved {row['saved_ratio']:.2f}x; "
+              f"gradient diff {row['first_grad_rel_diff']:.1e}; "
               f"loss diff first step {row['first_loss_diff']:.1e}, max {row['max_loss_diff']:.1e}", flush=True)
         rows.append(row)
         if not args.no_write:           # after every case: a partial run keeps what it measured

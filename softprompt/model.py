@@ -42,6 +42,7 @@ from .integration.families import family_of, text_config
 from .methods.base import Geometry, InputPrompt, MethodConfig, SoftPrompt
 from .methods.hard_prompt import HardPrompt, cache_kv, check_exact, text_prefix
 from .methods.template import is_prefix
+from .fused_loss import captured_hidden_states, chunked_linear_cross_entropy, head_for_fused_loss
 from .sliced_logits import KeptLogits, accepts_logits_to_keep, kept_positions, loss_on_kept
 
 NO_PROMPT = "__softprompt_none__"
@@ -53,10 +54,14 @@ class SoftPromptModel(nn.Module):
         backend, block_size: passed to :func:`softprompt.attach`.
         trainable_heads: module paths in ``model`` left trainable (e.g. ``["classifier"]``).
         compile_prompts: compile prefix-shaped input prompts of causal decoders for inference.
+        fused_loss: with gradients and token ``labels`` on a causal LM with a plain frozen head, take
+            the loss chunk by chunk from the last hidden states (:mod:`softprompt.fused_loss`): the
+            ``[B, T, V]`` logits are never built and the output's ``logits`` is None. False: the
+            model's own head and loss, logits returned.
     """
 
     def __init__(self, model: nn.Module, *, backend: Optional[str] = None, block_size: int = 16,
-                 trainable_heads: Sequence[str] = (), compile_prompts: bool = True):
+                 trainable_heads: Sequence[str] = (), compile_prompts: bool = True, fused_loss: bool = True):
         super().__init__()
         if attached_store(model) is not None:
             raise ValueError("SoftPromptModel: `model` is already attached to a prefix store; detach it first")
@@ -82,6 +87,7 @@ class SoftPromptModel(nn.Module):
                 p.requires_grad_(True)
         self.trainable_heads = heads
         self.compile_prompts = compile_prompts
+        self.fused_loss = fused_loss
         self.prompts = nn.ModuleDict()
         L, H, D = self.geometry.num_layers, self.geometry.num_kv_heads, self.geometry.head_dim
         store.add(NO_PROMPT, torch.zeros(L, H, 0, D), torch.zeros(L, H, 0, D))
@@ -378,7 +384,9 @@ class SoftPromptModel(nn.Module):
         if inline:
             call.update(self._splice(names, inline, input_ids, inputs_embeds, attention_mask, labels, token_type_ids))
             layout = call.pop("_layout")
-            kept = self._kept_positions(call, call.pop("_source"))
+            source = call.pop("_source")
+            head = self._fused_loss_head(call, train_path)
+            kept = None if head is not None else self._kept_positions(call, source)
             if kept is not None:                # logits only where used; the loss is taken below
                 spliced_labels = call.pop("labels")
                 call["logits_to_keep"] = kept.argument
@@ -393,6 +401,9 @@ class SoftPromptModel(nn.Module):
                 call["labels"] = labels
             if token_type_ids is not None:
                 call["token_type_ids"] = token_type_ids
+            head = self._fused_loss_head(call, train_path)
+        if head is not None:
+            return self._forward_fused_loss(head, ids, call, deep, kwargs)
         with self._differentiable_pools(deep):
             out = self.model(task_ids=ids, **call)
         if kept is not None:
@@ -407,6 +418,33 @@ class SoftPromptModel(nn.Module):
                 index = layout[..., None].expand(-1, -1, logits.shape[-1])
                 out["logits"] = logits.gather(1, index)
         return out
+
+    def _fused_loss_head(self, call: dict, train_path: bool) -> Optional[nn.Linear]:
+        """The LM head whose loss :meth:`_forward_fused_loss` fuses for this call, or None."""
+        labels = call.get("labels")
+        ref = call.get("input_ids", call.get("inputs_embeds"))
+        if (not self.fused_loss or not train_path or not torch.is_grad_enabled() or not self.causal
+                or labels is None or labels.dim() != 2 or tuple(labels.shape) != tuple(ref.shape[:2])
+                or "logits_to_keep" in call or "ignore_index" in call):
+            return None
+        if "_fused_head" not in self.__dict__:
+            self.__dict__["_fused_head"] = head_for_fused_loss(self.model)
+        return self.__dict__["_fused_head"]
+
+    def _forward_fused_loss(self, head: nn.Linear, ids, call: dict, deep, kwargs):
+        labels = call.pop("labels")
+        with self._differentiable_pools(deep), captured_hidden_states(self.model, head) as capture:
+            out = self.model(task_ids=ids, **call)
+        if len(capture.seen) != 1:               # the model bypassed its head module: never fuse again
+            self.__dict__["_fused_head"] = None
+            call["labels"] = labels
+            with self._differentiable_pools(deep):
+                return self.model(task_ids=ids, **call)
+        hidden = capture.seen[0]
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        loss = chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
+                                            targets.reshape(-1), kwargs.get("num_items_in_batch"))
+        return type(out)(**{"loss": loss, **{k: v for k, v in out.items() if k not in ("loss", "logits")}})
 
     def _kept_positions(self, call: dict, source: torch.Tensor) -> Optional[KeptLogits]:
         """The spliced positions whose logits a causal LM's training forward needs (see

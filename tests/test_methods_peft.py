@@ -64,10 +64,14 @@ def test_peft_causal_adapter_reproduces_peft_training_forward(tmp_path, family, 
     spm.load_peft(tmp_path, task="t")
     assert spm.method_of("t") == EXPECTED_METHOD[kind]
     spm.train()
-    got = spm(ids, tasks="t", labels=labels)
+    got = spm(ids, tasks="t", labels=labels)                 # the fused loss: no logits
     S = ids.shape[1]
-    torch.testing.assert_close(got.logits, want.logits[:, -S:], **TOL)
+    torch.testing.assert_close(spm(ids, tasks="t").logits, want.logits[:, -S:], **TOL)
     torch.testing.assert_close(got.loss, want.loss, **TOL)
+    spm.fused_loss = False                                   # the model's own head and loss
+    plain = spm(ids, tasks="t", labels=labels)
+    torch.testing.assert_close(plain.logits, want.logits[:, -S:], **TOL)
+    torch.testing.assert_close(plain.loss, want.loss, **TOL)
 
 
 @pytest.mark.parametrize("kind", ["prompt", "ptuning_mlp"])
