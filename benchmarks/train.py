@@ -12,6 +12,7 @@ the backward (unique storages, through ``saved_tensors_hooks``).
     python -m benchmarks.train                    # all cases, 7 timed steps each, writes results
     python -m benchmarks.train --steps 3 --warmup 1 --threads 1 --cases prefix16 --no-write
     python -m benchmarks.train --profile prefix16 # torch.profiler top ops of one step per system
+    python -m benchmarks.train --fp64-check prefix16   # each system's fp32 gradient against fp64
 
 The kernel-level train sweep is ``python -m benchmarks.run train``. Needs ``peft`` and the SmolLM2
 asset (``softprompt assets --install``).
@@ -155,6 +156,38 @@ def profile_case(name: str, rows: int = 15) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def fp64_check(name: str, rows: int = 4) -> dict:
+    """How close each system's fp32 first-step gradient is to the fp64 one of the same system and of
+    the other (``rows`` rows of the batch): the two computations' difference in fp32 against this
+    gradient's own rounding sensitivity."""
+    global _base_model
+    kind, P = CASES[name]
+    fp32_base, grads = _base_model, {}
+    batch = {k: v[:rows] for k, v in make_batch().items()}
+    try:
+        for dtype in (torch.float32, torch.float64):
+            _base_model = lambda dtype=dtype: fp32_base().to(dtype)      # noqa: E731
+            torch.manual_seed(0)
+            _, peft_w, peft_loss = _peft_system(kind, P)
+            peft_w.data = peft_w.data.to(dtype)
+            _, ours_w, ours_loss = _our_system(kind, P, peft_w.detach())
+            grads["peft", dtype] = first_gradient(peft_loss, peft_w, batch).double()
+            grads["softprompt", dtype] = first_gradient(ours_loss, ours_w, batch).double()
+    finally:
+        _base_model = fp32_base
+
+    def rel(a, b):
+        return float((grads[a] - grads[b]).norm() / grads[b].norm())
+    f32, f64 = torch.float32, torch.float64
+    out = {"case": name, "rows": rows,
+           "peft_fp32_vs_fp64": rel(("peft", f32), ("peft", f64)),
+           "softprompt_fp32_vs_fp64": rel(("softprompt", f32), ("softprompt", f64)),
+           "softprompt_vs_peft_fp32": rel(("softprompt", f32), ("peft", f32)),
+           "softprompt_vs_peft_fp64": rel(("softprompt", f64), ("peft", f64))}
+    print(", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+    return out
+
+
 def _markdown(rows, env) -> str:
     lines = [f"# training step: softprompt vs PEFT (SmolLM2-135M fp32, batch {BATCH} x {SEQ}, AdamW)\n",
              ", ".join(f"{k}: {v}" for k, v in env.items()) + ".",
@@ -193,12 +226,17 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--profile", choices=list(CASES), help="print the profile of one step per system and exit")
     parser.add_argument("--no-write", action="store_true", help="do not write train-peft.{json,md}")
+    parser.add_argument("--fp64-check", choices=list(CASES),
+                        help="compare both systems' fp32 first-step gradients with their fp64 ones and exit")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.profile:
         profile_case(args.profile)
+        return 0
+    if args.fp64_check:
+        fp64_check(args.fp64_check)
         return 0
     env = environment()
     directory = None if args.no_write else output_dir("train-peft", args.out, args.update_results)
