@@ -40,7 +40,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, divisor, rows):
         keep = (targets != IGNORE_INDEX).nonzero().flatten()
         h, t = hidden.index_select(0, keep), targets.index_select(0, keep)
-        need_grad = hidden.requires_grad
+        need_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(hidden) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         V = weight.shape[0]
