@@ -41,7 +41,7 @@ SWEEP: Dict[str, List[dict]] = {
     "p_tuning_v2": [{"lr": 3e-3}, {"init": "zero"}],
     "lora": [{"lr": 3e-3}],
     "full": [{"lr": 1e-4}],
-    "p_tuning_v2_head": [{"lr": 3e-2}],
+    "p_tuning_v2_head": [{"lr": 3e-2}, {"lr": 1e-1}, {"lr": 3e-2, "tokens": 64}],
     "full_head": [{"lr": 1e-4}],
 }
 
