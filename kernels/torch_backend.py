@@ -402,9 +402,10 @@ def _train_prefix(pool: torch.Tensor, part: _PrefixPart, first: Optional[int]) -
 
 
 def split_flash_training_attention(x: PrefixAttentionInputs) -> Optional[torch.Tensor]:
-    """Differentiable prefix attention through :func:`split_flash_attention`; None when the output
-    is not finite (a non-finite key, value or query somewhere): the caller then takes the path that
-    keeps hidden non-finite keys out of the result."""
+    """Differentiable prefix attention through :func:`split_flash_attention`; None when a key or
+    value it reads, or the output, is not finite: the caller then takes the path that keeps hidden
+    non-finite keys out of the result *and* out of the gradients (a NaN key that no query sees still
+    turns its zero scores into NaN in the flash backward: 0 x NaN)."""
     B, Hq, Sq, D = x.q.shape
     f32 = torch.float32
     plan, pre, q = _stacked_queries(x)
@@ -415,6 +416,8 @@ def split_flash_training_attention(x: PrefixAttentionInputs) -> Optional[torch.T
     for part, (rows, first) in zip(pre.prefixes, layout):
         parts.append(KeyPart(_train_prefix(x.prefix_k, part, first).to(f32),
                              _train_prefix(x.prefix_v, part, first).to(f32), part.bias, rows))
+    if not all_finite(*[t for part in parts for t in (part.k, part.v)]):
+        return None
     out = split_flash_attention(q, parts, x.scale)
     if not all_finite(out):
         return None
