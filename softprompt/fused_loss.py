@@ -108,9 +108,8 @@ def head_for_fused_loss(model: nn.Module) -> Optional[nn.Linear]:
 class _HiddenCapture(nn.Module):
     """Stands in for the LM head: records its input, returns zero-width logits."""
 
-    def __init__(self, head: nn.Linear):
+    def __init__(self):
         super().__init__()
-        self.head = head
         self.seen: List[torch.Tensor] = []
 
     def forward(self, hidden):
@@ -130,7 +129,7 @@ def _parent_of(model: nn.Module, module: nn.Module) -> Tuple[nn.Module, str]:
 def captured_hidden_states(model: nn.Module, head: nn.Linear) -> Iterator[_HiddenCapture]:
     """Within: the model's ``head`` is replaced by a recorder (``.seen``: its inputs)."""
     parent, attr = _parent_of(model, head)
-    capture = _HiddenCapture(head)
+    capture = _HiddenCapture()
     setattr(parent, attr, capture)
     try:
         yield capture

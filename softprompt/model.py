@@ -43,9 +43,15 @@ from .methods.base import Geometry, InputPrompt, MethodConfig, SoftPrompt
 from .methods.hard_prompt import HardPrompt, cache_kv, check_exact, text_prefix
 from .methods.template import is_prefix
 from .fused_loss import captured_hidden_states, chunked_linear_cross_entropy, head_for_fused_loss
-from .sliced_logits import KeptLogits, accepts_logits_to_keep, kept_positions, loss_on_kept
+from .sliced_logits import KeptLogits, accepts_logits_to_keep, kept_positions, loss_on_kept, next_token_labels
 
 NO_PROMPT = "__softprompt_none__"
+
+
+def _with_loss(out, loss: torch.Tensor, drop: Sequence[str] = ()):
+    """``out`` (a transformers ``ModelOutput``) rebuilt with ``loss`` in its place (first) and the
+    fields in ``drop`` left out."""
+    return type(out)(**{"loss": loss, **{k: v for k, v in out.items() if k != "loss" and k not in drop}})
 
 
 class SoftPromptModel(nn.Module):
@@ -385,7 +391,7 @@ class SoftPromptModel(nn.Module):
             call.update(self._splice(names, inline, input_ids, inputs_embeds, attention_mask, labels, token_type_ids))
             layout = call.pop("_layout")
             source = call.pop("_source")
-            head = self._fused_loss_head(call, train_path)
+            head = self._fused_loss_head(call)
             kept = None if head is not None else self._kept_positions(call, source)
             if kept is not None:                # logits only where used; the loss is taken below
                 spliced_labels = call.pop("labels")
@@ -401,15 +407,14 @@ class SoftPromptModel(nn.Module):
                 call["labels"] = labels
             if token_type_ids is not None:
                 call["token_type_ids"] = token_type_ids
-            head = self._fused_loss_head(call, train_path)
+            head = self._fused_loss_head(call)
         if head is not None:
             return self._forward_fused_loss(head, ids, call, deep, kwargs)
         with self._differentiable_pools(deep):
             out = self.model(task_ids=ids, **call)
         if kept is not None:
-            loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
-            loss = loss_on_kept(self.model, out.logits, spliced_labels, kept, **loss_kwargs)
-            out = type(out)(**{"loss": loss, **{k: v for k, v in out.items() if k != "loss"}})
+            loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
+            out = _with_loss(out, loss_on_kept(self.model, out.logits, spliced_labels, kept, **loss_kwargs))
             layout = kept.where(call["attention_mask"].shape[1]).gather(1, layout)   # -> index among kept logits
         if layout is not None and not self.encoder_decoder:      # enc-dec: logits are decoder-side
             logits = getattr(out, "logits", None)
@@ -419,13 +424,20 @@ class SoftPromptModel(nn.Module):
                 out["logits"] = logits.gather(1, index)
         return out
 
-    def _fused_loss_head(self, call: dict, train_path: bool) -> Optional[nn.Linear]:
-        """The LM head whose loss :meth:`_forward_fused_loss` fuses for this call, or None."""
+    def _token_lm_labels(self, call: dict) -> Optional[torch.Tensor]:
+        """The call's labels if they are a causal LM's token labels ``[B, T]`` (same shape as its
+        input) for transformers' own shifted loss; None otherwise (no labels, sequence labels, an
+        encoder or encoder-decoder, or the caller chose ``logits_to_keep`` / ``ignore_index``)."""
         labels = call.get("labels")
         ref = call.get("input_ids", call.get("inputs_embeds"))
-        if (not self.fused_loss or not train_path or not torch.is_grad_enabled() or not self.causal
-                or labels is None or labels.dim() != 2 or tuple(labels.shape) != tuple(ref.shape[:2])
+        if (labels is None or not self.causal or labels.dim() != 2 or tuple(labels.shape) != tuple(ref.shape[:2])
                 or "logits_to_keep" in call or "ignore_index" in call):
+            return None
+        return labels
+
+    def _fused_loss_head(self, call: dict) -> Optional[nn.Linear]:
+        """The LM head whose loss :meth:`_forward_fused_loss` fuses for this call, or None."""
+        if not self.fused_loss or not torch.is_grad_enabled() or self._token_lm_labels(call) is None:
             return None
         if "_fused_head" not in self.__dict__:
             self.__dict__["_fused_head"] = head_for_fused_loss(self.model)
@@ -441,17 +453,15 @@ class SoftPromptModel(nn.Module):
             with self._differentiable_pools(deep):
                 return self.model(task_ids=ids, **call)
         hidden = capture.seen[0]
-        targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
         loss = chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
-                                            targets.reshape(-1), kwargs.get("num_items_in_batch"))
-        return type(out)(**{"loss": loss, **{k: v for k, v in out.items() if k not in ("loss", "logits")}})
+                                            next_token_labels(labels).reshape(-1), kwargs.get("num_items_in_batch"))
+        return _with_loss(out, loss, drop=("logits",))
 
     def _kept_positions(self, call: dict, source: torch.Tensor) -> Optional[KeptLogits]:
         """The spliced positions whose logits a causal LM's training forward needs (see
         :mod:`softprompt.sliced_logits`), or None: all of them, or not a token-level LM loss."""
-        labels = call.get("labels")
-        if (labels is None or not self.causal or "logits_to_keep" in call or labels.dim() != 2
-                or tuple(labels.shape) != tuple(source.shape)):
+        labels = self._token_lm_labels(call)
+        if labels is None:
             return None
         if "_slices_logits" not in self.__dict__:
             self.__dict__["_slices_logits"] = accepts_logits_to_keep(self.model)

@@ -43,6 +43,12 @@ def _per_row_slicing() -> bool:
 PER_ROW = _per_row_slicing()
 
 
+def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``[B, T]``: each position's target, the label one position later (``ignore_index`` past the
+    end), as a causal LM's loss shifts them."""
+    return nn.functional.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+
+
 @dataclass
 class KeptLogits:
     """Which positions of a spliced ``[B, T]`` batch get logits.
@@ -57,8 +63,7 @@ class KeptLogits:
     def targets(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """``[B, K]``: each kept position's label one position later, as a causal LM's loss shifts
         them (``ignore_index`` past the end and on filler positions)."""
-        shifted = nn.functional.pad(labels, (0, 1), value=ignore_index)[:, 1:]
-        return shifted.gather(1, self.index).masked_fill(~self.valid, ignore_index)
+        return next_token_labels(labels, ignore_index).gather(1, self.index).masked_fill(~self.valid, ignore_index)
 
     def where(self, length: int) -> torch.Tensor:
         """``[B, T]``: for each position with a kept logit, its index among the row's kept logits."""
