@@ -236,8 +236,8 @@ def profile_engine(engine, engine_run) -> str:
             f"forwards, {st['sample_seconds']:.2f}s choosing tokens\n"
             f"GEMMs ({', '.join(GEMM_OPS)}): {100 * gemm / total:.0f}% of the operators' self time\n"
             f"linear-layer work {work / 1e9:.0f} GFLOP ({st['prefill_tokens']} prompt tokens, {st['decode_rows']} "
-            f"decode rows, {st['generated_tokens']} LM-head rows); during forwards {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of this machine's measured "
-            f"{dtype} GEMM peak ({peak:.0f} GFLOP/s, {torch.get_num_threads()} threads, 1024^3 mm)")
+            f"decode rows, {st['generated_tokens']} LM-head rows); during forwards {achieved:.1f} GFLOP/s = "
+            f"{100 * achieved / peak:.0f}% of this machine's measured {dtype} GEMM peak ({peak:.0f} GFLOP/s, {torch.get_num_threads()} threads, 1024^3 mm)")
     return head + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=15)
 
 

@@ -36,28 +36,28 @@ CASES = {"prefix16": ("prefix", 16), "prefix128": ("prefix", 128), "prompt128": 
 BATCH, SEQ, LR = 16, 64, 1e-3
 
 
-def _base_model():
+def _base_model(dtype=torch.float32):
     from softprompt.assets import load_smollm2
     model, _ = load_smollm2(torch.float32)
-    model.train()
+    model.to(dtype).train()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
-def _peft_system(kind: str, P: int):
+def _peft_system(kind: str, P: int, dtype=torch.float32):
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
     config = (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P) if kind == "prefix"
               else PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-    model = get_peft_model(_base_model(), config)
+    model = get_peft_model(_base_model(dtype), config)
     model.train()
     weight = model.prompt_encoder["default"].embedding.weight
     return model, weight, lambda batch: model(**batch).loss
 
 
-def _our_system(kind: str, P: int, start: torch.Tensor):
+def _our_system(kind: str, P: int, start: torch.Tensor, dtype=torch.float32):
     from softprompt import PrefixTuning, PromptTuning, SoftPromptModel
-    spm = SoftPromptModel(_base_model())
+    spm = SoftPromptModel(_base_model(dtype))
     spm.add_task("task", PrefixTuning(num_virtual_tokens=P) if kind == "prefix" else PromptTuning(num_virtual_tokens=P))
     weight = spm.prompts["task"].embedding.weight
     with torch.no_grad():
@@ -101,6 +101,12 @@ def first_gradient(loss_fn: Callable, weight: torch.Tensor, batch) -> torch.Tens
     return grad
 
 
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` (norms, in fp64)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
 def make_batch(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, 49000, (BATCH, SEQ), generator=g)
@@ -114,7 +120,7 @@ def run_case(name: str, steps: int, warmup: int = 2) -> dict:
     ours_model, ours_w, ours_loss = _our_system(kind, P, peft_w.detach())
     batch = make_batch()
     grads = {"peft": first_gradient(peft_loss, peft_w, batch), "softprompt": first_gradient(ours_loss, ours_w, batch)}
-    grad_diff = float((grads["softprompt"] - grads["peft"]).norm() / grads["peft"].norm())
+    grad_diff = relative_difference(grads["softprompt"], grads["peft"])
     systems = {"peft": _stepper(peft_loss, peft_w), "softprompt": _stepper(ours_loss, ours_w)}
     times = {s: [] for s in systems}
     for i in range(warmup + steps):
@@ -160,24 +166,19 @@ def fp64_check(name: str, rows: int = 4) -> dict:
     """How close each system's fp32 first-step gradient is to the fp64 one of the same system and of
     the other (``rows`` rows of the batch): the two computations' difference in fp32 against this
     gradient's own rounding sensitivity."""
-    global _base_model
     kind, P = CASES[name]
-    fp32_base, grads = _base_model, {}
+    grads = {}
     batch = {k: v[:rows] for k, v in make_batch().items()}
-    try:
-        for dtype in (torch.float32, torch.float64):
-            _base_model = lambda dtype=dtype: fp32_base().to(dtype)      # noqa: E731
-            torch.manual_seed(0)
-            _, peft_w, peft_loss = _peft_system(kind, P)
-            peft_w.data = peft_w.data.to(dtype)
-            _, ours_w, ours_loss = _our_system(kind, P, peft_w.detach())
-            grads["peft", dtype] = first_gradient(peft_loss, peft_w, batch).double()
-            grads["softprompt", dtype] = first_gradient(ours_loss, ours_w, batch).double()
-    finally:
-        _base_model = fp32_base
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        _, peft_w, peft_loss = _peft_system(kind, P, dtype)
+        peft_w.data = peft_w.data.to(dtype)
+        _, ours_w, ours_loss = _our_system(kind, P, peft_w.detach(), dtype)
+        grads["peft", dtype] = first_gradient(peft_loss, peft_w, batch)
+        grads["softprompt", dtype] = first_gradient(ours_loss, ours_w, batch)
 
     def rel(a, b):
-        return float((grads[a] - grads[b]).norm() / grads[b].norm())
+        return relative_difference(grads[a], grads[b])
     f32, f64 = torch.float32, torch.float64
     out = {"case": name, "rows": rows,
            "peft_fp32_vs_fp64": rel(("peft", f32), ("peft", f64)),
