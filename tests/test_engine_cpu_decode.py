@@ -29,6 +29,25 @@ def _fast_then_hf(eng, model, fast, args, hf_batches):
     return got
 
 
+def _check_every_decode_step(eng, model):
+    """Make every CpuDecoder decode step of ``eng`` run against the HF forward; returns the batch
+    sizes checked and the mismatches found (the engine retries a failing step on halves of its
+    rows, so a mismatch raised inside a step must be recorded, not only raised)."""
+    fast_step, checked, failures = eng.cpu_decoder.step, [], []
+
+    def both(token_ids, cache, task_ids):
+        checked.append(len(token_ids))
+        try:
+            return _fast_then_hf(eng, model, fast_step, (token_ids, cache, task_ids),
+                                 [(token_ids[:, None], cache, task_ids)])
+        except AssertionError as exc:
+            failures.append((len(token_ids), exc))
+            raise
+
+    eng.cpu_decoder.step = both
+    return checked, failures
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_decode_step_equals_hf_forward(family, compiled):
@@ -44,18 +63,41 @@ def test_decode_step_equals_hf_forward(family, compiled):
     assert decoder is not None
     decoder.compiled_attention = compiled
     assert decoder._use_kernel() == compiled
-    fast_step, checked = decoder.step, []
-
-    def both(token_ids, cache, task_ids):
-        checked.append(len(token_ids))
-        return _fast_then_hf(eng, model, fast_step, (token_ids, cache, task_ids),
-                             [(token_ids[:, None], cache, task_ids)])
-
-    decoder.step = both
+    checked, failures = _check_every_decode_step(eng, model)
     rows = random_rows([6, 3, 9, 4, 5])
     tasks = [names[0], names[1], None, names[3], names[0]]
     results = eng.generate(rows, tasks, greedy(4))
+    assert not failures, failures[0]
     assert all(r.ok for r in results) and checked and max(checked) == len(rows)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 15, 30])
+def test_decode_step_equals_hf_forward_at_every_column_layout(rows):
+    """Decode batches whose size takes each product layout of small_gemm.decode_columns (a GEMV,
+    a token-major operand, extra zero columns up to 16 or 32): same logits and K/V as HF."""
+    if cpu_kernel.load() is None:
+        pytest.skip(f"compiled kernel unavailable: {cpu_kernel.unavailable_reason()}")
+    model, prefixes, names = setup("llama", lengths=[5, 2, 0, 7])
+    attach(model, prefixes)
+    eng = engine(model, max_batch_size=32)
+    checked, failures = _check_every_decode_step(eng, model)
+    tasks = [names[i % 4] if i % 5 else None for i in range(rows)]
+    results = eng.generate(random_rows([3 + i % 7 for i in range(rows)]), tasks, greedy(3))
+    assert not failures, failures[0]
+    assert all(r.ok for r in results) and checked and max(checked) == rows
+
+
+def test_decode_columns_and_operand_layout():
+    from softprompt.engine.small_gemm import COLUMN_MULTIPLE, decode_columns, feature_major_operand
+    for rows in range(1, 200):
+        columns = decode_columns(rows)
+        assert columns == rows or (columns > rows and columns % COLUMN_MULTIPLE == 0
+                                   and columns - rows < COLUMN_MULTIPLE)
+    assert [decode_columns(r) for r in (1, 2, 8, 12, 16, 17, 30, 64)] == [1, 2, 8, 16, 16, 17, 32, 64]
+    x = torch.randn(7, 5)
+    y = feature_major_operand(x)
+    assert torch.equal(y, x) and y.stride() == (1, 7)           # same values, token-major memory
+    assert feature_major_operand(x[:, :1]).stride() == x[:, :1].stride()
 
 
 def test_which_models_take_the_cpu_decoder():
@@ -89,14 +131,19 @@ def test_packed_prefill_equals_hf_forward(family, compiled):
     eng = engine(model, max_num_batched_tokens=24, prefill_padding=0.0)   # chunks and several groups
     decoder = eng.cpu_decoder
     decoder.compiled_attention = compiled and decoder.compiled_attention
-    fast_prefill, checked = decoder.prefill, []
+    fast_prefill, checked, failures = decoder.prefill, [], []
 
     def both(parts):
         checked.append(len(parts))
-        return _fast_then_hf(eng, model, fast_prefill, (parts,), [(ids, cache, t) for cache, ids, t in parts])
+        try:
+            return _fast_then_hf(eng, model, fast_prefill, (parts,), [(ids, cache, t) for cache, ids, t in parts])
+        except AssertionError as exc:           # the engine would retry the rows in halves
+            failures.append(exc)
+            raise
 
     decoder.prefill = both
     rows = random_rows([6, 3, 17, 4, 9, 2])
     tasks = [names[0], names[1], None, names[3], names[0], names[2]]
     results = eng.generate(rows, tasks, greedy(3))
+    assert not failures, failures[0]
     assert all(r.ok for r in results) and max(checked) > 1 and len(checked) > 1

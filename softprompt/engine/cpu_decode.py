@@ -37,6 +37,7 @@ from torch import nn
 from softprompt.kernels import compiled_build, plan_prefix_attention
 
 from ..integration.attention import sliding_window_of
+from .small_gemm import decode_columns, feature_major_operand
 
 # Causal-LM classes whose decoder layer is: x += o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)));
 # x += down(act(gate(n2 x)) * up(n2 x)), RMSNorm everywhere, RoPE on the full head.
@@ -114,6 +115,7 @@ class CpuDecoder:
     @staticmethod
     def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``module`` applied to feature-major ``x [in, B]``: ``[out, B]``."""
+        x = feature_major_operand(x)
         if module.bias is None:
             return torch.mm(module.weight, x)
         return torch.addmm(module.bias[:, None], module.weight, x)
@@ -150,43 +152,56 @@ class CpuDecoder:
                              f"for {cache.batch} rows and {B} tokens")
         Hq, Hkv, D = self.num_q_heads, self.num_kv_heads, self.head_dim
         dtype = self.embed.weight.dtype
-        x = self.embed(token_ids).t().contiguous()                          # [hidden, B]
-        cos, sin = self.rotary(x, cache.position_ids)                       # [B, 1, D]
-        cos, sin = cos[:, 0].t().contiguous(), sin[:, 0].t().contiguous()   # [D, B]
+        # C >= B columns: the extra ones (token 0 at position 0) only feed the products the BLAS's
+        # fast column counts (small_gemm.decode_columns); attention, the pages and the logits see B
+        C = decode_columns(B)
+        extra = C - B
+        ids = torch.nn.functional.pad(token_ids, (0, extra)) if extra else token_ids
+        positions = torch.nn.functional.pad(cache.position_ids, (0, 0, 0, extra)) if extra else cache.position_ids
+        x = self.embed(ids).t().contiguous()                                # [hidden, C]
+        cos, sin = self.rotary(x, positions)                                # [C, 1, D]
+        cos, sin = cos[:, 0].t().contiguous(), sin[:, 0].t().contiguous()   # [D, C]
         plans = {}                                   # one attention plan per (window, scale) in use
         ones = torch.ones(B, dtype=torch.long)
+        attended = x.new_zeros(Hq * D, C) if extra else None    # the o_proj input, extra columns zero
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = self._rms_norm(layer.input_layernorm, x)
-            q = self._rope(self._linear(attn.q_proj, h).view(Hq, D, B), cos, sin, dim=1)
-            k = self._rope(self._linear(attn.k_proj, h).view(Hkv, D, B), cos, sin, dim=1)
+            q = self._rope(self._linear(attn.q_proj, h).view(Hq, D, C), cos, sin, dim=1)
+            k = self._rope(self._linear(attn.k_proj, h).view(Hkv, D, C), cos, sin, dim=1)
             v = self._linear(attn.v_proj, h)
             pool_k, pool_v = self.kv.k[i], self.kv.v[i]
             # token-major copies first: index_copy_ from a transposed source is slower
-            pool_k.view(-1, Hkv * D).index_copy_(0, cache.write_dst, k.view(Hkv * D, B).t().to(pool_k.dtype).contiguous())
-            pool_v.view(-1, Hkv * D).index_copy_(0, cache.write_dst, v.t().to(pool_v.dtype).contiguous())
+            pool_k.view(-1, Hkv * D).index_copy_(0, cache.write_dst, k.view(Hkv * D, C)[:, :B].t().to(pool_k.dtype).contiguous())
+            pool_v.view(-1, Hkv * D).index_copy_(0, cache.write_dst, v[:, :B].t().to(pool_v.dtype).contiguous())
             key = (sliding_window_of(attn), attn.scaling)
             if key not in plans:                     # planned on the step's first layer, run by the rest
                 plans[key] = self._plan(key, [cache.page_table], ones, cache.own_lens, [task_ids], q_len=1)
-            out = self._attend(plans[key], i, q.permute(2, 0, 1).reshape(B, Hq, 1, D))
-            x = x + self._linear(attn.o_proj, out.reshape(B, Hq * D).t().to(dtype))
+            out = self._attend(plans[key], i, q[:, :, :B].permute(2, 0, 1).reshape(B, Hq, 1, D))
+            out = out.reshape(B, Hq * D).t().to(dtype)
+            if extra:
+                attended[:, :B] = out
+                out = attended
+            x = x + self._linear(attn.o_proj, out)
             h = self._rms_norm(layer.post_attention_layernorm, x)
             gated = mlp.act_fn(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h)
             x = x + self._linear(mlp.down_proj, gated)
-        return self._head_rows(self._rms_norm(self.final_norm, x))
+        return self._head_rows(self._rms_norm(self.final_norm, x), B)
 
     HEAD_CHUNK = 1024       # vocabulary rows per product: each [chunk, B] result is transposed while in cache
 
-    def _head_rows(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of feature-major ``h [hidden, B]``, a chunk of vocabulary rows at a
-        time: each small ``[chunk, B]`` product is transposed while it is still in cache, instead of
-        the whole ``[vocab, B]`` result with a cache-hostile stride (same rows of the same GEMM)."""
+    def _head_rows(self, h: torch.Tensor, rows: int) -> torch.Tensor:
+        """Logits ``[rows, vocab]`` of the first ``rows`` columns of feature-major ``h [hidden, C]``,
+        a chunk of vocabulary rows at a time: each small ``[chunk, C]`` product is transposed while
+        it is still in cache, instead of the whole ``[vocab, C]`` result with a cache-hostile
+        stride (same rows of the same GEMM)."""
         weight, bias = self.head.weight, self.head.bias
-        out = h.new_empty(h.shape[1], weight.shape[0])
+        h = feature_major_operand(h)
+        out = h.new_empty(rows, weight.shape[0])
         for start in range(0, weight.shape[0], self.HEAD_CHUNK):
-            rows = slice(start, start + self.HEAD_CHUNK)
-            part = torch.mm(weight[rows], h) if bias is None else torch.addmm(bias[rows, None], weight[rows], h)
-            out[:, rows].copy_(part.t())
+            chunk = slice(start, start + self.HEAD_CHUNK)
+            part = torch.mm(weight[chunk], h) if bias is None else torch.addmm(bias[chunk, None], weight[chunk], h)
+            out[:, chunk].copy_(part[:, :rows].t())
         return out
 
     def prefill(self, parts) -> List[torch.Tensor]:
