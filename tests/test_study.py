@@ -212,3 +212,19 @@ def test_cli_rejects_bad_arguments(argv, flag, capsys):
         main(["eval", "--out", "x", *argv])
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("heads", ["classifier", "pooler+classifier"])
+def test_encoder_p_tuning_v2_trains_the_recipes_heads_only(heads):
+    """P-tuning v2 on the encoder: besides the prefix, exactly the recipe's heads train (the pooler
+    only when the recipe names it); every other encoder weight stays as loaded."""
+    task = synthetic_task()
+    runner = S.Runner(QUICK, tiny_models(), task, log=lambda s: None)
+    learner = runner.learner("p_tuning_v2_head", dict(R.DEFAULTS["p_tuning_v2_head"], heads=heads), seed=0)
+    model = learner.spm.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(learner, task.train, 3, 4, 0.05, 0.0, 0, log=lambda s: None)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    heads = R.ENCODER_HEADS[heads]
+    assert all(any(k.startswith(h + ".") for h in heads) for k in changed), changed
+    assert all(any(k.startswith(h + ".") for k in changed) for h in heads), changed

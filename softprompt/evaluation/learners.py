@@ -130,13 +130,13 @@ class EncoderRows:
 class SoftPromptEncoder(_SoftPromptTask):
     """P-tuning v2 on an encoder with its classification head trained (``trainable_heads``)."""
 
-    def __init__(self, spm, name: str, config, rows: EncoderRows, head: str = "classifier"):
-        self.spm, self.name, self.rows, self.module, self.head = spm, name, rows, spm, head
+    def __init__(self, spm, name: str, config, rows: EncoderRows, heads=("classifier",)):
+        self.spm, self.name, self.rows, self.module, self.heads = spm, name, rows, spm, tuple(heads)
         spm.add_task(name, config)
 
     def parameters(self):
-        head = self.spm.model.get_submodule(self.head)
-        return [p for p in self.spm.prompts[self.name].parameters() if p.requires_grad] + list(head.parameters())
+        heads = [p for h in self.heads for p in self.spm.model.get_submodule(h).parameters()]
+        return [p for p in self.spm.prompts[self.name].parameters() if p.requires_grad] + heads
 
     def class_logits(self, texts):
         ids, mask = self.rows.batch(texts)

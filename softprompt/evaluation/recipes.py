@@ -1,10 +1,11 @@
 """Per-method training recipes of the study and the validation sweep that picks them.
 
 A recipe is a dict: ``lr`` (peak, AdamW), ``warmup`` (fraction of the steps), ``tokens`` (soft tokens
-/ prefix length) and ``init``: prompt tuning and P-tuning v1 start from the instruction's token
-embeddings ("text") or not ("vocab" / "random"); prefix tuning and P-tuning v2 start from the K/V the
-model computes for the instruction ("kv") or from zeros ("zero"). Prefix tuning keeps its MLP
-reparameterisation, P-tuning v2 trains the prefix directly: the pair compares reparameterisation.
+/ prefix length), ``init`` and, for the encoder's P-tuning v2, ``heads`` (see ``ENCODER_HEADS``).
+Prompt tuning and P-tuning v1 start from the instruction's token embeddings ("text") or not ("vocab" /
+"random"); prefix tuning and P-tuning v2 start from the K/V the model computes for the instruction
+("kv") or from zeros ("zero"). Prefix tuning keeps its MLP reparameterisation, P-tuning v2 trains the
+prefix directly: the pair compares reparameterisation.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ LABELS = {"prompt_tuning": "prompt tuning", "p_tuning_v1": "P-tuning v1 (MLP enc
           "prefix_tuning": "prefix tuning (MLP)", "p_tuning_v2": "P-tuning v2",
           "lora": "LoRA r=8 (peft)", "full": "full fine-tuning",
           "p_tuning_v2_head": "P-tuning v2 + classification head", "full_head": "full fine-tuning + head"}
+
+# What trains besides P-tuning v2's prefix on the encoder (recipe key "heads"; "classifier" when absent):
+# the classifier alone, as in the P-tuning v2 paper, or also BERT's pooler (dense + tanh over [CLS]),
+# which all-MiniLM-L6-v2 never trained (sentence-transformers mean-pools) and which stays frozen otherwise.
+ENCODER_HEADS = {"classifier": ["classifier"], "pooler+classifier": ["bert.pooler", "classifier"]}
 
 # Starting points (from the demo's 60-step sweeps and the P-tuning v2 / LoRA papers' ranges); the sweep
 # below overrides them per method with whichever variant scores best on validation.

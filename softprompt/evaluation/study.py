@@ -129,9 +129,11 @@ class Runner:
         if method == "p_tuning_v2_head":
             from ..methods import PTuningV2
             from ..model import SoftPromptModel
-            spm = SoftPromptModel(model, trainable_heads=["classifier"])
+            heads = R.ENCODER_HEADS[recipe.get("heads", "classifier")]
+            spm = SoftPromptModel(model, trainable_heads=heads)
             init = "zero" if recipe.get("init") == "zero" else "random"
-            return SoftPromptEncoder(spm, "v2", PTuningV2(recipe["tokens"], prefix_dropout=0.1, init=init), enc_rows)
+            return SoftPromptEncoder(spm, "v2", PTuningV2(recipe["tokens"], prefix_dropout=0.1, init=init), enc_rows,
+                                     heads=heads)
         if method == "full_head":
             return PlainEncoder(baselines.full(model), enc_rows)
         raise ValueError(f"study: method {method!r} is unknown; expected one of {R.LM_METHODS + R.ENCODER_METHODS}")
