@@ -9,7 +9,8 @@ makes each ``nn.Linear`` a ``x @ W^T`` product (the slow form for CPU BLAS at th
 :class:`CpuDecoder` runs the same computation with activations kept *feature-major*,
 ``[hidden, B]``: every projection is ``W @ x`` straight from the module's own weight (no copy of
 the model), its output is already the next product's input, and only the attention transposes
-(small) tensors. Per layer: RMSNorm, Q/K/V projections, RoPE with the model's own rotary module,
+(small) tensors. A step of B rows computes with ``small_gemm.decode_columns(B)`` columns and, at a
+few rows, a token-major operand: the shapes the CPU BLAS is fast at (see ``small_gemm.py``). Per layer: RMSNorm, Q/K/V projections, RoPE with the model's own rotary module,
 new K/V written into the engine's pages, output projection, gated MLP. The attention is the
 contract's (``softprompt.kernels.plan_prefix_attention``): one plan per step over the rows' task
 prefixes and their own keys paged in the engine's pools, run by every layer — on the ``compiled``
