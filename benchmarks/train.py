@@ -59,6 +59,7 @@ def _our_system(kind: str, P: int, start: torch.Tensor, dtype=torch.float32):
     from softprompt import PrefixTuning, PromptTuning, SoftPromptModel
     spm = SoftPromptModel(_base_model(dtype))
     spm.add_task("task", PrefixTuning(num_virtual_tokens=P) if kind == "prefix" else PromptTuning(num_virtual_tokens=P))
+    spm.prompts["task"].to(dtype)          # the prompt in the model's dtype (fp64 for --fp64-check), as PEFT's is
     weight = spm.prompts["task"].embedding.weight
     with torch.no_grad():
         weight.copy_(start)
