@@ -237,14 +237,10 @@ def batch_size_sweep(model, rows, sizes=(1, 2, 4, 8, 12, 16, 24, 31, 32, 48, 64)
     from softprompt import attach, detach
     from softprompt.engine import Engine, SamplingParams
     from softprompt.engine.small_gemm import decode_columns
-    cfg = model.config
-    L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    g = torch.Generator().manual_seed(0)
+    (k, v), = problem(model, tasks=1, per_task=1, prefix=prefix)[0].values()
     store = attach(model)
     try:
-        store.add("task", torch.randn(L, Hkv, prefix, D, generator=g) * 0.5,
-                  torch.randn(L, Hkv, prefix, D, generator=g) * 0.5)
+        store.add("task", k * 0.5, v * 0.5)
         engine = Engine(model, max_batch_size=max(sizes))
 
         def seconds(b, n):
@@ -296,6 +292,17 @@ def profile_engine(engine, engine_run) -> str:
     return head + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=15)
 
 
+def _best_ms(fn, repeats: int) -> float:
+    """Best of ``repeats`` timed calls of ``fn`` after one warm-up call, in milliseconds."""
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return min(runs) * 1000
+
+
 def gemm_check(model, rows=(16, 64, 128), repeats: int = 5) -> str:
     """``F.linear`` against the engine's ``W @ x^T`` form (``softprompt/engine/small_gemm.py``) for
     every distinct linear-layer shape of ``model`` at decode-sized row counts (best of ``repeats``).
@@ -311,29 +318,11 @@ def gemm_check(model, rows=(16, 64, 128), repeats: int = 5) -> str:
     for (out_f, in_f), ws in sorted(weights.items()):
         for n in rows:
             x = torch.randn(n, in_f, dtype=ws[0].dtype)
-            best = {}
-            for name, fn in (("linear", lambda: [F.linear(x, w) for w in ws]),
-                             ("transposed", lambda: [linear_transposed(x, w) for w in ws])):
-                fn()
-                runs = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    fn()
-                    runs.append(time.perf_counter() - start)
-                best[name] = min(runs) * 1000
+            best = {"linear": _best_ms(lambda: [F.linear(x, w) for w in ws], repeats),
+                    "transposed": _best_ms(lambda: [linear_transposed(x, w) for w in ws], repeats)}
             lines.append(f"| {out_f}x{in_f} | {len(ws)} | {n} | {best['linear']:.3f} | {best['transposed']:.3f} | "
                          f"{best['linear'] / best['transposed']:.2f}x |")
     return "\n".join(lines)
-
-
-def _best_ms(fn, repeats: int) -> float:
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return min(runs) * 1000
 
 
 def feature_major_check(model, columns=(1, 2, 3, 4, 6, 8, 10, 12, 16, 32, 64), repeats: int = 5) -> str:

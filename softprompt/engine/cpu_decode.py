@@ -10,10 +10,11 @@ makes each ``nn.Linear`` a ``x @ W^T`` product (the slow form for CPU BLAS at th
 ``[hidden, B]``: every projection is ``W @ x`` straight from the module's own weight (no copy of
 the model), its output is already the next product's input, and only the attention transposes
 (small) tensors. A step of B rows computes with ``small_gemm.decode_columns(B)`` columns and, at a
-few rows, a token-major operand: the shapes the CPU BLAS is fast at (see ``small_gemm.py``). Per layer: RMSNorm, Q/K/V projections, RoPE with the model's own rotary module,
-new K/V written into the engine's pages, output projection, gated MLP. The attention is the
-contract's (``softprompt.kernels.plan_prefix_attention``): one plan per step over the rows' task
-prefixes and their own keys paged in the engine's pools, run by every layer — on the ``compiled``
+few rows, a token-major operand: the shapes the CPU BLAS is fast at (see ``small_gemm.py``). Per
+layer: RMSNorm, Q/K/V projections, RoPE with the model's own rotary module, new K/V written into
+the engine's pages, output projection, gated MLP. The attention is the contract's
+(``softprompt.kernels.plan_prefix_attention``): one plan per step over the rows' task prefixes and
+their own keys paged in the engine's pools, run by every layer — on the ``compiled``
 backend (the C++ op: each task's prefix blocks read once for all its rows, the own pages in place)
 where it builds and the pools are fp32, else on the ``torch`` backend (own keys gathered out of
 the pages). The result equals the HF forward up to floating-point summation order; the engine's
