@@ -30,23 +30,27 @@ def _fast_then_hf(eng, model, fast, args, hf_batches):
     return got
 
 
-def _check_every_decode_step(eng, model):
-    """Make every CpuDecoder decode step of ``eng`` run against the HF forward; returns the batch
-    sizes checked and the mismatches found (the engine retries a failing step on halves of its
-    rows, so a mismatch raised inside a step must be recorded, not only raised)."""
-    fast_step, checked, failures = eng.cpu_decoder.step, [], []
+def _check_every_call(eng, model, name, hf_batches):
+    """Make every call of the CpuDecoder method ``name`` (``step`` or ``prefill``) of ``eng`` run
+    against the HF forward of ``hf_batches(*args)``; returns the size of each call (its first
+    argument's length) and the mismatches found. The engine retries a failing forward on halves of
+    its rows, so a mismatch raised inside a call must be recorded, not only raised."""
+    fast, checked, failures = getattr(eng.cpu_decoder, name), [], []
 
-    def both(token_ids, cache, task_ids):
-        checked.append(len(token_ids))
+    def both(*args):
+        checked.append(len(args[0]))
         try:
-            return _fast_then_hf(eng, model, fast_step, (token_ids, cache, task_ids),
-                                 [(token_ids[:, None], cache, task_ids)])
+            return _fast_then_hf(eng, model, fast, args, hf_batches(*args))
         except AssertionError as exc:
-            failures.append((len(token_ids), exc))
+            failures.append((len(args[0]), exc))
             raise
 
-    eng.cpu_decoder.step = both
+    setattr(eng.cpu_decoder, name, both)
     return checked, failures
+
+
+def _check_every_decode_step(eng, model):
+    return _check_every_call(eng, model, "step", lambda ids, cache, tasks: [(ids[:, None], cache, tasks)])
 
 
 @pytest.mark.parametrize("compiled", [True, False])
@@ -132,17 +136,8 @@ def test_packed_prefill_equals_hf_forward(family, compiled):
     eng = engine(model, max_num_batched_tokens=24, prefill_padding=0.0)   # chunks and several groups
     decoder = eng.cpu_decoder
     decoder.compiled_attention = compiled and decoder.compiled_attention
-    fast_prefill, checked, failures = decoder.prefill, [], []
-
-    def both(parts):
-        checked.append(len(parts))
-        try:
-            return _fast_then_hf(eng, model, fast_prefill, (parts,), [(ids, cache, t) for cache, ids, t in parts])
-        except AssertionError as exc:           # the engine would retry the rows in halves
-            failures.append(exc)
-            raise
-
-    decoder.prefill = both
+    checked, failures = _check_every_call(eng, model, "prefill",
+                                          lambda parts: [(ids, cache, t) for cache, ids, t in parts])
     rows = random_rows([6, 3, 17, 4, 9, 2])
     tasks = [names[0], names[1], None, names[3], names[0], names[2]]
     results = eng.generate(rows, tasks, greedy(3))
