@@ -119,6 +119,9 @@ def test_resume_reuses_finished_runs(tmp_path):
     assert again["complete"] and not new
     other = S.StudyConfig(**{**cfg.__dict__, "steps": 3})
     assert read_runs(path, other) == {}                   # other budgets do not reuse these runs
+    # the encoder's budget is not the LM's: changing it keeps the LM's runs
+    assert read_runs(path, S.StudyConfig(**{**cfg.__dict__, "encoder_steps": 7})) == done
+    assert read_runs(path, S.StudyConfig(**{**cfg.__dict__, "n_test": 17})) == {}
     # a report of a run cut short: only finished runs are summarised, nothing trains
     more = S.StudyConfig(**{**cfg.__dict__, "seeds": (0, 1), "lm_methods": ("prompt_tuning", "lora")})
     partial = S.run_study(more, tiny_models(), task, audit(task), log=lambda s: None, done=done, train=False,
@@ -228,3 +231,87 @@ def test_encoder_p_tuning_v2_trains_the_recipes_heads_only(heads):
     heads = R.ENCODER_HEADS[heads]
     assert all(any(k.startswith(h + ".") for h in heads) for k in changed), changed
     assert all(any(k.startswith(h + ".") for k in changed) for h in heads), changed
+
+
+def test_encoder_mean_pooling_ignores_padding_and_follows_the_recipe():
+    """``pooling: mean`` averages the tokens' last hidden states only: a row scores the same alone and
+    right-padded in a batch with a longer row; both encoder methods take the recipe's pooling."""
+    from softprompt.evaluation.learners import encoder_logits
+    task = synthetic_task()
+    runner = S.Runner(QUICK, tiny_models(), task, log=lambda s: None)
+    short, long = "good day", "the flight was awful and my phone was bad today"
+    for method in R.ENCODER_METHODS:
+        learner = runner.learner(method, dict(R.DEFAULTS[method], pooling="mean"), seed=0)
+        learner.module.eval()
+        assert learner.pooling == "mean"
+        with torch.no_grad():
+            alone = learner.class_logits([short])
+            padded = learner.class_logits([short, long])
+        torch.testing.assert_close(padded[0], alone[0], rtol=1e-5, atol=1e-5)
+        learner.close()
+    model = tiny_encoder(len(tokenizer()))
+    with pytest.raises(ValueError, match="pooling"):
+        encoder_logits(model, model, torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), "max")
+
+
+def test_head_learning_rate_is_its_own_group_on_one_schedule(monkeypatch):
+    """P-tuning v2 on the encoder with ``head_lr``: the prefix and the classifier get their own peaks,
+    and the warm-up / decay multiplier applies to both."""
+    task = synthetic_task()
+    runner = S.Runner(QUICK, tiny_models(), task, log=lambda s: None)
+    learner = runner.learner("p_tuning_v2_head", dict(R.DEFAULTS["p_tuning_v2_head"], head_lr=1e-3), seed=0)
+    groups = learner.param_groups(0.1)
+    assert [g["lr"] for g in groups] == [0.1, 1e-3]
+    head = {id(p) for p in learner.spm.model.classifier.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == head
+    assert not head & {id(p) for p in groups[0]["params"]}
+    seen = []
+    real = torch.optim.AdamW.step
+
+    def spy(opt, *a, **k):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return real(opt, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    train(learner, task.train, 4, 4, 0.1, 0.5, 0, log=lambda s: None)
+    assert len(seen) == 4
+    for step, (prefix_lr, head_lr) in enumerate(seen):
+        mult = lr_at(step, 4, 2)
+        assert prefix_lr == pytest.approx(0.1 * mult) and head_lr == pytest.approx(1e-3 * mult)
+    learner.close()
+
+
+def test_runs_written_before_per_model_keys_are_still_read(tmp_path):
+    """A runs.jsonl of the earlier format (one key with both budgets) resumes under the same budgets."""
+    from softprompt.evaluation.cli import _legacy_config_key
+    path = tmp_path / "runs.jsonl"
+    key = S.run_key("lora", R.DEFAULTS["lora"], 0)
+    path.write_text(json.dumps({"config": _legacy_config_key(QUICK), "key": key, "run": {"x": 1}}) + "\n")
+    assert read_runs(path, QUICK) == {key: {"x": 1}}
+    assert read_runs(path, S.StudyConfig(**{**QUICK.__dict__, "encoder_steps": 9})) == {}
+
+
+def test_lm_classification_head_starts_as_the_verbalizer_and_trains_with_the_prefix():
+    """P-tuning v2 + classification head on the decoder: before training the head's logits are the mean
+    of each label's label-word logits at the last position (it reads the LM head's input); training moves
+    the prefix and the head only, and the task's storage counts the head."""
+    task = synthetic_task()
+    runner = S.Runner(QUICK, tiny_models(), task, log=lambda s: None)
+    learner = runner.learner("p_tuning_v2_classifier", dict(R.DEFAULTS["p_tuning_v2_classifier"], head_lr=0.02),
+                             seed=0)
+    texts = [t for t, _ in task.validation[:5]]
+    with torch.no_grad():
+        ids, mask = learner.rows.batch(texts)
+        last = runner.spm(input_ids=ids, attention_mask=mask, tasks=learner.name, logits_to_keep=1)["logits"][:, -1]
+        expected = torch.stack([last[:, s].mean(-1) for s in learner.rows.sets], -1)
+        torch.testing.assert_close(learner.class_logits(texts), expected, rtol=1e-4, atol=1e-5)
+    base = {k: v.clone() for k, v in runner.lm.state_dict().items()}
+    head = learner.head.weight.detach().clone()
+    prompt = [p.detach().clone() for p in learner.param_groups(0.1)[0]["params"]]
+    assert [g["lr"] for g in learner.param_groups(0.1)] == [0.1, 0.02]
+    train(learner, task.train, 3, 4, 0.05, 0.0, 0, log=lambda s: None)
+    assert all(torch.equal(v, base[k]) for k, v in runner.lm.state_dict().items())
+    assert not torch.equal(learner.head.weight, head)
+    assert any(not torch.equal(a, b) for a, b in zip(learner.param_groups(0.1)[0]["params"], prompt))
+    assert learner.storage_bytes() > sum(p.numel() * 4 for p in learner.head.parameters())
+    learner.close()
+    assert not runner.lm.get_output_embeddings()._forward_pre_hooks      # closing removes the hook

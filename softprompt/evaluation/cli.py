@@ -151,30 +151,46 @@ def write_outputs(result: dict, out: Path, command: str, when: str) -> None:
     os.replace(tmp, out / "study.png")
 
 
-def _config_key(cfg) -> str:
-    """What a finished run depends on besides its method, recipe and seed."""
-    keep = ("n_train", "n_val", "n_test", "steps", "batch_size", "encoder_steps", "encoder_batch_size", "split_seed",
-            "eval_batch_size")
+_SHARED = ("n_train", "n_val", "n_test", "split_seed", "eval_batch_size")
+_BUDGETS = {"lm": ("steps", "batch_size"), "encoder": ("encoder_steps", "encoder_batch_size")}
+
+
+def _group(run_key: str) -> str:
+    """Which model a finished run belongs to (the hand-written prompts run on the LM)."""
+    from . import recipes as R
+    return "encoder" if run_key.split("|", 1)[0] in R.ENCODER_METHODS else "lm"
+
+
+def _config_key(cfg, group: str) -> str:
+    """What a finished run of ``group`` depends on besides its method, recipe and seed: the splits and
+    that model's budget (so changing the LM's steps keeps the encoder's runs, and the other way round)."""
+    return json.dumps({"group": group, **{k: getattr(cfg, k) for k in _SHARED + _BUDGETS[group]}}, sort_keys=True)
+
+
+def _legacy_config_key(cfg) -> str:
+    """The key of runs written before the keys were per model (both budgets in one)."""
+    keep = _SHARED[:3] + ("steps", "batch_size", "encoder_steps", "encoder_batch_size", "split_seed", "eval_batch_size")
     return json.dumps({k: getattr(cfg, k) for k in keep}, sort_keys=True)
 
 
 def read_runs(path: Path, cfg) -> dict:
-    """Finished runs of an earlier start with the same sizes and budgets."""
+    """Finished runs of an earlier start with the same splits and, per model, the same budget."""
     if not path.exists():
         return {}
-    done, key = {}, _config_key(cfg)
+    done, legacy = {}, _legacy_config_key(cfg)
+    keys = {g: _config_key(cfg, g) for g in _BUDGETS}
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue                                   # a line cut short by a crash
-        if row.get("config") == key:
+        if row.get("config") in (keys[_group(row["key"])], legacy):
             done[row["key"]] = row["run"]
     return done
 
 
 def append_run(path: Path, cfg, key: str, run: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps({"config": _config_key(cfg), "key": key, "run": run}) + "\n")
+        f.write(json.dumps({"config": _config_key(cfg, _group(key)), "key": key, "run": run}) + "\n")
         f.flush()
         os.fsync(f.fileno())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,6 +29,10 @@ class Learner:
 
     def parameters(self) -> List[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    def param_groups(self, lr: float) -> List[dict]:
+        """Optimizer groups with their peak learning rates (one group at ``lr`` unless a learner splits)."""
+        return [{"params": self.parameters(), "lr": lr}]
 
     def class_logits(self, rows: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -95,6 +99,46 @@ class SoftPromptLM(_SoftPromptTask):
         return self.rows.scores(out["logits"][:, -1])
 
 
+class SoftPromptLMClassifier(SoftPromptLM):
+    """A soft-prompt task with a classification head, as in the P-tuning v2 paper: a linear layer over the
+    last position's final hidden state (what the LM head reads), trained with the prompt.
+
+    The head starts as the verbalizer: its rows are the output embeddings of the label words (the mean
+    of each label's surface forms), so before training it scores like the label-word readout and training
+    moves the classes apart from there instead of from noise. ``head_lr``: its own peak learning rate."""
+
+    def __init__(self, spm, name: str, config, rows: LMRows, head_lr: Optional[float] = None):
+        super().__init__(spm, name, config, rows)
+        out = spm.model.get_output_embeddings()
+        rows_init = torch.stack([out.weight[s].mean(0) for s in rows.sets]).detach()
+        self.head = nn.Linear(rows_init.shape[1], len(rows.sets))
+        with torch.no_grad():
+            self.head.weight.copy_(rows_init)
+            self.head.bias.zero_()
+        self.head_lr, self._final = head_lr, {}
+        # the LM head's input is the final (normed) hidden state in every family
+        self._hook = out.register_forward_pre_hook(lambda module, args: self._final.__setitem__("h", args[0]))
+
+    def parameters(self):
+        return super().parameters() + list(self.head.parameters())
+
+    def param_groups(self, lr):
+        return [{"params": super().parameters(), "lr": lr},
+                {"params": list(self.head.parameters()), "lr": lr if self.head_lr is None else self.head_lr}]
+
+    def class_logits(self, texts):
+        ids, mask = self.rows.batch(texts)
+        self.spm(input_ids=ids, attention_mask=mask, tasks=self.name, logits_to_keep=1)
+        return self.head(self._final.pop("h")[:, -1]).float()
+
+    def storage_bytes(self):
+        return super().storage_bytes() + _trainable_bytes(self.head)
+
+    def close(self):
+        self._hook.remove()
+        super().close()
+
+
 class PlainLM(Learner):
     """A decoder LM trained directly: LoRA adapters (``peft``) or every weight (full fine-tuning)."""
 
@@ -116,6 +160,22 @@ def _trainable_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
 
+def encoder_logits(model: nn.Module, call, ids, mask, pooling: str) -> torch.Tensor:
+    """Class logits of a BERT-style sequence-classification ``model`` run through ``call``.
+
+    ``"cls"``: the model's own head (pooler: dense + tanh over [CLS], then dropout and classifier).
+    ``"mean"``: the mean of the tokens' last hidden states, then the model's dropout and classifier; this
+    is how all-MiniLM-L6-v2 was trained to embed a sentence (its pooler never trained)."""
+    if pooling == "cls":
+        return call(input_ids=ids, attention_mask=mask)["logits"].float()
+    if pooling != "mean":
+        raise ValueError(f"encoder pooling {pooling!r} is unknown; expected 'cls' or 'mean'")
+    hidden = call(input_ids=ids, attention_mask=mask, output_hidden_states=True)["hidden_states"][-1]
+    keep = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1)
+    return model.classifier(model.dropout(pooled)).float()
+
+
 class EncoderRows:
     """``[CLS] text [SEP]`` rows for a sequence-classification encoder, right-padded."""
 
@@ -130,28 +190,39 @@ class EncoderRows:
 class SoftPromptEncoder(_SoftPromptTask):
     """P-tuning v2 on an encoder with its classification head trained (``trainable_heads``)."""
 
-    def __init__(self, spm, name: str, config, rows: EncoderRows, heads=("classifier",)):
+    def __init__(self, spm, name: str, config, rows: EncoderRows, heads=("classifier",), pooling: str = "cls",
+                 head_lr: Optional[float] = None):
         self.spm, self.name, self.rows, self.module, self.heads = spm, name, rows, spm, tuple(heads)
+        self.pooling, self.head_lr = pooling, head_lr
         spm.add_task(name, config)
 
+    def _head_parameters(self):
+        return [p for h in self.heads for p in self.spm.model.get_submodule(h).parameters()]
+
     def parameters(self):
-        heads = [p for h in self.heads for p in self.spm.model.get_submodule(h).parameters()]
-        return [p for p in self.spm.prompts[self.name].parameters() if p.requires_grad] + heads
+        return [p for p in self.spm.prompts[self.name].parameters() if p.requires_grad] + self._head_parameters()
+
+    def param_groups(self, lr):
+        """The prefix at ``lr``, the heads at ``head_lr`` (a fresh linear head wants a smaller step than
+        the prefix; ``None``: the same)."""
+        prefix = [p for p in self.spm.prompts[self.name].parameters() if p.requires_grad]
+        return [{"params": prefix, "lr": lr},
+                {"params": self._head_parameters(), "lr": lr if self.head_lr is None else self.head_lr}]
 
     def class_logits(self, texts):
         ids, mask = self.rows.batch(texts)
-        return self.spm(input_ids=ids, attention_mask=mask, tasks=self.name)["logits"].float()
+        return encoder_logits(self.spm.model, lambda **kw: self.spm(tasks=self.name, **kw), ids, mask, self.pooling)
 
 
 class PlainEncoder(Learner):
     """A sequence-classification encoder fine-tuned in full (every weight and the head)."""
 
-    def __init__(self, model: nn.Module, rows: EncoderRows):
-        self.module, self.rows = model, rows
+    def __init__(self, model: nn.Module, rows: EncoderRows, pooling: str = "cls"):
+        self.module, self.rows, self.pooling = model, rows, pooling
 
     def class_logits(self, texts):
         ids, mask = self.rows.batch(texts)
-        return self.module(input_ids=ids, attention_mask=mask)["logits"].float()
+        return encoder_logits(self.module, self.module, ids, mask, self.pooling)
 
     def storage_bytes(self):
         return _trainable_bytes(self.module)

@@ -61,16 +61,17 @@ class SavedActivations:
 def train(learner: Learner, examples: Sequence[Example], steps: int, batch_size: int, lr: float,
           warmup_ratio: float, seed: int, weight_decay: float = 0.0, log=None) -> Dict[str, float]:
     """Train ``learner`` for ``steps`` optimizer steps; returns losses, step time and memory."""
-    params = learner.parameters()
+    groups = learner.param_groups(lr)
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("train: the learner has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW([dict(g, peak_lr=g["lr"]) for g in groups], lr=lr, weight_decay=weight_decay)
     warmup = int(math.ceil(warmup_ratio * steps))
     learner.module.train()
     times, losses, act = [], [], SavedActivations()
     for step, idx in enumerate(batch_order(len(examples), steps, batch_size, seed)):
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_at(step, steps, warmup)
+        for group in opt.param_groups:                 # one schedule, each group at its own peak
+            group["lr"] = group["peak_lr"] * lr_at(step, steps, warmup)
         texts = [examples[i][0] for i in idx]
         labels = torch.tensor([examples[i][1] for i in idx])
         start = time.perf_counter()

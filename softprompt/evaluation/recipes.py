@@ -1,7 +1,10 @@
 """Per-method training recipes of the study and the validation sweep that picks them.
 
 A recipe is a dict: ``lr`` (peak, AdamW), ``warmup`` (fraction of the steps), ``tokens`` (soft tokens
-/ prefix length), ``init`` and, for the encoder's P-tuning v2, ``heads`` (see ``ENCODER_HEADS``).
+/ prefix length), ``init``; for the encoder's P-tuning v2 also ``heads`` (see ``ENCODER_HEADS``); for the
+encoder's methods ``pooling`` ("cls": the model's pooler over [CLS], the default; "mean": the mean of the
+tokens' last hidden states); for methods with a classification head ``head_lr`` (its own peak learning
+rate; the same as ``lr`` when absent).
 Prompt tuning and P-tuning v1 start from the instruction's token embeddings ("text") or not ("vocab" /
 "random"); prefix tuning and P-tuning v2 start from the K/V the model computes for the instruction
 ("kv") or from zeros ("zero"). Prefix tuning keeps its MLP reparameterisation, P-tuning v2 trains the
@@ -12,13 +15,14 @@ from __future__ import annotations
 from typing import Dict, List
 
 SOFT_LM = ("prompt_tuning", "p_tuning_v1", "prefix_tuning", "p_tuning_v2")
-LM_METHODS = SOFT_LM + ("lora", "full")
+LM_METHODS = SOFT_LM + ("p_tuning_v2_classifier", "lora", "full")
 ENCODER_METHODS = ("p_tuning_v2_head", "full_head")
-SOFT = set(SOFT_LM) | {"p_tuning_v2_head"}
+SOFT = set(SOFT_LM) | {"p_tuning_v2_classifier", "p_tuning_v2_head"}
 
 LABELS = {"prompt_tuning": "prompt tuning", "p_tuning_v1": "P-tuning v1 (MLP encoder)",
           "prefix_tuning": "prefix tuning (MLP)", "p_tuning_v2": "P-tuning v2",
           "lora": "LoRA r=8 (peft)", "full": "full fine-tuning",
+          "p_tuning_v2_classifier": "P-tuning v2 + classification head",
           "p_tuning_v2_head": "P-tuning v2 + classification head", "full_head": "full fine-tuning + head"}
 
 # What trains besides P-tuning v2's prefix on the encoder (recipe key "heads"; "classifier" when absent):
@@ -33,6 +37,7 @@ DEFAULTS: Dict[str, dict] = {
     "p_tuning_v1": {"lr": 3e-3, "warmup": 0.1, "tokens": 16, "init": "text"},
     "prefix_tuning": {"lr": 2e-3, "warmup": 0.1, "tokens": 16, "init": "zero"},
     "p_tuning_v2": {"lr": 1e-2, "warmup": 0.1, "tokens": 16, "init": "kv"},
+    "p_tuning_v2_classifier": {"lr": 1e-2, "warmup": 0.1, "tokens": 16, "init": "zero"},
     "lora": {"lr": 1e-3, "warmup": 0.1},
     "full": {"lr": 3e-5, "warmup": 0.1},
     "p_tuning_v2_head": {"lr": 1e-2, "warmup": 0.1, "tokens": 16, "init": "random"},
@@ -45,10 +50,13 @@ SWEEP: Dict[str, List[dict]] = {
     "p_tuning_v1": [{"lr": 1e-2}],
     "prefix_tuning": [{"lr": 5e-3}, {"init": "kv"}],
     "p_tuning_v2": [{"lr": 3e-3}, {"init": "zero"}],
+    "p_tuning_v2_classifier": [{"head_lr": 1e-3}],
     "lora": [{"lr": 3e-3}],
     "full": [{"lr": 1e-4}],
-    "p_tuning_v2_head": [{"lr": 3e-2}, {"lr": 1e-1}, {"lr": 3e-2, "tokens": 64}],
-    "full_head": [{"lr": 1e-4}],
+    "p_tuning_v2_head": [{"lr": 3e-2}, {"lr": 1e-1}, {"lr": 3e-2, "tokens": 64},
+                         {"lr": 1e-1, "pooling": "mean"}, {"lr": 1e-1, "pooling": "mean", "head_lr": 1e-2},
+                         {"lr": 1e-1, "pooling": "mean", "head_lr": 1e-3}],
+    "full_head": [{"lr": 1e-4}, {"lr": 1e-4, "pooling": "mean"}],
 }
 
 

@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import recipes as R
-from .learners import EncoderRows, LMRows, PlainEncoder, PlainLM, SoftPromptEncoder, SoftPromptLM
+from .learners import (EncoderRows, LMRows, PlainEncoder, PlainLM, SoftPromptEncoder, SoftPromptLM,
+                       SoftPromptLMClassifier)
 from .loop import evaluate, train
 from .stats import summarize, wilson
 
@@ -120,6 +121,10 @@ class Runner:
             config = method_config(method, recipe["tokens"], tok if text else None, text, seed=seed)
             kv = self.task.init_text if recipe.get("init") == "kv" else ""
             return SoftPromptLM(self.spm, f"{method}-{self.count}", config, self.rows, init_kv_text=kv)
+        if method == "p_tuning_v2_classifier":
+            from ..methods import PTuningV2
+            return SoftPromptLMClassifier(self.spm, f"{method}-{self.count}", PTuningV2(recipe["tokens"], init="zero"),
+                                          self.rows, head_lr=recipe.get("head_lr"))
         if method in ("lora", "full"):
             model = self.models.lm_factory()
             model = baselines.lora(model, r=8) if method == "lora" else baselines.full(model)
@@ -133,9 +138,9 @@ class Runner:
             spm = SoftPromptModel(model, trainable_heads=heads)
             init = "zero" if recipe.get("init") == "zero" else "random"
             return SoftPromptEncoder(spm, "v2", PTuningV2(recipe["tokens"], prefix_dropout=0.1, init=init), enc_rows,
-                                     heads=heads)
+                                     heads=heads, pooling=recipe.get("pooling", "cls"), head_lr=recipe.get("head_lr"))
         if method == "full_head":
-            return PlainEncoder(baselines.full(model), enc_rows)
+            return PlainEncoder(baselines.full(model), enc_rows, pooling=recipe.get("pooling", "cls"))
         raise ValueError(f"study: method {method!r} is unknown; expected one of {R.LM_METHODS + R.ENCODER_METHODS}")
 
     def run_one(self, method: str, recipe: dict, seed: int, splits=("validation", "test")) -> Optional[dict]:
