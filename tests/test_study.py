@@ -315,3 +315,22 @@ def test_lm_classification_head_starts_as_the_verbalizer_and_trains_with_the_pre
     assert learner.storage_bytes() > sum(p.numel() * 4 for p in learner.head.parameters())
     learner.close()
     assert not runner.lm.get_output_embeddings()._forward_pre_hooks      # closing removes the hook
+
+
+def test_encoder_prefix_mlp_reparameterisation_trains_the_mlp_and_the_head_only():
+    """``reparam: mlp`` on the encoder's P-tuning v2: the prefix comes out of a trained MLP (prefix tuning's
+    config), the classifier trains with it, every encoder weight stays as loaded."""
+    from softprompt.methods import PrefixTuning
+    task = synthetic_task()
+    runner = S.Runner(QUICK, tiny_models(), task, log=lambda s: None)
+    learner = runner.learner("p_tuning_v2_head", dict(R.DEFAULTS["p_tuning_v2_head"], reparam="mlp"), seed=0)
+    assert isinstance(learner.spm.prompts[learner.name].config, PrefixTuning)
+    model = learner.spm.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = {k: v.detach().clone() for k, v in learner.spm.prompts[learner.name].state_dict().items()}
+    train(learner, task.train, 3, 4, 0.05, 0.0, 0, log=lambda s: None)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("classifier.") for k in changed), changed
+    after = learner.spm.prompts[learner.name].state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in prompt.items())
+    learner.close()

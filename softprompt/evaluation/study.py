@@ -137,7 +137,12 @@ class Runner:
             heads = R.ENCODER_HEADS[recipe.get("heads", "classifier")]
             spm = SoftPromptModel(model, trainable_heads=heads)
             init = "zero" if recipe.get("init") == "zero" else "random"
-            return SoftPromptEncoder(spm, "v2", PTuningV2(recipe["tokens"], prefix_dropout=0.1, init=init), enc_rows,
+            if recipe.get("reparam") == "mlp":           # the paper's optional reparameterisation (prefix MLP)
+                from ..methods import PrefixTuning
+                config = PrefixTuning(recipe["tokens"], projection_dim=128, prefix_dropout=0.1, init=init)
+            else:
+                config = PTuningV2(recipe["tokens"], prefix_dropout=0.1, init=init)
+            return SoftPromptEncoder(spm, "v2", config, enc_rows,
                                      heads=heads, pooling=recipe.get("pooling", "cls"), head_lr=recipe.get("head_lr"))
         if method == "full_head":
             return PlainEncoder(baselines.full(model), enc_rows, pooling=recipe.get("pooling", "cls"))
