@@ -169,7 +169,7 @@ def _config_key(cfg, group: str) -> str:
 
 def _legacy_config_key(cfg) -> str:
     """The key of runs written before the keys were per model (both budgets in one)."""
-    keep = _SHARED[:3] + ("steps", "batch_size", "encoder_steps", "encoder_batch_size", "split_seed", "eval_batch_size")
+    keep = _SHARED + _BUDGETS["lm"] + _BUDGETS["encoder"]
     return json.dumps({k: getattr(cfg, k) for k in keep}, sort_keys=True)
 
 

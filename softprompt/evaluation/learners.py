@@ -69,7 +69,28 @@ class LMRows:
 
 class _SoftPromptTask(Learner):
     """A learner that is one task of a shared ``SoftPromptModel`` (``self.spm``, ``self.name``):
-    storage is that task's saved checkpoint; closing removes the task."""
+    storage is that task's saved checkpoint; closing removes the task. What trains is the task's prompt
+    and, where a subclass has one, a classification head at its own peak ``head_lr`` (``None``: ``lr``)."""
+
+    head_lr: Optional[float] = None
+
+    def _prompt_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.spm.prompts[self.name].parameters() if p.requires_grad]
+
+    def _head_parameters(self) -> List[nn.Parameter]:
+        return []
+
+    def parameters(self):
+        return self._prompt_parameters() + self._head_parameters()
+
+    def param_groups(self, lr):
+        """The prompt at ``lr``; the head, if any, at ``head_lr`` (a linear head wants a smaller step
+        than a prefix)."""
+        groups = [{"params": self._prompt_parameters(), "lr": lr}]
+        head = self._head_parameters()
+        if head:
+            groups.append({"params": head, "lr": lr if self.head_lr is None else self.head_lr})
+        return groups
 
     def storage_bytes(self):
         with tempfile.TemporaryDirectory() as d:
@@ -90,9 +111,6 @@ class SoftPromptLM(_SoftPromptTask):
             from ..demo_real import init_deep_from_text
             init_deep_from_text(spm, name, rows.tok(init_kv_text, add_special_tokens=False)["input_ids"])
 
-    def parameters(self):
-        return [p for p in self.spm.prompts[self.name].parameters() if p.requires_grad]
-
     def class_logits(self, texts):
         ids, mask = self.rows.batch(texts)
         out = self.spm(input_ids=ids, attention_mask=mask, tasks=self.name, logits_to_keep=1)
@@ -107,36 +125,31 @@ class SoftPromptLMClassifier(SoftPromptLM):
     of each label's surface forms), so before training it scores like the label-word readout and training
     moves the classes apart from there instead of from noise. ``head_lr``: its own peak learning rate."""
 
-    def __init__(self, spm, name: str, config, rows: LMRows, head_lr: Optional[float] = None):
-        super().__init__(spm, name, config, rows)
-        out = spm.model.get_output_embeddings()
-        rows_init = torch.stack([out.weight[s].mean(0) for s in rows.sets]).detach()
+    def __init__(self, spm, name: str, config, rows: LMRows, init_kv_text: str = "",
+                 head_lr: Optional[float] = None):
+        super().__init__(spm, name, config, rows, init_kv_text)
+        self.lm_head = spm.model.get_output_embeddings()
+        rows_init = torch.stack([self.lm_head.weight[s].mean(0) for s in rows.sets]).detach()
         self.head = nn.Linear(rows_init.shape[1], len(rows.sets))
         with torch.no_grad():
             self.head.weight.copy_(rows_init)
             self.head.bias.zero_()
-        self.head_lr, self._final = head_lr, {}
-        # the LM head's input is the final (normed) hidden state in every family
-        self._hook = out.register_forward_pre_hook(lambda module, args: self._final.__setitem__("h", args[0]))
+        self.head_lr = head_lr
 
-    def parameters(self):
-        return super().parameters() + list(self.head.parameters())
-
-    def param_groups(self, lr):
-        return [{"params": super().parameters(), "lr": lr},
-                {"params": list(self.head.parameters()), "lr": lr if self.head_lr is None else self.head_lr}]
+    def _head_parameters(self):
+        return list(self.head.parameters())
 
     def class_logits(self, texts):
+        from ..fused_loss import captured_hidden_states
         ids, mask = self.rows.batch(texts)
-        self.spm(input_ids=ids, attention_mask=mask, tasks=self.name, logits_to_keep=1)
-        return self.head(self._final.pop("h")[:, -1]).float()
+        # the LM head's input is the final (normed) hidden state in every family; the recorder that
+        # stands in for the head during the forward also spares the vocabulary product
+        with captured_hidden_states(self.spm.model, self.lm_head) as capture:
+            self.spm(input_ids=ids, attention_mask=mask, tasks=self.name, logits_to_keep=1)
+        return self.head(capture.seen[0][:, -1]).float()
 
     def storage_bytes(self):
         return super().storage_bytes() + _trainable_bytes(self.head)
-
-    def close(self):
-        self._hook.remove()
-        super().close()
 
 
 class PlainLM(Learner):
@@ -198,16 +211,6 @@ class SoftPromptEncoder(_SoftPromptTask):
 
     def _head_parameters(self):
         return [p for h in self.heads for p in self.spm.model.get_submodule(h).parameters()]
-
-    def parameters(self):
-        return [p for p in self.spm.prompts[self.name].parameters() if p.requires_grad] + self._head_parameters()
-
-    def param_groups(self, lr):
-        """The prefix at ``lr``, the heads at ``head_lr`` (a fresh linear head wants a smaller step than
-        the prefix; ``None``: the same)."""
-        prefix = [p for p in self.spm.prompts[self.name].parameters() if p.requires_grad]
-        return [{"params": prefix, "lr": lr},
-                {"params": self._head_parameters(), "lr": lr if self.head_lr is None else self.head_lr}]
 
     def class_logits(self, texts):
         ids, mask = self.rows.batch(texts)

@@ -116,15 +116,15 @@ class Runner:
         torch.manual_seed(seed)
         self.count += 1
         tok = self.models.lm_tokenizer
-        if method in R.SOFT_LM:
+        if method in R.SOFT_LM or method == "p_tuning_v2_classifier":
+            prompt = "p_tuning_v2" if method == "p_tuning_v2_classifier" else method     # the same prefix
             text = self.task.init_text if recipe.get("init") == "text" else ""
-            config = method_config(method, recipe["tokens"], tok if text else None, text, seed=seed)
+            config = method_config(prompt, recipe["tokens"], tok if text else None, text, seed=seed)
             kv = self.task.init_text if recipe.get("init") == "kv" else ""
+            if method == "p_tuning_v2_classifier":
+                return SoftPromptLMClassifier(self.spm, f"{method}-{self.count}", config, self.rows, init_kv_text=kv,
+                                              head_lr=recipe.get("head_lr"))
             return SoftPromptLM(self.spm, f"{method}-{self.count}", config, self.rows, init_kv_text=kv)
-        if method == "p_tuning_v2_classifier":
-            from ..methods import PTuningV2
-            return SoftPromptLMClassifier(self.spm, f"{method}-{self.count}", PTuningV2(recipe["tokens"], init="zero"),
-                                          self.rows, head_lr=recipe.get("head_lr"))
         if method in ("lora", "full"):
             model = self.models.lm_factory()
             model = baselines.lora(model, r=8) if method == "lora" else baselines.full(model)
