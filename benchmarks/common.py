@@ -27,8 +27,8 @@ from softprompt import cli_support
 RESULTS_DIR = Path(__file__).parent / "results"      # the committed results (--update-results)
 
 
-def median_seconds(fn: Callable[[], object], warmup: int = 2, reps: int = 7) -> float:
-    """Median wall time of ``fn`` after warm-up (CPU: wall clock; compare ratios, not absolutes)."""
+def timed_seconds(fn: Callable[[], object], warmup: int, reps: int) -> List[float]:
+    """Wall times of ``reps`` calls of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -36,7 +36,12 @@ def median_seconds(fn: Callable[[], object], warmup: int = 2, reps: int = 7) -> 
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], warmup: int = 2, reps: int = 7) -> float:
+    """Median wall time of ``fn`` after warm-up (CPU: wall clock; compare ratios, not absolutes)."""
+    return statistics.median(timed_seconds(fn, warmup, reps))
 
 
 @contextlib.contextmanager

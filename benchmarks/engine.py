@@ -34,7 +34,7 @@ import torch
 
 from softprompt.baselines import copied_prefix_cache, left_pad
 
-from .common import add_output_arguments, environment, markdown_table, output_dir
+from .common import add_output_arguments, environment, markdown_table, output_dir, timed_seconds
 from .generate import problem, tiny_llama
 
 TORCH_ATTENTION = "engine, torch-ops attention"      # the optional side-by-side row (--torch-attention)
@@ -199,12 +199,7 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matm
 def gemm_peak_gflops(dtype=torch.float32, n: int = 1024, repeats: int = 7) -> float:
     """This machine's measured GEMM peak: the best of ``repeats`` ``n x n x n`` matrix products."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+    best = min(timed_seconds(lambda: torch.mm(a, b), 1, repeats))
     return 2 * n ** 3 / best / 1e9
 
 
@@ -294,13 +289,7 @@ def profile_engine(engine, engine_run) -> str:
 
 def _best_ms(fn, repeats: int) -> float:
     """Best of ``repeats`` timed calls of ``fn`` after one warm-up call, in milliseconds."""
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return min(runs) * 1000
+    return min(timed_seconds(fn, 1, repeats)) * 1000
 
 
 def gemm_check(model, rows=(16, 64, 128), repeats: int = 5) -> str:
